@@ -1,0 +1,3 @@
+from mitoseg.cli import main
+
+raise SystemExit(main())

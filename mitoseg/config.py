@@ -1,0 +1,324 @@
+"""Typed, validated configuration.
+
+A YAML file is read into nested dataclasses (:class:`Config`). Every key is
+checked: an unknown key names the closest valid one, a wrong type names the key
+and the expected type. ``--set a.b=value`` overrides are applied to the raw
+mapping before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from mitoseg.errors import MitosegError
+
+# --------------------------------------------------------------------------- schema
+
+SliceSelection = Union[int, str, list]  # see mitoseg.data.readers.select_slices
+
+
+@dataclass
+class VolumeConfig:
+    """An image volume, its optional label volume and the slices to use."""
+
+    image: str = ""
+    label: Optional[str] = None
+    slices: Optional[SliceSelection] = None  # None: every slice
+
+
+@dataclass
+class NormalizeConfig:
+    mode: Literal["percentile", "meanstd"] = "percentile"
+    lower: float = 1.0  # percentile mode: these percentiles map to 0 and 1
+    upper: float = 99.0
+
+
+@dataclass
+class AugmentConfig:
+    """Weak (label-preserving) augmentations of the labeled stream."""
+
+    flip: bool = True
+    rot90: bool = True
+    intensity_scale: float = 0.1  # image * (1 + U(-s, s))
+    intensity_shift: float = 0.1  # image + U(-s, s)
+    noise_std: float = 0.02  # additive Gaussian noise, std drawn in [0, noise_std]
+    prob: float = 0.5  # probability of each intensity augmentation
+
+
+@dataclass
+class DataConfig:
+    train: VolumeConfig = field(default_factory=VolumeConfig)
+    val: Optional[VolumeConfig] = None
+    num_classes: int = 2
+    # Raw label value -> class id, applied when labels are read, e.g. {255: 1} for
+    # the official Lucchi ground truth (0 / 255). Unmapped values stay as they are.
+    label_map: Optional[dict[int, int]] = None
+    patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    batch_size: int = 8
+    foreground_sampling: float = 0.5  # share of patches centred on a foreground pixel
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["unet"] = "unet"
+    in_channels: int = 1
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 2
+    norm: Literal["batch", "instance"] = "batch"
+    feature_channels: int = 32  # channels of the last decoder feature map
+    head_channels: int = 32  # channels of the head's conv block (its penultimate features)
+    dropout: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["supervised"] = "supervised"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    poly_power: float = 0.9  # lr = base_lr * (1 - it / iterations) ** poly_power
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 2000
+    loss: Literal["dice_ce", "ce"] = "dice_ce"
+    ignore_index: int = 255  # label value excluded from the loss ("ce" only)
+    ema_decay: float = 0.99
+    eval_model: Literal["ema", "student"] = "ema"  # which weights validation and best.pt measure
+    val_every: int = 200
+    log_every: int = 20
+    checkpoint_every: int = 200
+    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class InferenceConfig:
+    roi_size: list[int] = field(default_factory=lambda: [256, 256])
+    overlap: float = 0.25
+    sw_batch_size: int = 4
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    slab: int = 8  # slices read, predicted and written together (bounds memory)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return "list" if item is Any else f"list of {_type_name(item)}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(_type_name(a) for a in typing.get_args(tp)))
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except MitosegError:
+                continue
+        raise _type_error(key, tp, value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, tp, value)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _type_error(key, tp, value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise _type_error(key, tp, value)
+        return {_convert(k, key_type, f"{key} key"): _convert(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise _type_error(key, tp, value)
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+        raise _type_error(key, tp, value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in the schema
+
+
+def _type_error(key: str, tp: Any, value: Any) -> MitosegError:
+    return MitosegError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MitosegError(f"config key '{prefix or '<top level>'}' expects a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            raise MitosegError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Constraints between values that types alone cannot express."""
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise MitosegError(f"config key '{key}' {message}")
+
+    need(bool(cfg.data.train.image), "data.train.image", "is required")
+    need(cfg.data.num_classes >= 2, "data.num_classes", "must be at least 2")
+    need(len(cfg.data.patch_size) == 2, "data.patch_size", "must have 2 values (y, x)")
+    need(len(cfg.inference.roi_size) == 2, "inference.roi_size", "must have 2 values (y, x)")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
+    need(0.0 <= cfg.data.foreground_sampling <= 1.0, "data.foreground_sampling", "must be in [0, 1]")
+    need(0.0 <= cfg.data.normalize.lower < cfg.data.normalize.upper <= 100.0,
+         "data.normalize", "needs 0 <= lower < upper <= 100")
+    need(len(cfg.model.strides) == len(cfg.model.channels) - 1, "model.strides",
+         "must have one value fewer than model.channels")
+    factor = 1
+    for s in cfg.model.strides:
+        factor *= s
+    for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.inference.roi_size)):
+        need(all(s > 0 and s % factor == 0 for s in size), key,
+             f"must be positive multiples of {factor} (the product of model.strides), got {size}")
+    need(cfg.train.iterations >= 1, "train.iterations", "must be at least 1")
+    for key in ("val_every", "log_every", "checkpoint_every"):
+        need(getattr(cfg.train, key) >= 1, f"train.{key}", "must be at least 1")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must be in [0, 1)")
+    need(cfg.inference.slab >= 1, "inference.slab", "must be at least 1")
+    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    _check_values(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.01"`` -> (["optim", "lr"], 0.01); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise MitosegError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise MitosegError(f"--set {key}: value {raw!r} is not valid YAML") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in the raw mapping; unknown keys are caught by validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise MitosegError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise MitosegError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MitosegError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except MitosegError as exc:
+        raise MitosegError(f"{path}: {exc}") from exc
+
+
+def check_paths_exist(cfg: Config) -> None:
+    """Every data file named by the config must exist (the error names key and path)."""
+    volumes = [("data.train", cfg.data.train)]
+    if cfg.data.val is not None:
+        volumes.append(("data.val", cfg.data.val))
+    for key, vol in volumes:
+        for part in ("image", "label"):
+            spec = getattr(vol, part)
+            if spec is None:
+                continue
+            file_part = spec.split(":/", 1)[0] if ":/" in spec else spec
+            if not Path(file_part).exists():
+                raise MitosegError(f"config key '{key}.{part}': file not found: {file_part}")
