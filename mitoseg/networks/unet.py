@@ -1,0 +1,51 @@
+"""2-D U-Net for EM slices, built from MONAI's UNet."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import UNet
+
+from mitoseg.networks.base import SegmentationHead, SegmentationModel
+from mitoseg.networks.registry import register_model
+
+
+class UNetSegmenter(SegmentationModel):
+    """MONAI's residual U-Net as the feature extractor, plus the shared segmentation head.
+
+    MONAI's UNet ends with a plain convolution; asking it for ``feature_channels``
+    outputs instead of classes makes that last decoder map our feature map.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels, strides, num_res_units: int,
+                 feature_channels: int, head_channels: int, norm: str = "batch", dropout: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder_decoder = UNet(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=feature_channels,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=num_res_units,
+            norm=norm,
+            dropout=dropout,
+        )
+        self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder_decoder(x)
+
+
+@register_model("unet")
+def build_unet(cfg, num_classes: int) -> UNetSegmenter:
+    return UNetSegmenter(
+        in_channels=cfg.in_channels,
+        num_classes=num_classes,
+        channels=cfg.channels,
+        strides=cfg.strides,
+        num_res_units=cfg.num_res_units,
+        feature_channels=cfg.feature_channels,
+        head_channels=cfg.head_channels,
+        norm=cfg.norm,
+        dropout=cfg.dropout,
+    )
