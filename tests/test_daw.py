@@ -1,0 +1,182 @@
+"""DAW mathematics: the threshold, the running statistics and distribution alignment."""
+
+import math
+
+import pytest
+import torch
+
+from mitoseg.semi.daw import (
+    DAWState,
+    align_distribution,
+    class_mean_confidence,
+    confidence_sets,
+    gaussian_crossing,
+    masked_mean_var,
+)
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def normal_pdf(x, mu, sigma):
+    return math.exp(-((x - mu) ** 2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+
+
+def test_equal_variances_give_the_midpoint_without_dividing_by_zero():
+    tau = gaussian_crossing(t(0.9), t(0.1), t(0.5), t(0.1))
+    assert torch.isfinite(tau)
+    assert tau.item() == pytest.approx(0.7, abs=1e-9)
+    # Nearly equal variances stay continuous with the equal case.
+    near = gaussian_crossing(t(0.9), t(0.1 + 1e-9), t(0.5), t(0.1))
+    assert near.item() == pytest.approx(0.7, abs=1e-6)
+
+
+@pytest.mark.parametrize("sigma_pos,sigma_neg", [(0.05, 0.15), (0.2, 0.1)])
+def test_the_crossing_is_where_the_densities_meet_and_positives_win_above_it(sigma_pos, sigma_neg):
+    mu_pos, mu_neg, alpha = 0.92, 0.6, 1.0
+    tau = gaussian_crossing(t(mu_pos), t(sigma_pos), t(mu_neg), t(sigma_neg), alpha).item()
+    assert mu_neg < tau < mu_pos
+    assert normal_pdf(tau, mu_pos, sigma_pos) == pytest.approx(alpha * normal_pdf(tau, mu_neg, sigma_neg), rel=1e-6)
+    assert normal_pdf(tau + 0.01, mu_pos, sigma_pos) > normal_pdf(tau + 0.01, mu_neg, sigma_neg)
+    assert normal_pdf(tau - 0.01, mu_pos, sigma_pos) < normal_pdf(tau - 0.01, mu_neg, sigma_neg)
+
+
+def test_a_larger_prior_of_wrong_pseudo_labels_raises_the_threshold():
+    args = (t(0.9), t(0.08), t(0.6), t(0.12))
+    taus = [gaussian_crossing(*args, alpha=a).item() for a in (0.5, 1.0, 2.0, 4.0)]
+    assert taus == sorted(taus) and taus[0] < taus[-1]
+
+
+def test_no_real_root_keeps_the_previous_threshold():
+    # Far-apart variances with close means: N+ lies under N- everywhere.
+    assert torch.isnan(gaussian_crossing(t(0.6), t(0.01), t(0.6), t(0.3), alpha=50.0))
+    # momentum 1: the running statistics stay where they are set, whatever the batch.
+    state = DAWState(num_classes=2, momentum=1.0, alpha=50.0)
+    state.mean = torch.tensor([0.6, 0.6])
+    state.var = torch.tensor([0.01**2, 0.3**2])
+    state.threshold = torch.tensor(0.77)
+    probs = torch.softmax(torch.randn(1, 2, 8, 8), 1)
+    state.update_threshold(probs, torch.randint(0, 2, (1, 8, 8)))
+    assert state.threshold.item() == pytest.approx(0.77)
+    # With a crossing, the same update moves it.
+    state.alpha = 1.0
+    state.update_threshold(probs, torch.randint(0, 2, (1, 8, 8)))
+    assert state.threshold.item() != pytest.approx(0.77)
+
+
+def test_statistics_start_at_one_over_k_and_one_half_and_move_by_the_momentum():
+    k = 4
+    state = DAWState(num_classes=k, momentum=0.99)
+    assert torch.allclose(state.mean, torch.full((2,), 1 / k))
+    assert torch.allclose(state.var, torch.full((2,), 0.5))
+    assert state.threshold.item() == pytest.approx(0.95)
+    torch.manual_seed(0)
+    logits = torch.randn(2, k, 16, 16) * 3
+    probs = logits.softmax(1)
+    target = torch.randint(0, k, (2, 16, 16))
+    confidence, positive, negative = confidence_sets(probs, target)
+    pos, neg = confidence[positive], confidence[negative]
+    state.update_threshold(probs, target)
+    assert state.mean[0].item() == pytest.approx(0.99 / k + 0.01 * pos.mean().item(), rel=1e-5)
+    assert state.mean[1].item() == pytest.approx(0.99 / k + 0.01 * neg.mean().item(), rel=1e-5)
+    assert state.var[0].item() == pytest.approx(0.99 * 0.5 + 0.01 * pos.var(unbiased=True).item(), rel=1e-5)
+    assert state.var[1].item() == pytest.approx(0.99 * 0.5 + 0.01 * neg.var(unbiased=True).item(), rel=1e-5)
+    sigma = state.var.sqrt()
+    assert state.safe_threshold.item() == pytest.approx(
+        min(max(state.mean[0].item() - 3 * sigma[0].item(), 1 / k), 1.0), rel=1e-5)
+
+
+def test_a_set_with_fewer_than_ten_pixels_keeps_its_statistics():
+    state = DAWState(num_classes=2, momentum=0.5)
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[:, 1] = 0.9
+    probs[:, 0] = 0.1
+    target = torch.ones(1, 4, 4, dtype=torch.long)
+    target[0, 0, :3] = 0  # 3 wrong pixels: too few
+    state.update_threshold(probs, target)
+    assert state.mean[1].item() == pytest.approx(0.5)  # negative: unchanged
+    assert state.mean[0].item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.9)  # positive: updated
+
+
+def test_ignored_pixels_are_in_neither_set():
+    probs = torch.softmax(torch.randn(1, 3, 4, 4), 1)
+    target = torch.full((1, 4, 4), 255)
+    _, positive, negative = confidence_sets(probs, target, ignore_index=255)
+    assert not positive.any() and not negative.any()
+
+
+def test_alignment_is_the_identity_when_the_averages_agree_and_sums_to_one():
+    probs = torch.softmax(torch.randn(2, 5, 6, 6), 1)
+    same = torch.rand(5) + 0.2
+    torch.testing.assert_close(align_distribution(probs, same, same), probs)
+    aligned = align_distribution(probs, torch.rand(5) + 0.1, torch.rand(5) + 0.1)
+    torch.testing.assert_close(aligned.sum(1), torch.ones(2, 6, 6))
+    assert (aligned >= 0).all()
+
+
+def test_alignment_raises_classes_that_are_underconfident_on_unlabeled_data():
+    probs = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
+    aligned = align_distribution(probs, torch.tensor([0.9, 0.9]), torch.tensor([0.9, 0.6]))
+    assert aligned[0, 1, 0, 0] > aligned[0, 0, 0, 0]
+
+
+def reference_update(state_mean_lab, state_mean_unl, lab_probs, lab_valid, unl_probs, unl_valid, momentum):
+    """The plain per-class loop (as the paper's code writes it)."""
+    lab = state_mean_lab.clone()
+    unl = state_mean_unl.clone()
+    lab_conf, lab_pred = lab_probs.max(1)
+    unl_conf, unl_pred = unl_probs.max(1)
+    for k in range(lab.numel()):
+        sel = torch.masked_select(lab_conf, (lab_pred == k) & lab_valid)
+        if sel.numel() > 0:
+            lab[k] = momentum * lab[k] + (1 - momentum) * sel.mean()
+        sel = torch.masked_select(unl_conf, (unl_pred == k) & unl_valid)
+        if sel.numel() > 0:
+            unl[k] = momentum * unl[k] + (1 - momentum) * sel.mean()
+    return lab, unl
+
+
+def test_vectorised_alignment_update_equals_the_per_class_loop():
+    torch.manual_seed(1)
+    k = 7
+    state = DAWState(num_classes=k, momentum=0.9)
+    for _ in range(3):
+        lab_probs = torch.softmax(torch.randn(2, k, 12, 12) * 2, 1)
+        unl_probs = torch.softmax(torch.randn(3, k, 12, 12) * 2, 1)
+        lab_probs[:, 6] = 0  # class 6 never predicted: its means must stay put
+        unl_probs[:, 6] = 0
+        lab_valid = torch.rand(2, 12, 12) > 0.2
+        unl_valid = torch.rand(3, 12, 12) > 0.2
+        expected = reference_update(state.labeled_class_mean, state.unlabeled_class_mean,
+                                    lab_probs, lab_valid, unl_probs, unl_valid, 0.9)
+        state.update_alignment(lab_probs, lab_valid, unl_probs, unl_valid)
+        torch.testing.assert_close(state.labeled_class_mean, expected[0])
+        torch.testing.assert_close(state.unlabeled_class_mean, expected[1])
+    assert state.labeled_class_mean[6].item() == pytest.approx(1 / k)
+
+
+def test_vectorised_statistics_equal_masked_select():
+    values = torch.rand(3, 10, 10)
+    masks = torch.stack([values > 0.5, values <= 0.5])
+    count, mean, var = masked_mean_var(values, masks)
+    for i in range(2):
+        sel = values[masks[i]]
+        assert count[i].item() == sel.numel()
+        assert mean[i].item() == pytest.approx(sel.mean().item(), rel=1e-5)
+        assert var[i].item() == pytest.approx(sel.var(unbiased=True).item(), rel=1e-4)
+    count, mean = class_mean_confidence(torch.softmax(torch.randn(2, 3, 5, 5), 1), None, 3)
+    assert count.sum().item() == 50
+
+
+def test_state_round_trips_through_a_state_dict():
+    state = DAWState(num_classes=3)
+    probs = torch.softmax(torch.randn(2, 3, 8, 8) * 3, 1)
+    state.update_threshold(probs, torch.randint(0, 3, (2, 8, 8)))
+    state.update_alignment(probs, None, probs.flip(0), None)
+    restored = DAWState(num_classes=3)
+    restored.load_state_dict(state.state_dict())
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[name])
+    weights = restored.weights(torch.tensor([0.1, 0.99]))
+    assert weights.tolist() == [float(0.1 >= restored.threshold), float(0.99 >= restored.threshold)]
