@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,36 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from mitoseg.errors import MitosegError
+
+# ---------------------------------------------------------------------- YAML loading
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: ``slices: 40:45`` must stay the string "40:45"
+    (PyYAML would read it as the integer 2445)."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
+
 
 # --------------------------------------------------------------------------- schema
 
@@ -54,9 +85,30 @@ class AugmentConfig:
 
 
 @dataclass
+class StrongConfig:
+    """Photometric perturbations of the strong views (on top of the weak view)."""
+
+    brightness: float = 0.2  # image + U(-b, b)
+    contrast: float = 0.2  # image * (1 + U(-c, c))
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
+    blur_prob: float = 0.5
+    noise_std: float = 0.05
+    prob: float = 0.8  # probability of each of brightness, contrast, gamma and noise
+
+
+@dataclass
 class DataConfig:
     train: VolumeConfig = field(default_factory=VolumeConfig)
     val: Optional[VolumeConfig] = None
+    # Unlabeled volumes for the semi-supervised methods. Default (null): the
+    # training volume's slices not selected in data.train.slices. An entry's
+    # `label` is read for analysis only (pseudo-label quality), never trained on;
+    # an entry without `image` means the training volume.
+    unlabeled: Optional[list[VolumeConfig]] = None
+    unlabeled_batch_size: Optional[int] = None  # default: data.batch_size
+    strong: StrongConfig = field(default_factory=StrongConfig)
+    cutmix_prob: float = 0.5
     num_classes: int = 2
     # Raw label value -> class id, applied when labels are read, e.g. {255: 1} for
     # the official Lucchi ground truth (0 / 255). Unmapped values stay as they are.
@@ -83,8 +135,20 @@ class ModelConfig:
 
 
 @dataclass
+class DAWConfig:
+    momentum: float = 0.99  # EMA of the confidence Gaussians and of the alignment means
+    alpha: float = 1.0  # prior ratio of wrong to correct pseudo-labels at the crossing
+    initial_threshold: float = 0.95
+    alignment: bool = True  # distribution alignment of unlabeled to labeled confidences
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["supervised"] = "supervised"
+    name: Literal["supervised", "fixmatch", "unimatch", "daw"] = "supervised"
+    threshold: float = 0.95  # fixed confidence threshold of fixmatch / unimatch
+    pseudo_labels: Literal["student", "teacher"] = "student"  # student in eval mode, or the EMA teacher
+    fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
+    daw: DAWConfig = field(default_factory=DAWConfig)
 
 
 @dataclass
@@ -108,6 +172,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     amp: bool = True  # mixed precision on CUDA; ignored on CPU
     grad_clip: Optional[float] = None
+    inspect_every: int = 500  # pseudo-label inspection files (semi-supervised methods)
+    inspect_patches: int = 4  # fixed unlabeled patches saved in each inspection file
 
 
 @dataclass
@@ -245,7 +311,14 @@ def _check_values(cfg: Config) -> None:
         need(all(s > 0 and s % factor == 0 for s in size), key,
              f"must be positive multiples of {factor} (the product of model.strides), got {size}")
     need(cfg.train.iterations >= 1, "train.iterations", "must be at least 1")
-    for key in ("val_every", "log_every", "checkpoint_every"):
+    need(0.0 <= cfg.data.cutmix_prob <= 1.0, "data.cutmix_prob", "must be in [0, 1]")
+    need(len(cfg.data.strong.gamma) == 2, "data.strong.gamma", "must be [low, high]")
+    need(len(cfg.data.strong.blur_sigma) == 2, "data.strong.blur_sigma", "must be [low, high]")
+    need(0.0 <= cfg.method.threshold <= 1.0, "method.threshold", "must be in [0, 1]")
+    need(0.0 <= cfg.method.fp_dropout < 1.0, "method.fp_dropout", "must be in [0, 1)")
+    need(0.0 <= cfg.method.daw.momentum <= 1.0, "method.daw.momentum", "must be in [0, 1]")
+    need(cfg.method.daw.alpha > 0, "method.daw.alpha", "must be positive")
+    for key in ("val_every", "log_every", "checkpoint_every", "inspect_every", "inspect_patches"):
         need(getattr(cfg.train, key) >= 1, f"train.{key}", "must be at least 1")
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must be in [0, 1)")
@@ -269,7 +342,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise MitosegError(f"--set expects KEY=VALUE, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise MitosegError(f"--set {key}: value {raw!r} is not valid YAML") from exc
     return key.strip().split("."), value
@@ -295,7 +368,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise MitosegError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise MitosegError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if data is None:
@@ -314,10 +387,12 @@ def check_paths_exist(cfg: Config) -> None:
     volumes = [("data.train", cfg.data.train)]
     if cfg.data.val is not None:
         volumes.append(("data.val", cfg.data.val))
+    for i, vol in enumerate(cfg.data.unlabeled or []):
+        volumes.append((f"data.unlabeled[{i}]", vol))
     for key, vol in volumes:
         for part in ("image", "label"):
             spec = getattr(vol, part)
-            if spec is None:
+            if not spec:
                 continue
             file_part = spec.split(":/", 1)[0] if ":/" in spec else spec
             if not Path(file_part).exists():

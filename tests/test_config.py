@@ -111,3 +111,10 @@ def test_shipped_configs_are_valid():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+def test_unquoted_slice_ranges_stay_strings_and_exponents_are_floats(tmp_path):
+    path = write(tmp_path, "data:\n  train: {image: a.tif, slices: 40:45}\noptim: {lr: 1e-3}\n")
+    cfg = load_config(path)
+    assert cfg.data.train.slices == "40:45"
+    assert cfg.optim.lr == pytest.approx(1e-3)
