@@ -35,8 +35,12 @@ class SegmentationModel(nn.Module):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.seg_head(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def logits(self, features: torch.Tensor, size) -> torch.Tensor:
+        """``head(features)`` resized to ``size`` (the input's H, W)."""
+        logits = self.head(features)
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         return logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(x), x.shape[-2:])

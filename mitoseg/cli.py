@@ -1,0 +1,254 @@
+"""The ``mitoseg`` command: sample-data, train, predict, evaluate.
+
+Input problems raise :class:`MitosegError`; ``main`` prints them as one line on
+stderr and returns 2 (``--debug`` re-raises to show the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from mitoseg import __version__
+from mitoseg.errors import MitosegError
+
+EXAMPLES = """\
+examples:
+  mitoseg sample-data sample_data/
+  mitoseg train --config configs/sample_supervised.yaml --out runs/sample
+  mitoseg predict --checkpoint runs/sample/best.pt --input sample_data/val_image.tif --output pred.tif
+  mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif
+"""
+
+
+# ----------------------------------------------------------------- commands
+
+
+def cmd_sample_data(args) -> None:
+    from mitoseg.data.synthetic import write_sample_data
+
+    paths = write_sample_data(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+    for path in paths.values():
+        print(path)
+
+
+def cmd_train(args) -> None:
+    from mitoseg.config import check_paths_exist, config_from_dict, load_config
+    from mitoseg.engine.checkpoint import load_checkpoint
+
+    if args.config is None and not args.resume:
+        raise MitosegError("train needs --config (or --resume --out RUN to continue a run)")
+    out_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.config is not None:
+        cfg = load_config(args.config, args.set)
+    else:
+        state = load_checkpoint(out_dir / "last.pt")
+        from mitoseg.config import apply_overrides
+        cfg = config_from_dict(apply_overrides(state["config"], args.set))
+    check_paths_exist(cfg)
+    if not args.resume and not args.overwrite and out_dir.exists() and any(out_dir.iterdir()):
+        raise MitosegError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace "
+                           "its files or --resume to continue its run")
+    from mitoseg.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, out_dir, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
+    summary = trainer.fit()
+    best = summary["best"]
+    line = f"done: {summary['iterations']}/{summary['total_iterations']} iterations in {summary['wall_time_s']:.0f} s"
+    if best is not None:
+        line += f"; best {best['metric']} = {best['value']:.4f} at iteration {best['iteration']}"
+    print(line)
+    print(f"outputs in {out_dir}")
+
+
+def cmd_predict(args) -> None:
+    import numpy as np
+
+    from mitoseg.data.readers import VolumeWriter, open_volume
+    from mitoseg.data.transforms import compute_normalization, sample_for_stats
+    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.inference import predict_volume
+
+    device = resolve_device(args.device)
+    model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
+    inference = cfg.inference
+    for key in ("overlap", "slab", "sw_batch_size", "blend"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(inference, key, value)
+    if args.roi_size is not None:
+        inference.roi_size = list(args.roi_size)
+    num_classes = cfg.data.num_classes
+    label_dtype = np.uint8 if num_classes <= 256 else np.uint16
+    with contextlib.ExitStack() as stack:
+        volume = stack.enter_context(open_volume(args.input))
+        z, y, x = volume.shape
+        normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=args.input)
+        labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite))
+        probs_out = None
+        if args.probabilities:
+            probs_out = stack.enter_context(
+                VolumeWriter(args.probabilities, (z, num_classes, y, x), np.float16, overwrite=args.overwrite)
+            )
+
+        def consume(start: int, probs) -> None:
+            labels_out.write(start, probs.argmax(1).cpu().numpy().astype(label_dtype))
+            if probs_out is not None:
+                probs_out.write(start, probs.cpu().numpy().astype(np.float16))
+
+        predict_volume(model, volume.read, z, normalization, inference, device, consume,
+                       amp=cfg.train.amp and device.type == "cuda", progress=not args.no_progress)
+    print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
+
+
+def default_metrics_path(prediction: str) -> Path:
+    file_part = Path(prediction.split(":/", 1)[0])
+    stem = file_part.name.split(".")[0] or "prediction"
+    return file_part.with_name(f"{stem}_metrics.json")
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from mitoseg.data.datasets import check_label_values
+    from mitoseg.data.readers import open_volume
+    from mitoseg.engine.logging import json_safe
+    from mitoseg.inference import iter_slabs
+    from mitoseg.metrics import confusion_matrix, format_table, scores_from_confusion
+
+    json_path = Path(args.json) if args.json else default_metrics_path(args.prediction)
+    if json_path.exists() and not args.overwrite:
+        raise MitosegError(f"{json_path} exists; pass --overwrite to replace it")
+    with open_volume(args.prediction) as prediction, open_volume(args.label) as label:
+        if prediction.shape != label.shape:
+            raise MitosegError(f"{args.prediction}: shape {prediction.shape} differs from label "
+                               f"{args.label} shape {label.shape}")
+        num_classes = args.num_classes
+        if num_classes is None:
+            # Two passes over the volumes: the first only finds the largest class id.
+            highest = 0
+            for start, stop in iter_slabs(len(label), args.slab):
+                for vol in (prediction, label):
+                    values = vol.read(start, stop)
+                    if args.ignore_index is not None:
+                        values = values[values != args.ignore_index]
+                    if values.size:
+                        highest = max(highest, int(values.max()))
+            num_classes = max(2, highest + 1)
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        for start, stop in iter_slabs(len(label), args.slab):
+            pred_slab, label_slab = prediction.read(start, stop), label.read(start, stop)
+            check_label_values(label_slab, num_classes, args.ignore_index, args.label)
+            check_label_values(pred_slab, num_classes, None, args.prediction)
+            matrix += confusion_matrix(torch.from_numpy(pred_slab.astype("int64")),
+                                       torch.from_numpy(label_slab.astype("int64")), num_classes, args.ignore_index)
+    scores = scores_from_confusion(matrix)
+    print(format_table(scores))
+    report = {"prediction": args.prediction, "label": args.label, "num_classes": num_classes, **scores}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(report), indent=2))
+    tmp.replace(json_path)
+    print(f"wrote {json_path}")
+
+
+# ------------------------------------------------------------------- parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mitoseg",
+        description="Semi-supervised segmentation of mitochondria in electron-microscopy volumes.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mitoseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("sample-data", help="write the synthetic EM sample volumes",
+                       description="Write the synthetic EM sample data set (train and validation volumes with "
+                                   "mitochondria labels, as TIFF stacks) into OUT_DIR. Deterministic from --seed.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0, the shipped sample_data/)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a segmentation model. Writes OUT/last.pt, OUT/best.pt, "
+                                   "OUT/metrics.jsonl, OUT/tb (TensorBoard) and OUT/summary.json.",
+                       epilog="example: mitoseg train --config configs/sample_supervised.yaml --out runs/sample "
+                              "--set optim.lr=0.002 --set train.iterations=500")
+    p.add_argument("--config", metavar="YAML", help="config file (see configs/ and the README's config reference)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config value by dotted key, e.g. --set data.batch_size=4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--max-iters", type=positive_int, metavar="N",
+                   help="stop after iteration N (the schedule still spans train.iterations; --resume continues)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment a volume with a trained checkpoint",
+                       description="Sliding-window prediction over a whole volume, slab by slab (bounded memory). "
+                                   "Writes class labels (uint8) and optionally per-class probabilities "
+                                   "(float16, shape z, C, y, x). Volumes: .tif/.tiff, file.h5:/dataset, "
+                                   "dir.zarr, or a folder of PNG/TIFF slices (input only).")
+    p.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
+    p.add_argument("--input", required=True, metavar="VOLUME", help="image volume (z, y, x)")
+    p.add_argument("--output", required=True, metavar="VOLUME", help="label volume to write")
+    p.add_argument("--probabilities", metavar="VOLUME", help="also write per-class probabilities here")
+    p.add_argument("--weights", choices=["ema", "student"], default="ema", help="which weights (default: ema)")
+    p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the run's inference.overlap)")
+    p.add_argument("--batch-size", dest="sw_batch_size", type=positive_int,
+                   help="windows per forward pass (default: the run's inference.sw_batch_size)")
+    p.add_argument("--roi-size", type=positive_int, nargs=2, metavar=("Y", "X"), help="window size")
+    p.add_argument("--blend", choices=["gaussian", "constant"], help="window blending (default: gaussian)")
+    p.add_argument("--slab", type=positive_int, help="slices processed together (bounds memory)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score a predicted label volume against ground truth",
+                       description="Per-class IoU, Dice, precision and recall (and fg_iou for binary labels), "
+                                   "printed as a table and written as JSON.")
+    p.add_argument("--prediction", required=True, metavar="VOLUME")
+    p.add_argument("--label", required=True, metavar="VOLUME", help="ground-truth label volume")
+    p.add_argument("--num-classes", type=positive_int, help="default: largest class id + 1 (at least 2)")
+    p.add_argument("--ignore-index", type=int, help="label value to leave out (e.g. 255)")
+    p.add_argument("--json", metavar="PATH", help="where to write the scores (default: <prediction>_metrics.json)")
+    p.add_argument("--slab", type=positive_int, default=16, help="slices read at a time (default: 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "predict" and args.overlap is not None and not 0 <= args.overlap < 1:
+            raise MitosegError(f"--overlap must be in [0, 1), got {args.overlap}")
+        args.func(args)
+    except MitosegError as exc:
+        if args.debug:
+            raise
+        print(f"mitoseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mitoseg: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,197 @@
+"""Slices of EM volumes in memory, and 2-D training patches sampled from them.
+
+Every training sample is a pure function of ``(seed, index)``: the slice, the
+crop window and every random augmentation are drawn from a generator seeded by
+both. The batch of iteration ``i`` is therefore the same whether a run is
+interrupted and resumed or not, and whichever DataLoader worker makes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mitoseg.data.readers import open_volume, select_slices
+from mitoseg.data.transforms import Normalization, compute_normalization, cutmix_box, sample_for_stats
+from mitoseg.errors import MitosegError
+
+
+@dataclass
+class VolumeSlices:
+    """Selected slices of one volume (raw dtype), their labels and the volume's normalization."""
+
+    image: np.ndarray  # (n, y, x)
+    label: np.ndarray | None  # (n, y, x) int64, or None
+    indices: list[int]  # slice numbers in the source volume
+    normalization: Normalization
+    source: str
+
+
+def apply_label_map(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """Replace raw label values by class ids (e.g. 255 -> 1); one vectorised pass."""
+    if not label_map:
+        return label
+    out = label.copy()
+    for raw, cls in label_map.items():  # a handful of entries, each a vectorised pass
+        out[label == raw] = cls
+    return out
+
+
+def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int | None, source: str) -> None:
+    """Label values must be class ids ``0 .. num_classes-1`` (or the ignore value)."""
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+            raise MitosegError(f"{source}: label volume holds non-integer values")
+    bad = (label < 0) | (label >= num_classes)
+    if ignore_index is not None:
+        bad &= label != ignore_index
+    if bad.any():
+        values = np.unique(label[bad])[:5].tolist()
+        allowed = f"0..{num_classes - 1}" + (f" or {ignore_index}" if ignore_index is not None else "")
+        raise MitosegError(
+            f"{source}: label values {values} are outside the classes {allowed} (data.num_classes = {num_classes})"
+        )
+
+
+def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require_label: bool,
+                       ignore_index: int | None = None, label_map: dict[int, int] | None = None) -> VolumeSlices:
+    """Read the slices ``vol_cfg.slices`` of ``vol_cfg.image`` (and its label) into memory.
+
+    ``key`` is the config key (e.g. ``data.train``) used in error messages.
+    """
+    if require_label and not vol_cfg.label:
+        raise MitosegError(f"config key '{key}.label' is required")
+    with open_volume(vol_cfg.image) as volume:
+        indices = select_slices(vol_cfg.slices, len(volume), f"{key}.slices")
+        normalization = compute_normalization(sample_for_stats(volume), norm_cfg, what=vol_cfg.image)
+        image = volume.read_slices(indices)
+        shape = volume.shape
+    label = None
+    if vol_cfg.label:
+        with open_volume(vol_cfg.label) as label_volume:
+            if label_volume.shape != shape:
+                raise MitosegError(
+                    f"{vol_cfg.label}: label shape {label_volume.shape} differs from image {vol_cfg.image} shape {shape}"
+                )
+            raw = apply_label_map(label_volume.read_slices(indices), label_map)
+        check_label_values(raw, num_classes, ignore_index, vol_cfg.label)
+        label = raw.astype(np.int64)
+    return VolumeSlices(image=image, label=label, indices=indices, normalization=normalization, source=vol_cfg.image)
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+class PatchDataset(Dataset):
+    """Random 2-D patches from the slices of one or more volumes, with labels when they have them.
+
+    ``index`` selects the random draw, not a fixed patch, so the dataset can be
+    read for as many samples as training needs. A patch is drawn from a slice
+    chosen uniformly over all volumes' slices; with labels and
+    ``foreground_sampling = p``, a share p of the patches is centred on a random
+    foreground pixel (label > 0), the rest are placed uniformly. The crop is
+    normalized with its volume's statistics, then ``transform`` (MONAI, random
+    state seeded from the same draw) makes the view.
+    """
+
+    def __init__(self, sources: VolumeSlices | list[VolumeSlices], transform, patch_size, seed: int, length: int,
+                 foreground_sampling: float = 0.0, ignore_index: int | None = None):
+        self.sources = [sources] if isinstance(sources, VolumeSlices) else list(sources)
+        self.transform = transform
+        self.patch_size = tuple(int(s) for s in patch_size)
+        self.seed = seed
+        self.length = length
+        self.with_label = all(src.label is not None for src in self.sources)
+        self.foreground_sampling = foreground_sampling if self.with_label else 0.0
+        for src in self.sources:
+            _, height, width = src.image.shape
+            if self.patch_size[0] > height or self.patch_size[1] > width:
+                raise MitosegError(f"{src.source}: data.patch_size {list(self.patch_size)} is larger than the "
+                                   f"image slices ({height}, {width})")
+        # (volume, slice) of every slice, so a slice is drawn uniformly across volumes.
+        self._slices = [(v, z) for v, src in enumerate(self.sources) for z in range(src.image.shape[0])]
+        self._foreground = None
+        if self.foreground_sampling > 0:
+            # Flat indices of foreground pixels per slice (int32: a small fraction of the volume).
+            self._foreground = {}
+            for v, src in enumerate(self.sources):
+                fg = src.label > 0
+                if ignore_index is not None:
+                    fg &= src.label != ignore_index
+                for z in range(fg.shape[0]):
+                    self._foreground[v, z] = np.flatnonzero(fg[z]).astype(np.int32)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def window(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(volume, slice, top, left) of a patch."""
+        v, z = self._slices[int(rng.integers(len(self._slices)))]
+        _, height, width = self.sources[v].image.shape
+        ph, pw = self.patch_size
+        foreground = self._foreground[v, z] if self._foreground is not None else None
+        if foreground is not None and rng.random() < self.foreground_sampling and foreground.size:
+            cy, cx = divmod(int(foreground[rng.integers(foreground.size)]), width)
+            top = int(np.clip(cy - ph // 2, 0, height - ph))
+            left = int(np.clip(cx - pw // 2, 0, width - pw))
+        else:
+            top = int(rng.integers(height - ph + 1))
+            left = int(rng.integers(width - pw + 1))
+        return v, z, top, left
+
+    def crop(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A normalized patch ``{"image": (1, ph, pw) float32, "label": (1, ph, pw) int64}``."""
+        v, z, top, left = self.window(rng)
+        src = self.sources[v]
+        ph, pw = self.patch_size
+        sample = {"image": src.normalization(src.image[z, top:top + ph, left:left + pw])[None]}
+        if src.label is not None:
+            sample["label"] = src.label[z, top:top + ph, left:left + pw][None]
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = sample_rng(self.seed, index)
+        sample = self.crop(rng)
+        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        out = self.transform(sample)
+        result = {"image": torch.as_tensor(out["image"], dtype=torch.float32)}
+        if "label" in out:
+            result["label"] = torch.as_tensor(out["label"], dtype=torch.int64)[0]
+        return result
+
+
+class UnlabeledViewsDataset(PatchDataset):
+    """Unlabeled patches as UniMatch's views: a weak view and two strong views, plus CutMix boxes.
+
+    Keys: ``weak``, ``strong1``, ``strong2`` (1, H, W) float32; ``box1``, ``box2``
+    (H, W) uint8 (the region to paste from the mixing batch into each strong
+    view); ``valid`` (H, W) bool (False where a pixel is padding and must be
+    ignored); ``label`` (H, W) int64 when the volume has analysis labels.
+    """
+
+    def __init__(self, sources, weak, strong, patch_size, seed: int, length: int, cutmix_prob: float = 0.5):
+        super().__init__(sources, weak, patch_size, seed, length, foreground_sampling=0.0)
+        self.strong = strong
+        self.cutmix_prob = cutmix_prob
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = sample_rng(self.seed, index)
+        sample = self.crop(rng)
+        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        weak = self.transform(sample)
+        result = {"weak": torch.as_tensor(weak["image"], dtype=torch.float32)}
+        for name in ("strong1", "strong2"):
+            self.strong.set_random_state(seed=int(rng.integers(2**31)))
+            result[name] = torch.as_tensor(self.strong({"image": weak["image"].clone()})["image"],
+                                           dtype=torch.float32)
+        height, width = self.patch_size
+        for name in ("box1", "box2"):
+            result[name] = torch.from_numpy(cutmix_box(rng, height, width, self.cutmix_prob))
+        result["valid"] = torch.ones(height, width, dtype=torch.bool)
+        if "label" in weak:
+            result["label"] = torch.as_tensor(weak["label"], dtype=torch.int64)[0]
+        return result

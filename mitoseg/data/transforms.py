@@ -1,0 +1,141 @@
+"""Intensity normalization, weak and strong views (MONAI dict transforms) and CutMix boxes.
+
+Samples are dicts ``{"image": (1, H, W) float32, "label": (1, H, W) int64}``.
+Normalization statistics are computed once per *volume* (not per patch), so a
+patch and the whole-volume prediction see the same intensity mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianSmoothd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+
+from mitoseg.errors import MitosegError
+
+# At most this many voxels are read to estimate a volume's intensity statistics.
+_STATS_VOXELS = 8_000_000
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Maps raw intensities to the network's range: ``(x - offset) / scale``.
+
+    percentile mode: the lower/upper percentiles go to 0 and 1;
+    meanstd mode: zero mean, unit standard deviation.
+    """
+
+    offset: float
+    scale: float
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        return ((array.astype(np.float32) - self.offset) / self.scale).astype(np.float32)
+
+
+def sample_for_stats(volume) -> np.ndarray:
+    """A strided subset of slices of a :class:`~mitoseg.data.readers.Volume` or array."""
+    z, y, x = volume.shape
+    step = max(1, int(np.ceil(z * y * x / _STATS_VOXELS)))
+    indices = list(range(0, z, step))
+    if isinstance(volume, np.ndarray):
+        return volume[indices]
+    return volume.read_slices(indices)
+
+
+def compute_normalization(voxels: np.ndarray, cfg, what: str = "volume") -> Normalization:
+    """Statistics of ``voxels`` (any shape) under ``cfg`` (:class:`NormalizeConfig`)."""
+    values = np.asarray(voxels, dtype=np.float64).ravel()
+    if cfg.mode == "percentile":
+        low, high = np.percentile(values, [cfg.lower, cfg.upper])
+        offset, scale = float(low), float(high - low)
+    else:
+        offset, scale = float(values.mean()), float(values.std())
+    if not np.isfinite(offset) or not np.isfinite(scale):
+        raise MitosegError(f"{what}: intensities are not finite (NaN or inf values)")
+    if scale <= 0:
+        # A constant volume: keep it finite rather than dividing by zero.
+        scale = 1.0
+    return Normalization(offset=offset, scale=scale)
+
+
+def geometric_transforms(aug, keys):
+    """Flips and 90-degree rotations: applied identically to image and label."""
+    transforms = []
+    if aug.flip:
+        transforms += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1)]
+    if aug.rot90:
+        transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=(0, 1)))
+    return transforms
+
+
+def intensity_transforms(aug):
+    """Mild intensity scale/shift and noise (weak view: labels stay valid)."""
+    transforms = []
+    if aug.intensity_scale > 0:
+        transforms.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob))
+    if aug.intensity_shift > 0:
+        transforms.append(RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob))
+    if aug.noise_std > 0:
+        transforms.append(RandGaussianNoised(keys="image", prob=aug.prob, std=aug.noise_std, sample_std=True))
+    return transforms
+
+
+def weak_transform(data_cfg, with_label: bool, intensity: bool = True) -> Compose:
+    """Weak view of a normalized, cropped patch: flips/rot90 and (for the labeled stream)
+    mild intensity jitter, as plain tensors."""
+    keys = ["image", "label"] if with_label else ["image"]
+    return Compose(
+        [
+            *geometric_transforms(data_cfg.augment, keys),
+            *(intensity_transforms(data_cfg.augment) if intensity else []),
+            EnsureTyped(keys=keys, track_meta=False),
+        ]
+    )
+
+
+def strong_transform(strong_cfg) -> Compose:
+    """Photometric perturbation of a weak view for EM (image only; geometry unchanged):
+    brightness / contrast / gamma jitter, Gaussian blur and noise."""
+    transforms = []
+    if strong_cfg.brightness > 0:
+        transforms.append(RandShiftIntensityd(keys="image", offsets=strong_cfg.brightness, prob=strong_cfg.prob))
+    if strong_cfg.contrast > 0:
+        transforms.append(RandScaleIntensityd(keys="image", factors=strong_cfg.contrast, prob=strong_cfg.prob))
+    if strong_cfg.gamma != [1.0, 1.0]:
+        transforms.append(RandAdjustContrastd(keys="image", gamma=tuple(strong_cfg.gamma), prob=strong_cfg.prob))
+    if strong_cfg.blur_sigma[1] > 0:
+        sigma = tuple(strong_cfg.blur_sigma)
+        transforms.append(RandGaussianSmoothd(keys="image", sigma_x=sigma, sigma_y=sigma, prob=strong_cfg.blur_prob))
+    if strong_cfg.noise_std > 0:
+        transforms.append(RandGaussianNoised(keys="image", prob=strong_cfg.prob, std=strong_cfg.noise_std,
+                                             sample_std=True))
+    return Compose([*transforms, EnsureTyped(keys="image", track_meta=False)])
+
+
+def cutmix_box(rng: np.random.Generator, height: int, width: int, prob: float = 0.5,
+               area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)) -> np.ndarray:
+    """A (height, width) uint8 mask with one random box of ones, with probability ``prob``
+    (else all zeros). Box area and aspect ratio as in UniMatch."""
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if rng.random() >= prob:
+        return mask
+    size = rng.uniform(*area) * height * width
+    while True:
+        ratio = rng.uniform(*aspect)
+        box_w, box_h = int(np.sqrt(size / ratio)), int(np.sqrt(size * ratio))
+        x, y = int(rng.integers(0, width + 1)), int(rng.integers(0, height + 1))
+        if 0 < box_w and 0 < box_h and x + box_w <= width and y + box_h <= height:
+            break
+    mask[y:y + box_h, x:x + box_w] = 1
+    return mask

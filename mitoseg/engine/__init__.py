@@ -1,0 +1,1 @@
+"""Training: the iteration loop, checkpoints and logging."""

@@ -1,0 +1,119 @@
+"""Checkpoints: written atomically, read without executing code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+``torch.load(..., weights_only=True)`` reads it: a file from a stranger cannot
+run code. The run's config travels inside it (as a plain dict), so ``predict``
+rebuilds the exact architecture.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mitoseg import __version__
+from mitoseg.config import Config, config_from_dict
+from mitoseg.errors import MitosegError
+from mitoseg.networks import build_model
+
+FORMAT = "mitoseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write ``state`` to ``path`` via a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "mitoseg_version": __version__, **state}
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a mitoseg checkpoint (weights only); clear errors for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MitosegError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for corrupt or unsafe files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MitosegError(f"{path}: not a readable checkpoint ({first_line[:200]})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise MitosegError(f"{path}: not a mitoseg checkpoint")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise MitosegError(f"{path}: written by a newer mitoseg ({state.get('mitoseg_version')}); please upgrade")
+    return state
+
+
+def checkpoint_config(state: dict, path: str | Path) -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except (KeyError, MitosegError) as exc:
+        raise MitosegError(f"{path}: checkpoint config is invalid: {exc}") from exc
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str | Path, what: str = "model") -> None:
+    """``load_state_dict`` with one clear message when the architecture does not match."""
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        missing, unexpected = [], []
+        own = model.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        mismatched = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        detail = "; ".join(parts) or str(exc).splitlines()[0]
+        raise MitosegError(f"{path}: {what} weights do not match the architecture: {detail}") from exc
+
+
+def model_from_checkpoint(path: str | Path, weights: str = "ema", device="cpu") -> tuple[torch.nn.Module, Config]:
+    """Rebuild the network of a checkpoint and load its student or EMA weights, in eval mode."""
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, path)
+    key = {"ema": "ema_model", "student": "model"}[weights]
+    if key not in state:
+        raise MitosegError(f"{path}: checkpoint holds no '{weights}' weights")
+    model = build_model(cfg.model, cfg.data.num_classes)
+    load_weights(model, state[key], path, what=weights)
+    return model.to(device).eval(), cfg
+
+
+def capture_rng_state() -> dict:
+    """Every RNG a training step may touch, as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

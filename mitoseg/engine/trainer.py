@@ -1,0 +1,387 @@
+"""The training loop shared by every dataset and method.
+
+Read top to bottom: ``Trainer.__init__`` builds data, model, EMA teacher,
+optimizer and method (or restores them from ``last.pt``); ``Trainer.fit`` runs
+the iterations. One iteration: draw the batches of this iteration, let the
+method compute the loss, step the optimizer and the poly schedule, update the
+EMA teacher; every ``log_every`` log, every ``val_every`` validate and keep the
+best weights, every ``checkpoint_every`` write ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mitoseg.config import Config, VolumeConfig, config_to_dict
+from mitoseg.data.readers import open_volume
+from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
+from mitoseg.data.transforms import strong_transform, weak_transform
+from mitoseg.engine.checkpoint import (
+    capture_rng_state,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mitoseg.engine.logging import RunLogger, json_safe, write_inspection
+from mitoseg.errors import MitosegError
+from mitoseg.inference import autocast, predict_volume
+from mitoseg.losses import make_supervised_loss
+from mitoseg.methods import StepContext, build_method
+from mitoseg.metrics import confusion_matrix, headline_metric, scores_from_confusion
+from mitoseg.networks import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise MitosegError(f"config key 'device': unknown device {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MitosegError(f"config key 'device': {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                               weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+
+
+def poly_schedule(optimizer, total_iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: max(0.0, 1.0 - it / total_iterations) ** power
+    )
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        full = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_differences(va, vb, full)
+        elif va != vb:
+            keys.append(full)
+    return keys
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, max_iters: int | None = None,
+                 progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        resume_state = None
+        if resume:
+            last = self.out_dir / "last.pt"
+            if not last.is_file():
+                raise MitosegError(f"--resume: no checkpoint to resume from at {last}")
+            resume_state = load_checkpoint(last)
+            saved = checkpoint_config(resume_state, last)
+            changed = config_differences(config_to_dict(saved), config_to_dict(cfg))
+            if changed:
+                raise MitosegError(
+                    f"--resume: the config differs from the one in {last} at {', '.join(changed[:5])}; "
+                    "resume with the run's own config (omit --config)"
+                )
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.total_iterations = cfg.train.iterations
+        self.stop_iteration = min(max_iters, cfg.train.iterations) if max_iters else cfg.train.iterations
+        seed_everything(cfg.seed)
+
+        num_classes = cfg.data.num_classes
+        ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        self.ignore_index = ignore_index
+        self.train_slices = load_volume_slices(cfg.data.train, "data.train", num_classes, cfg.data.normalize,
+                                               require_label=True, ignore_index=ignore_index,
+                                               label_map=cfg.data.label_map)
+        self.val_slices = None
+        if cfg.data.val is not None:
+            self.val_slices = load_volume_slices(cfg.data.val, "data.val", num_classes, cfg.data.normalize,
+                                                 require_label=True, ignore_index=ignore_index,
+                                                 label_map=cfg.data.label_map)
+        self.labeled_dataset = PatchDataset(
+            self.train_slices,
+            weak_transform(cfg.data, with_label=True),
+            cfg.data.patch_size,
+            seed=cfg.seed,
+            length=self.total_iterations * cfg.data.batch_size,
+            foreground_sampling=cfg.data.foreground_sampling,
+            ignore_index=ignore_index,
+        )
+
+        self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
+        self.unlabeled_dataset = None
+        self.inspection_patches = None
+        if self.method.uses_unlabeled:
+            sources = self._unlabeled_sources()
+            self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+            with_label = all(src.label is not None for src in sources)
+            self.unlabeled_dataset = UnlabeledViewsDataset(
+                sources,
+                weak_transform(cfg.data, with_label=with_label, intensity=False),
+                strong_transform(cfg.data.strong),
+                cfg.data.patch_size,
+                seed=cfg.seed + 1,  # a stream of its own, independent of the labeled one
+                length=self.total_iterations * 2 * self.unlabeled_batch_size,
+                cutmix_prob=cfg.data.cutmix_prob,
+            )
+            self.inspection_patches = self._inspection_patches(sources)
+
+        self.model = build_model(cfg.model, num_classes).to(self.device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                 use_buffers=True)
+        self.ema.module.eval().requires_grad_(False)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.iteration = 0  # number of completed iterations
+        self.best: dict | None = None
+        self.last_scores: dict | None = None
+        self.previous_wall_time = 0.0
+        self._start_time: float | None = None
+        if resume_state is not None:
+            self._restore(resume_state, self.out_dir / "last.pt")
+
+    def _unlabeled_sources(self) -> list[VolumeSlices]:
+        """``data.unlabeled``, or by default the training slices not selected as labeled."""
+        cfg = self.cfg
+        k, norm = cfg.data.num_classes, cfg.data.normalize
+        if cfg.data.unlabeled is None:
+            with open_volume(cfg.data.train.image) as volume:
+                rest = sorted(set(range(len(volume))) - set(self.train_slices.indices))
+            if not rest:
+                raise MitosegError(f"method '{cfg.method.name}' needs unlabeled slices, but data.train.slices "
+                                   "selects every slice of data.train.image; set data.train.slices or data.unlabeled")
+            entries = [VolumeConfig(image=cfg.data.train.image, slices=rest)]
+        else:
+            # An entry without an image means the training volume.
+            entries = [VolumeConfig(image=v.image or cfg.data.train.image, label=v.label, slices=v.slices)
+                       for v in cfg.data.unlabeled]
+        sources = []
+        for i, entry in enumerate(entries):
+            sources.append(load_volume_slices(entry, f"data.unlabeled[{i}]", k, norm, require_label=False,
+                                              ignore_index=self.ignore_index, label_map=cfg.data.label_map))
+        return sources
+
+    def _inspection_patches(self, sources: list[VolumeSlices]) -> dict[str, torch.Tensor]:
+        """A fixed set of unlabeled patches (no augmentation) for the inspection files."""
+        from monai.transforms import Compose, EnsureTyped
+
+        with_label = all(src.label is not None for src in sources)
+        keys = ["image", "label"] if with_label else ["image"]
+        dataset = PatchDataset(sources, Compose([EnsureTyped(keys=keys, track_meta=False)]), self.cfg.data.patch_size,
+                               seed=self.cfg.seed + 2, length=self.cfg.train.inspect_patches)
+        samples = [dataset[i] for i in range(len(dataset))]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "config": config_to_dict(self.cfg),
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "ema_model": self.ema.module.state_dict(),
+            "ema_n_averaged": self.ema.n_averaged.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": capture_rng_state(),
+            "best": self.best,
+            "last_scores": self.last_scores,
+            "wall_time_s": self.wall_time(),
+        }
+
+    def _restore(self, state: dict, path: Path) -> None:
+        load_weights(self.model, state["model"], path, "model")
+        load_weights(self.ema.module, state["ema_model"], path, "EMA model")
+        self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        restore_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.best = state["best"]
+        self.last_scores = state.get("last_scores")
+        self.previous_wall_time = float(state["wall_time_s"])
+
+    def wall_time(self) -> float:
+        running = time.perf_counter() - self._start_time if self._start_time is not None else 0.0
+        return self.previous_wall_time + running
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.out_dir / name, self.state_dict())
+
+    # ------------------------------------------------------------------- data
+
+    def labeled_batches(self, start_iteration: int):
+        """Batches for iterations ``start_iteration ..``; sample ``i * B + j`` is the j-th of iteration i."""
+        batch_size = self.cfg.data.batch_size
+        loader = DataLoader(
+            self.labeled_dataset,
+            batch_size=batch_size,
+            sampler=range(start_iteration * batch_size, self.total_iterations * batch_size),
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def unlabeled_batches(self, start_iteration: int):
+        """Per iteration 2 x unlabeled_batch_size samples: the batch, then its CutMix partner."""
+        size = 2 * self.unlabeled_batch_size
+        loader = DataLoader(
+            self.unlabeled_dataset,
+            batch_size=size,
+            sampler=range(start_iteration * size, self.total_iterations * size),
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def batches(self, start_iteration: int):
+        """(labeled, unlabeled or None) per iteration."""
+        labeled = self.labeled_batches(start_iteration)
+        if self.unlabeled_dataset is None:
+            return ((batch, None) for batch in labeled)
+        return zip(labeled, self.unlabeled_batches(start_iteration))
+
+    # ------------------------------------------------------------- validation
+
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.cfg.train.eval_model == "ema" else self.model
+
+    def validate(self) -> dict:
+        val = self.val_slices
+        num_classes = self.cfg.data.num_classes
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+        def consume(start: int, probs: torch.Tensor) -> None:
+            nonlocal matrix
+            target = torch.from_numpy(val.label[start:start + probs.shape[0]])
+            matrix += confusion_matrix(probs.argmax(1).cpu(), target, num_classes, self.ignore_index)
+
+        predict_volume(self.eval_model(), lambda s, e: val.image[s:e], len(val.image), val.normalization,
+                       self.cfg.inference, self.device, consume, amp=self.amp, progress=False)
+        return scores_from_confusion(matrix)
+
+    def inspect(self) -> None:
+        ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
+                          total_iterations=self.total_iterations)
+        patches = {k: v.to(self.device) for k, v in self.inspection_patches.items()}
+        arrays = self.method.inspect(ctx, patches)
+        write_inspection(self.out_dir / "inspect", self.iteration, arrays, method=self.cfg.method.name)
+
+    # ------------------------------------------------------------------- loop
+
+    def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
+                          total_iterations=self.total_iterations)
+        self.model.train()
+        with autocast(self.device, self.amp):
+            out = self.method.training_step(ctx, labeled, unlabeled)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update_parameters(self.model)
+        return {"loss": out.loss.detach(), **out.logs}
+
+    def _validate_and_keep_best(self, logger: RunLogger) -> None:
+        scores = self.validate()
+        self.last_scores = scores
+        name, value = headline_metric(scores)
+        logger.log_validation(self.iteration, scores)
+        if self.best is None or (not math.isnan(value) and value > self.best["value"]) or math.isnan(self.best["value"]):
+            self.best = {"iteration": self.iteration, "metric": name, "value": value, "scores": scores}
+            self.save("best.pt")
+
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._start_time = time.perf_counter()
+        logger = RunLogger(self.out_dir, start_iteration=self.iteration)
+        (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        start = self.iteration
+        bar = tqdm(total=self.stop_iteration, initial=start, desc="train", unit="it", disable=not self.progress,
+                   dynamic_ncols=True)
+        postfix: dict[str, str] = {}
+        try:
+            for labeled, unlabeled in self.batches(start):
+                if self.iteration >= self.stop_iteration:
+                    break
+                logs = self.train_step(labeled, unlabeled)
+                self.iteration += 1
+                bar.update(1)
+                done = self.iteration == self.stop_iteration
+                if self.iteration % cfg.log_every == 0 or done:
+                    # The one host synchronisation of a logged step.
+                    values = dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist()))
+                    values["lr"] = self.optimizer.param_groups[0]["lr"]
+                    logger.log_train(self.iteration, values)
+                    postfix["loss"] = f"{values['loss']:.4f}"
+                if self.val_slices is not None and (self.iteration % cfg.val_every == 0 or done):
+                    self._validate_and_keep_best(logger)
+                    name, value = headline_metric(self.last_scores)
+                    postfix[name] = f"{value:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                if self.inspection_patches is not None and (self.iteration % cfg.inspect_every == 0 or done):
+                    self.inspect()
+                if self.iteration % cfg.checkpoint_every == 0 or done:
+                    self.save("last.pt")
+        except KeyboardInterrupt:
+            bar.close()
+            logger.close()
+            tqdm.write(f"interrupted at iteration {self.iteration}; continue from the last checkpoint "
+                       f"with --resume --out {self.out_dir}")
+            raise
+        bar.close()
+        if self.val_slices is None:
+            # Without validation data the final weights are the best we know of.
+            self.save("best.pt")
+        summary = {
+            "method": self.cfg.method.name,
+            "iterations": self.iteration,
+            "total_iterations": self.total_iterations,
+            "completed": self.iteration >= self.total_iterations,
+            "wall_time_s": round(self.wall_time(), 3),
+            "device": str(self.device),
+            "final": self.last_scores,
+            "best": self.best,
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
+        logger.close()
+        return summary

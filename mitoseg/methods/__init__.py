@@ -1,0 +1,13 @@
+"""Training methods: objects the trainer calls once per iteration.
+
+A method turns a labeled batch (and, for semi-supervised methods, an unlabeled
+batch) into a loss and a dict of tensors to log. The trainer owns everything
+else (optimizer, EMA teacher, schedule, checkpoints), so adding a method never
+forks the training loop. Methods are built by name (``method.name``).
+"""
+
+from mitoseg.methods.base import Method, StepContext, StepOutput, build_method, register_method
+from mitoseg.methods import pseudo_label as _pseudo_label  # noqa: F401  (fixmatch, unimatch, daw)
+from mitoseg.methods import supervised as _supervised  # noqa: F401  (registers "supervised")
+
+__all__ = ["Method", "StepContext", "StepOutput", "build_method", "register_method"]

@@ -1,0 +1,72 @@
+"""The method interface and its registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mitoseg.errors import MitosegError
+
+
+@dataclass
+class StepContext:
+    """What a method may use in one training step."""
+
+    student: torch.nn.Module  # the model being optimised (train mode)
+    teacher: torch.nn.Module  # the EMA copy (eval mode, no gradients)
+    iteration: int  # 0-based index of this step
+    total_iterations: int
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the student
+    # Detached scalars for logging; the trainer converts them to floats only at log steps.
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. ``uses_unlabeled``: whether the trainer must feed an unlabeled stream."""
+
+    name = "base"
+    uses_unlabeled = False
+
+    def __init__(self, cfg, supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.cfg = cfg
+        self.supervised_loss = supervised_loss
+
+    def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        raise NotImplementedError
+
+    def to(self, device) -> "Method":
+        """Move tensors the method keeps (running statistics) to ``device``."""
+        return self
+
+    def state_dict(self) -> dict:
+        """Method state that must survive ``--resume`` (e.g. running statistics)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_method(cfg, supervised_loss) -> Method:
+    try:
+        cls = _METHODS[cfg.method.name]
+    except KeyError:
+        raise MitosegError(f"unknown method '{cfg.method.name}'; available: {', '.join(sorted(_METHODS))}") from None
+    return cls(cfg, supervised_loss)
