@@ -187,9 +187,9 @@ class DAWState:
 
     def log_values(self) -> dict[str, torch.Tensor]:
         sigma = self.var.sqrt()
-        return {"daw/tau": self.threshold, "daw/safe_tau": self.safe_threshold,
-                "daw/mu_pos": self.mean[0], "daw/mu_neg": self.mean[1],
-                "daw/sigma_pos": sigma[0], "daw/sigma_neg": sigma[1]}
+        return {"tau": self.threshold, "safe_tau": self.safe_threshold,
+                "mu_pos": self.mean[0], "mu_neg": self.mean[1],
+                "sigma_pos": sigma[0], "sigma_neg": sigma[1]}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().clone() for name in self._tensor_names()}

@@ -1,0 +1,246 @@
+"""Pseudo-label methods: FixMatch, UniMatch and DAW, one class with three configurations.
+
+One step (UniMatch's recipe, with the pseudo-label source a config choice):
+
+1. Pseudo-labels for the unlabeled batch and for the mixing batch come from
+   their weak views, predicted without gradient by the student in eval mode or
+   by the EMA teacher.
+2. The student predicts the labeled batch and the weak views together; with
+   feature perturbation, the weak views' features also pass the head after
+   channel dropout (the ``fp`` branch).
+3. Each strong view gets a CutMix box pasted from the mixing batch's strong
+   view; pseudo-labels, weights and ignore masks are mixed with the same box.
+4. DAW only: the labeled batch updates the alignment means and the Gaussians
+   of correct / wrong confidences; unlabeled probabilities are aligned; the
+   weight is a step at the Gaussians' crossing. FixMatch / UniMatch use a fixed
+   threshold.
+5. Each unsupervised term is the weighted cross-entropy summed over pixels and
+   divided by the number of valid pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mitoseg.methods.base import Method, StepContext, StepOutput, register_method
+from mitoseg.semi.daw import DAWState, confidence_sets
+
+HISTOGRAM_BINS = 50
+
+
+# ------------------------------------------------------------ pure functions
+
+
+def cutmix(target: torch.Tensor, source: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """``source`` inside ``box`` (B, H, W), ``target`` elsewhere; for images (B, C, H, W) or maps (B, H, W)."""
+    mask = box.bool()
+    if target.dim() == 4:
+        mask = mask.unsqueeze(1)
+    return torch.where(mask, source, target)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
+    """sum(CE * weight) over valid pixels / number of valid pixels."""
+    loss = F.cross_entropy(logits.float(), target, reduction="none")
+    valid = valid.to(loss.dtype)
+    return (loss * weight * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def pseudo_label_quality(used: torch.Tensor, pseudo_label: torch.Tensor, truth: torch.Tensor,
+                         valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The trade-off DAW is about: share of wrong pseudo-labels used, of correct ones discarded."""
+    correct = (pseudo_label == truth) & valid
+    wrong = (pseudo_label != truth) & valid
+    used = used.bool()
+    return {
+        "wrong_used": (wrong & used).sum() / wrong.sum().clamp_min(1),
+        "correct_discarded": (correct & ~used).sum() / correct.sum().clamp_min(1),
+        "pseudo_accuracy": correct.sum() / valid.sum().clamp_min(1),
+    }
+
+
+@dataclass
+class PseudoLabels:
+    probs: torch.Tensor  # (B, K, H, W), aligned for DAW
+    confidence: torch.Tensor  # (B, H, W)
+    label: torch.Tensor  # (B, H, W) int64
+    weight: torch.Tensor  # (B, H, W) float
+
+
+# -------------------------------------------------------------------- method
+
+
+class PseudoLabelMethod(Method):
+    uses_unlabeled = True
+    strong_views = 2
+    feature_perturbation = True
+    weighting = "fixed"
+
+    def __init__(self, cfg, supervised_loss):
+        super().__init__(cfg, supervised_loss)
+        self.num_classes = cfg.data.num_classes
+        self.ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        self.daw = None
+        if self.weighting == "daw":
+            d = cfg.method.daw
+            self.daw = DAWState(self.num_classes, momentum=d.momentum, alpha=d.alpha,
+                                initial_threshold=d.initial_threshold)
+        self._last_labeled = None  # (confidence, positive, negative) of the last labeled batch
+
+    # The loss of each configuration.
+    def combine(self, loss_x, loss_s1, loss_s2, loss_fp):
+        return (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+
+    def threshold(self) -> torch.Tensor | float:
+        return self.daw.threshold if self.daw is not None else self.cfg.method.threshold
+
+    @torch.no_grad()
+    def predict_pseudo(self, ctx: StepContext, weak: torch.Tensor) -> torch.Tensor:
+        model = ctx.teacher if self.cfg.method.pseudo_labels == "teacher" else ctx.student
+        was_training = model.training
+        model.eval()
+        probs = model(weak).float().softmax(dim=1)
+        model.train(was_training)
+        return probs
+
+    def labeled_valid(self, label: torch.Tensor) -> torch.Tensor | None:
+        return None if self.ignore_index is None else label != self.ignore_index
+
+    def make_pseudo_labels(self, probs: torch.Tensor, labeled_probs: torch.Tensor, label: torch.Tensor,
+                           valid: torch.Tensor) -> PseudoLabels:
+        if self.daw is not None:
+            if self.cfg.method.daw.alignment:
+                self.daw.update_alignment(labeled_probs, self.labeled_valid(label), probs, valid)
+                probs = self.daw.align(probs)
+            self.daw.update_threshold(labeled_probs, label, self.ignore_index)
+        confidence, pseudo = probs.max(dim=1)
+        weight = (confidence >= self.threshold()).to(probs.dtype)
+        return PseudoLabels(probs=probs, confidence=confidence, label=pseudo, weight=weight)
+
+    def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        student = ctx.student
+        x, y = labeled["image"], labeled["label"]
+        n_x = x.shape[0]
+        n_u = unlabeled["weak"].shape[0] // 2  # first half: the batch; second half: the mixing batch
+        weak, weak_mix = unlabeled["weak"][:n_u], unlabeled["weak"][n_u:]
+        valid_all = unlabeled["valid"]
+
+        probs_all = self.predict_pseudo(ctx, unlabeled["weak"])
+
+        features = student.features(torch.cat([x, weak]))
+        size = x.shape[-2:]
+        if self.feature_perturbation:
+            perturbed = F.dropout2d(features[n_x:], p=self.cfg.method.fp_dropout, training=True)
+            logits = student.logits(torch.cat([features, perturbed]), size)
+            pred_x, pred_fp = logits[:n_x], logits[n_x + n_u:]
+        else:
+            pred_x = student.logits(features[:n_x], size)
+            pred_fp = None
+
+        strong = [cutmix(unlabeled[f"strong{v}"][:n_u], unlabeled[f"strong{v}"][n_u:], unlabeled[f"box{v}"][:n_u])
+                  for v in range(1, self.strong_views + 1)]
+        pred_strong = student(torch.cat(strong)).chunk(self.strong_views)
+
+        labeled_probs = pred_x.detach().float().softmax(dim=1)
+        pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)
+        self._last_labeled = confidence_sets(labeled_probs, y, self.ignore_index)
+
+        loss_x = self.supervised_loss(pred_x, y)
+        losses_s = []
+        for v, pred in enumerate(pred_strong, start=1):
+            box = unlabeled[f"box{v}"][:n_u]
+            mixed = [cutmix(t[:n_u], t[n_u:], box) for t in (pl.label, pl.weight, valid_all)]
+            losses_s.append(weighted_cross_entropy(pred, *mixed))
+        zero = loss_x.new_zeros(())
+        loss_fp = zero
+        if pred_fp is not None:
+            loss_fp = weighted_cross_entropy(pred_fp, pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
+        loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
+        loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
+
+        valid_u = valid_all[:n_u]
+        logs = {
+            "loss_x": loss_x.detach(),
+            "loss_s": (sum(losses_s) / len(losses_s)).detach(),
+            "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
+            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=x.device),
+        }
+        if pred_fp is not None:
+            logs["loss_fp"] = loss_fp.detach()
+        if self.daw is not None:
+            logs.update(self.daw.log_values())
+        if "label" in unlabeled:
+            logs.update(pseudo_label_quality(pl.weight[:n_u] > 0, pl.label[:n_u], unlabeled["label"][:n_u], valid_u))
+        return StepOutput(loss=loss, logs=logs)
+
+    @torch.no_grad()
+    def inspect(self, ctx: StepContext, patches: dict) -> dict[str, np.ndarray]:
+        """Pseudo-labels of fixed unlabeled patches under the current model and weighting, plus the
+        labeled confidence histograms of the last step (see docs/INSPECTION.md)."""
+        probs = self.predict_pseudo(ctx, patches["image"])
+        if self.daw is not None and self.cfg.method.daw.alignment:
+            probs = self.daw.align(probs)
+        confidence, pseudo = probs.max(dim=1)
+        weight = (confidence >= self.threshold()).float()
+        out = {
+            "image": patches["image"][:, 0].cpu().numpy().astype(np.float32),
+            "confidence": confidence.cpu().numpy().astype(np.float32),
+            "pseudo_label": pseudo.cpu().numpy().astype(np.uint8),
+            "weight": weight.cpu().numpy().astype(np.uint8),
+            "tau": np.float32(float(self.threshold())),
+            "histogram_edges": np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1, dtype=np.float32),
+        }
+        if self._last_labeled is not None:
+            conf, positive, negative = self._last_labeled
+            out["hist_positive"] = torch.histc(conf[positive], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
+            out["hist_negative"] = torch.histc(conf[negative], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
+        if self.daw is not None:
+            sigma = self.daw.var.sqrt()
+            out.update({
+                "mu_pos": np.float32(self.daw.mean[0].item()), "sigma_pos": np.float32(sigma[0].item()),
+                "mu_neg": np.float32(self.daw.mean[1].item()), "sigma_neg": np.float32(sigma[1].item()),
+                "safe_tau": np.float32(self.daw.safe_threshold.item()),
+            })
+        if "label" in patches:
+            out["label"] = patches["label"].cpu().numpy().astype(np.uint8)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"daw": self.daw.state_dict()} if self.daw is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.daw is not None:
+            self.daw.load_state_dict(state["daw"])
+
+    def to(self, device) -> "PseudoLabelMethod":
+        if self.daw is not None:
+            self.daw.to(device)
+        return self
+
+
+@register_method("fixmatch")
+class FixMatch(PseudoLabelMethod):
+    """One strong view, fixed threshold, no feature perturbation: (L_x + L_s) / 2."""
+
+    strong_views = 1
+    feature_perturbation = False
+
+    def combine(self, loss_x, loss_s1, loss_s2, loss_fp):
+        return (loss_x + loss_s1) / 2
+
+
+@register_method("unimatch")
+class UniMatch(PseudoLabelMethod):
+    """Two strong views and the feature-perturbation branch, fixed threshold."""
+
+
+@register_method("daw")
+class DAW(PseudoLabelMethod):
+    """UniMatch with the DAW weight (Gaussian crossing) and distribution alignment."""
+
+    weighting = "daw"
