@@ -250,7 +250,9 @@ class Trainer:
             sampler=range(start_iteration * batch_size, self.total_iterations * batch_size),
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            # A private generator: creating a loader must not draw from the global torch RNG,
+            # or a resumed run's dropout would see a different random stream.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -264,6 +266,7 @@ class Trainer:
             sampler=range(start_iteration * size, self.total_iterations * size),
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.seed + 1),
         )
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny synthetic EM volumes and a matching fast config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tifffile
+import yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_volumes(tmp_path_factory) -> dict[str, Path]:
+    """Train (8 slices) and validation (4 slices) volumes of 64 x 64 pixels, with labels."""
+    from mitoseg.data.synthetic import make_em_volume
+
+    root = tmp_path_factory.mktemp("tiny_volumes")
+    paths = {}
+    for split, shape, seed in (("train", (8, 64, 64), 1), ("val", (4, 64, 64), 2)):
+        image, label = make_em_volume(shape, seed=seed)
+        paths[f"{split}_image"] = root / f"{split}_image.tif"
+        paths[f"{split}_label"] = root / f"{split}_label.tif"
+        tifffile.imwrite(paths[f"{split}_image"], image, photometric="minisblack")
+        tifffile.imwrite(paths[f"{split}_label"], label, photometric="minisblack")
+    return paths
+
+
+def tiny_config_dict(volumes: dict[str, Path], **train) -> dict:
+    """A config that trains a very small U-Net for a few iterations in about a second."""
+    return {
+        "seed": 0,
+        "data": {
+            "train": {"image": str(volumes["train_image"]), "label": str(volumes["train_label"])},
+            "val": {"image": str(volumes["val_image"]), "label": str(volumes["val_label"])},
+            "num_classes": 2,
+            "patch_size": [32, 32],
+            "batch_size": 2,
+            "foreground_sampling": 0.5,
+        },
+        "model": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1,
+                  "feature_channels": 8, "head_channels": 8},
+        "optim": {"name": "adamw", "lr": 0.003},
+        "train": {"iterations": 6, "val_every": 3, "log_every": 2, "checkpoint_every": 3, **train},
+        "inference": {"roi_size": [32, 32], "overlap": 0.25, "sw_batch_size": 4, "slab": 3},
+    }
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_volumes) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
+    return path

@@ -1,0 +1,202 @@
+"""The command line end to end: train -> predict -> evaluate, --help, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+
+from mitoseg.cli import main
+from mitoseg.data.readers import read_volume
+
+from conftest import tiny_config_dict
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_volumes):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    config = out.parent / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mitoseg: error:")
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("command", ["sample-data", "train", "predict", "evaluate"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: mitoseg " + command in capsys.readouterr().out
+
+
+def test_predict_and_evaluate(trained_run, tiny_volumes, tmp_path, capsys):
+    pred = tmp_path / "pred.tif"
+    probs = tmp_path / "probs.tif"
+    code, out, err = run_cli(["predict", "--checkpoint", trained_run / "best.pt", "--input",
+                              tiny_volumes["val_image"], "--output", pred, "--probabilities", probs,
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    labels = read_volume(pred)
+    image = read_volume(tiny_volumes["val_image"])
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1}
+    p = tifffile.imread(probs)
+    assert p.shape == (image.shape[0], 2, *image.shape[1:]) and p.dtype == np.float16
+    np.testing.assert_allclose(p.astype(np.float32).sum(1), 1.0, atol=2e-3)
+    assert np.array_equal(p.argmax(1), labels) or np.mean(p.argmax(1) == labels) > 0.999
+
+    code, out, err = run_cli(["evaluate", "--prediction", pred, "--label", tiny_volumes["val_label"]], capsys)
+    assert code == 0, err
+    assert "fg_iou" in out
+    report = json.loads((tmp_path / "pred_metrics.json").read_text())
+    truth = read_volume(tiny_volumes["val_label"])
+    tp = np.sum((labels == 1) & (truth == 1))
+    union = np.sum((labels == 1) | (truth == 1))
+    assert report["fg_iou"] == pytest.approx(tp / union)
+    assert set(report["per_class"]) == {"iou", "dice", "precision", "recall"}
+
+
+def test_predict_reads_and_writes_hdf5(trained_run, tiny_volumes, tmp_path, capsys):
+    import h5py
+
+    source = tmp_path / "in.h5"
+    with h5py.File(source, "w") as f:
+        f["raw"] = read_volume(tiny_volumes["val_image"])
+    code, _, err = run_cli(["predict", "--checkpoint", trained_run / "last.pt", "--input", f"{source}:/raw",
+                            "--output", f"{tmp_path / 'out.h5'}:/pred", "--no-progress", "--slab", "1"], capsys)
+    assert code == 0, err
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f["pred"].shape == (4, 64, 64)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_config_errors(tmp_path, tiny_volumes, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", tmp_path / "missing.yaml", "--out", out], capsys)
+    assert_one_line_error(code, err, "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {train: [\n")
+    code, _, err = run_cli(["train", "--config", bad, "--out", out], capsys)
+    assert_one_line_error(code, err, "bad.yaml", "YAML")
+    cfg = tiny_config_dict(tiny_volumes)
+    cfg["train"]["iteratoins"] = 5
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli(["train", "--config", tmp_path / "unknown.yaml", "--out", out], capsys)
+    assert_one_line_error(code, err, "train.iteratoins", "train.iterations")
+    code, _, err = run_cli(["train", "--config", tmp_path / "unknown.yaml", "--out", out,
+                            "--set", "train.iteratoins=3"], capsys)
+    assert code == 2
+    cfg = tiny_config_dict(tiny_volumes)
+    code, _, err = run_cli(["train", "--config", tmp_path / "unknown.yaml", "--out", out], capsys)
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli(["train", "--config", tmp_path / "ok.yaml", "--out", out,
+                            "--set", "data.batch_size=two"], capsys)
+    assert_one_line_error(code, err, "data.batch_size", "int")
+    assert not out.exists()
+
+
+def write_config(tmp_path, tiny_volumes, **data_changes):
+    cfg = tiny_config_dict(tiny_volumes)
+    for key, value in data_changes.items():
+        section, _, field = key.partition("__")
+        cfg["data"][section][field] = str(value)
+    path = tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_data_errors(tmp_path, tiny_volumes, capsys):
+    out = tmp_path / "run"
+    cases = []
+    cases.append((write_config(tmp_path, tiny_volumes, train__image=tmp_path / "gone.tif"), ["gone.tif"]))
+    for name, content in (("text.tif", b"this is not a tiff"), ("corrupt.tif", b"II*\x00\x08\x00\x00\x00\xff\xff")):
+        (tmp_path / name).write_bytes(content)
+        cases.append((write_config(tmp_path, tiny_volumes, train__image=tmp_path / name), [name]))
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    cases.append((write_config(tmp_path, tiny_volumes, train__image=empty), ["empty_dir"]))
+    tifffile.imwrite(tmp_path / "small_label.tif", np.zeros((8, 32, 32), np.uint8))
+    cases.append((write_config(tmp_path, tiny_volumes, train__label=tmp_path / "small_label.tif"),
+                  ["small_label.tif", "shape"]))
+    tifffile.imwrite(tmp_path / "label7.tif", np.full((8, 64, 64), 7, np.uint8))
+    cases.append((write_config(tmp_path, tiny_volumes, train__label=tmp_path / "label7.tif"), ["label7.tif", "7"]))
+    for config, needles in cases:
+        code, _, err = run_cli(["train", "--config", config, "--out", out, "--no-progress"], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert not out.exists()
+    # A crop larger than the image.
+    config = write_config(tmp_path, tiny_volumes)
+    code, _, err = run_cli(["train", "--config", config, "--out", out, "--set", "data.patch_size=[128, 128]",
+                            "--set", "inference.roi_size=[128, 128]"], capsys)
+    assert_one_line_error(code, err, "patch_size", "larger")
+    assert not out.exists()
+
+
+def test_checkpoint_and_output_errors(trained_run, tiny_volumes, tmp_path, capsys):
+    pred = tmp_path / "pred.tif"
+    base = ["predict", "--input", tiny_volumes["val_image"], "--output", pred, "--no-progress"]
+    code, _, err = run_cli(base + ["--checkpoint", tmp_path / "none.pt"], capsys)
+    assert_one_line_error(code, err, "none.pt")
+    # A checkpoint whose weights belong to another architecture.
+    state = torch.load(trained_run / "best.pt", weights_only=True)
+    state["config"]["model"]["channels"] = [8, 16, 64]
+    torch.save(state, tmp_path / "other.pt")
+    code, _, err = run_cli(base + ["--checkpoint", tmp_path / "other.pt"], capsys)
+    assert_one_line_error(code, err, "other.pt", "architecture")
+    # Not a checkpoint at all.
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    code, _, err = run_cli(base + ["--checkpoint", tmp_path / "junk.pt"], capsys)
+    assert_one_line_error(code, err, "junk.pt")
+    assert not pred.exists()
+    # Output exists: refused without --overwrite, replaced with it.
+    pred.write_bytes(b"keep me")
+    code, _, err = run_cli(base + ["--checkpoint", trained_run / "best.pt"], capsys)
+    assert_one_line_error(code, err, "pred.tif", "--overwrite")
+    assert pred.read_bytes() == b"keep me"
+    code, _, err = run_cli(base + ["--checkpoint", trained_run / "best.pt", "--overwrite"], capsys)
+    assert code == 0, err
+    assert read_volume(pred).shape == (4, 64, 64)
+    # Training into a used run directory is refused too.
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
+    code, _, err = run_cli(["train", "--config", config, "--out", trained_run], capsys)
+    assert_one_line_error(code, err, str(trained_run), "--overwrite")
+    # evaluate: shapes differ, label values out of range.
+    tifffile.imwrite(tmp_path / "wrong.tif", np.zeros((2, 64, 64), np.uint8))
+    code, _, err = run_cli(["evaluate", "--prediction", pred, "--label", tmp_path / "wrong.tif"], capsys)
+    assert_one_line_error(code, err, "shape")
+    tifffile.imwrite(tmp_path / "nine.tif", np.full((4, 64, 64), 9, np.uint8), photometric="minisblack")
+    code, _, err = run_cli(["evaluate", "--prediction", pred, "--label", tmp_path / "nine.tif",
+                            "--num-classes", "2"], capsys)
+    assert_one_line_error(code, err, "nine.tif", "9")
+
+
+def test_errors_have_no_traceback_unless_debug(tmp_path):
+    args = [sys.executable, "-m", "mitoseg", "train", "--config", str(tmp_path / "missing.yaml")]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"mitoseg: error: config file not found: {tmp_path / 'missing.yaml'}"
+    result = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True)
+    assert "Traceback" in result.stderr and "MitosegError" in result.stderr

@@ -1,0 +1,137 @@
+"""Semi-supervised training: views, CutMix, losses and short real runs of each method."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mitoseg.config import StrongConfig, config_from_dict
+from mitoseg.data.transforms import cutmix_box, strong_transform
+from mitoseg.engine.trainer import Trainer
+from mitoseg.errors import MitosegError
+from mitoseg.methods.pseudo_label import cutmix, pseudo_label_quality, weighted_cross_entropy
+
+from conftest import tiny_config_dict
+
+
+def test_cutmix_keeps_image_pseudo_label_and_weight_aligned():
+    rng = np.random.default_rng(0)
+    b, h, w = 4, 24, 24
+    boxes = torch.from_numpy(np.stack([cutmix_box(rng, h, w, prob=1.0) for _ in range(b)]))
+    assert boxes.sum() > 0
+    image_u, image_mix = torch.zeros(b, 1, h, w), torch.ones(b, 1, h, w)
+    label_u, label_mix = torch.zeros(b, h, w, dtype=torch.long), torch.ones(b, h, w, dtype=torch.long)
+    weight_u, weight_mix = torch.full((b, h, w), 0.25), torch.full((b, h, w), 0.75)
+    image = cutmix(image_u, image_mix, boxes)
+    label = cutmix(label_u, label_mix, boxes)
+    weight = cutmix(weight_u, weight_mix, boxes)
+    assert torch.equal(image[:, 0].long(), label)
+    assert torch.equal((weight == 0.75).long(), label)
+    assert torch.equal(label, boxes.long())
+
+
+def test_cutmix_box_is_a_single_rectangle_and_respects_its_probability():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        box = cutmix_box(rng, 32, 48, prob=1.0)
+        ys, xs = np.nonzero(box)
+        assert box.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert 0.02 * 32 * 48 * 0.5 <= box.sum() <= 0.4 * 32 * 48
+    assert sum(cutmix_box(rng, 16, 16, prob=0.5).any() for _ in range(400)) in range(150, 250)
+    assert not cutmix_box(rng, 16, 16, prob=0.0).any()
+
+
+def test_strong_view_changes_intensities_only():
+    weak = torch.rand(1, 32, 32)
+    off = StrongConfig(brightness=0, contrast=0, gamma=[1.0, 1.0], blur_sigma=[0.0, 0.0], noise_std=0)
+    torch.testing.assert_close(strong_transform(off)({"image": weak.clone()})["image"], weak)
+    transform = strong_transform(StrongConfig(prob=1.0, blur_prob=1.0))
+    transform.set_random_state(seed=1)
+    strong = transform({"image": weak.clone()})["image"]
+    assert strong.shape == weak.shape and not torch.allclose(strong, weak)
+
+
+def test_weighted_cross_entropy_divides_by_valid_pixels():
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    weight = (torch.rand(2, 4, 4) > 0.5).float()
+    valid = torch.rand(2, 4, 4) > 0.3
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    expected = (ce * weight * valid).sum() / valid.sum()
+    torch.testing.assert_close(weighted_cross_entropy(logits, target, weight, valid), expected)
+    assert weighted_cross_entropy(logits, target, torch.zeros_like(weight), valid) == 0
+
+
+def test_pseudo_label_quality_counts_the_trade_off():
+    pseudo = torch.tensor([1, 1, 0, 0])
+    truth = torch.tensor([1, 0, 0, 1])
+    used = torch.tensor([True, True, False, False])
+    quality = pseudo_label_quality(used, pseudo, truth, torch.ones(4, dtype=torch.bool))
+    assert quality["wrong_used"].item() == pytest.approx(0.5)  # wrong: idx 1 (used), 3 (not)
+    assert quality["correct_discarded"].item() == pytest.approx(0.5)  # correct: idx 0 (used), 2 (not)
+
+
+def semi_config(volumes, method, **train):
+    cfg = tiny_config_dict(volumes, inspect_every=3, **train)
+    cfg["method"] = {"name": method}
+    cfg["data"]["train"]["slices"] = "0:3"
+    cfg["data"]["unlabeled"] = [{"slices": "3:8", "label": str(volumes["train_label"])}]
+    cfg["data"]["unlabeled_batch_size"] = 2
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "unimatch", "daw"])
+def test_short_semi_supervised_run_logs_threshold_mask_ratio_and_writes_inspection_files(
+        method, tmp_path, tiny_volumes):
+    out = tmp_path / method
+    summary = Trainer(config_from_dict(semi_config(tiny_volumes, method)), out, progress=False).fit()
+    assert summary["completed"]
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    for record in train:
+        assert 0.0 <= record["mask_ratio"] <= 1.0
+        assert 0.0 <= record["wrong_used"] <= 1.0 and 0.0 <= record["correct_discarded"] <= 1.0
+        assert "tau" in record
+    if method == "daw":
+        assert all(k in train[-1] for k in ("safe_tau", "mu_pos", "mu_neg", "sigma_pos", "sigma_neg", "loss_fp"))
+    else:
+        assert all(r["tau"] == pytest.approx(0.95) for r in train)
+    files = sorted(p.name for p in (out / "inspect").iterdir())
+    assert files == ["iter_000003.json", "iter_000003.npz", "iter_000006.json", "iter_000006.npz"]
+    arrays = np.load(out / "inspect" / "iter_000006.npz")
+    meta = json.loads((out / "inspect" / "iter_000006.json").read_text())
+    assert arrays["image"].shape == arrays["confidence"].shape == arrays["pseudo_label"].shape == (4, 32, 32)
+    assert arrays["label"].shape == (4, 32, 32)
+    np.testing.assert_array_equal(arrays["weight"], arrays["confidence"] >= arrays["tau"])
+    assert meta["used_pixels"] == int(arrays["weight"].sum())
+    assert meta["used_pixels"] + meta["discarded_pixels"] == 4 * 32 * 32
+    assert arrays["hist_positive"].sum() + arrays["hist_negative"].sum() == 2 * 32 * 32
+
+
+def test_resume_restores_the_daw_state_and_reaches_the_same_weights(tmp_path, tiny_volumes):
+    cfg = semi_config(tiny_volumes, "daw")
+    Trainer(config_from_dict(cfg), tmp_path / "full", progress=False).fit()
+    Trainer(config_from_dict(cfg), tmp_path / "split", max_iters=4, progress=False).fit()
+    resumed = Trainer(config_from_dict(cfg), tmp_path / "split", resume=True, progress=False)
+    saved = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["method"]["daw"]
+    for name, value in saved.items():
+        assert torch.equal(value, resumed.method.daw.state_dict()[name]), name
+    resumed.fit()
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, tensor in a["method"]["daw"].items():
+        assert torch.equal(tensor, b["method"]["daw"][name]), name
+
+
+def test_default_unlabeled_slices_are_the_unselected_training_slices(tmp_path, tiny_volumes):
+    cfg = semi_config(tiny_volumes, "fixmatch")
+    del cfg["data"]["unlabeled"]
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    assert trainer.unlabeled_dataset.sources[0].indices == [3, 4, 5, 6, 7]
+    assert trainer.unlabeled_dataset.sources[0].label is None
+    cfg["data"]["train"]["slices"] = None
+    with pytest.raises(MitosegError, match="needs unlabeled slices"):
+        Trainer(config_from_dict(cfg), tmp_path / "run2", progress=False)
