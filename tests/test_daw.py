@@ -9,10 +9,15 @@ from mitoseg.semi.daw import (
     DAWState,
     align_distribution,
     class_mean_confidence,
-    confidence_sets,
+    correct_and_wrong,
     gaussian_crossing,
     masked_mean_var,
 )
+
+
+def confidence_sets(probs, target, ignore_index=None):
+    confidence, prediction = probs.max(dim=1)
+    return (confidence, *correct_and_wrong(prediction, target, ignore_index))
 
 
 def t(x):
@@ -57,11 +62,11 @@ def test_no_real_root_keeps_the_previous_threshold():
     state.var = torch.tensor([0.01**2, 0.3**2])
     state.threshold = torch.tensor(0.77)
     probs = torch.softmax(torch.randn(1, 2, 8, 8), 1)
-    state.update_threshold(probs, torch.randint(0, 2, (1, 8, 8)))
+    state.update(probs, torch.randint(0, 2, (1, 8, 8)))
     assert state.threshold.item() == pytest.approx(0.77)
     # With a crossing, the same update moves it.
     state.alpha = 1.0
-    state.update_threshold(probs, torch.randint(0, 2, (1, 8, 8)))
+    state.update(probs, torch.randint(0, 2, (1, 8, 8)))
     assert state.threshold.item() != pytest.approx(0.77)
 
 
@@ -77,7 +82,7 @@ def test_statistics_start_at_one_over_k_and_one_half_and_move_by_the_momentum():
     target = torch.randint(0, k, (2, 16, 16))
     confidence, positive, negative = confidence_sets(probs, target)
     pos, neg = confidence[positive], confidence[negative]
-    state.update_threshold(probs, target)
+    state.update(probs, target)
     assert state.mean[0].item() == pytest.approx(0.99 / k + 0.01 * pos.mean().item(), rel=1e-5)
     assert state.mean[1].item() == pytest.approx(0.99 / k + 0.01 * neg.mean().item(), rel=1e-5)
     assert state.var[0].item() == pytest.approx(0.99 * 0.5 + 0.01 * pos.var(unbiased=True).item(), rel=1e-5)
@@ -94,7 +99,7 @@ def test_a_set_with_fewer_than_ten_pixels_keeps_its_statistics():
     probs[:, 0] = 0.1
     target = torch.ones(1, 4, 4, dtype=torch.long)
     target[0, 0, :3] = 0  # 3 wrong pixels: too few
-    state.update_threshold(probs, target)
+    state.update(probs, target)
     assert state.mean[1].item() == pytest.approx(0.5)  # negative: unchanged
     assert state.mean[0].item() == pytest.approx(0.5 * 0.5 + 0.5 * 0.9)  # positive: updated
 
@@ -148,9 +153,10 @@ def test_vectorised_alignment_update_equals_the_per_class_loop():
         unl_probs[:, 6] = 0
         lab_valid = torch.rand(2, 12, 12) > 0.2
         unl_valid = torch.rand(3, 12, 12) > 0.2
+        target = torch.where(lab_valid, torch.randint(0, k, (2, 12, 12)), torch.tensor(255))
         expected = reference_update(state.labeled_class_mean, state.unlabeled_class_mean,
                                     lab_probs, lab_valid, unl_probs, unl_valid, 0.9)
-        state.update_alignment(lab_probs, lab_valid, unl_probs, unl_valid)
+        state.update(lab_probs, target, unl_probs, unl_valid, ignore_index=255)
         torch.testing.assert_close(state.labeled_class_mean, expected[0])
         torch.testing.assert_close(state.unlabeled_class_mean, expected[1])
     assert state.labeled_class_mean[6].item() == pytest.approx(1 / k)
@@ -165,18 +171,33 @@ def test_vectorised_statistics_equal_masked_select():
         assert count[i].item() == sel.numel()
         assert mean[i].item() == pytest.approx(sel.mean().item(), rel=1e-5)
         assert var[i].item() == pytest.approx(sel.var(unbiased=True).item(), rel=1e-4)
-    count, mean = class_mean_confidence(torch.softmax(torch.randn(2, 3, 5, 5), 1), None, 3)
+    confidence, prediction = torch.softmax(torch.randn(2, 3, 5, 5), 1).max(1)
+    count, mean = class_mean_confidence(confidence, prediction, None, 3)
     assert count.sum().item() == 50
+    for k in range(3):
+        if count[k] > 0:
+            assert mean[k].item() == pytest.approx(confidence[prediction == k].mean().item(), rel=1e-6)
 
 
 def test_state_round_trips_through_a_state_dict():
     state = DAWState(num_classes=3)
     probs = torch.softmax(torch.randn(2, 3, 8, 8) * 3, 1)
-    state.update_threshold(probs, torch.randint(0, 3, (2, 8, 8)))
-    state.update_alignment(probs, None, probs.flip(0), None)
+    state.update(probs, torch.randint(0, 3, (2, 8, 8)), probs.flip(0))
     restored = DAWState(num_classes=3)
     restored.load_state_dict(state.state_dict())
     for name, value in state.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name])
-    weights = restored.weights(torch.tensor([0.1, 0.99]))
-    assert weights.tolist() == [float(0.1 >= restored.threshold), float(0.99 >= restored.threshold)]
+    assert restored.threshold.item() == state.threshold.item()
+
+
+def test_max_and_argmax_equals_torch_max_including_ties():
+    from mitoseg.semi.daw import max_and_argmax
+
+    probs = torch.softmax(torch.randn(3, 6, 9, 11), 1)
+    probs[0, 2, 0, 0] = probs[0, 4, 0, 0] = 2.0  # a tie: the first class wins, as in torch.max
+    probs[1, :, 3, 3] = 0.25
+    values, index = max_and_argmax(probs, torch.empty_like(probs))
+    expected_values, expected_index = probs.max(dim=1)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(index, expected_index)
+    assert index[0, 0, 0] == 2 and index[1, 3, 3] == 0

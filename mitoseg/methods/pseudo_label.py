@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mitoseg.methods.base import Method, StepContext, StepOutput, register_method
-from mitoseg.semi.daw import DAWState, confidence_sets
+from mitoseg.semi.daw import DAWState, correct_and_wrong, max_and_argmax
 
 HISTOGRAM_BINS = 50
 
@@ -108,17 +108,18 @@ class PseudoLabelMethod(Method):
         model.train(was_training)
         return probs
 
-    def labeled_valid(self, label: torch.Tensor) -> torch.Tensor | None:
-        return None if self.ignore_index is None else label != self.ignore_index
-
     def make_pseudo_labels(self, probs: torch.Tensor, labeled_probs: torch.Tensor, label: torch.Tensor,
                            valid: torch.Tensor) -> PseudoLabels:
         if self.daw is not None:
-            if self.cfg.method.daw.alignment:
-                self.daw.update_alignment(labeled_probs, self.labeled_valid(label), probs, valid)
-                probs = self.daw.align(probs)
-            self.daw.update_threshold(labeled_probs, label, self.ignore_index)
-        confidence, pseudo = probs.max(dim=1)
+            align = self.cfg.method.daw.alignment
+            stats = self.daw.update(labeled_probs, label, probs if align else None, valid, self.ignore_index)
+            self._last_labeled = (stats.confidence, stats.positive, stats.negative)
+            if align:
+                probs = self.daw.align(probs, in_place=True)  # probs is this step's own no-grad tensor
+        else:
+            confidence, prediction = max_and_argmax(labeled_probs)
+            self._last_labeled = (confidence, *correct_and_wrong(prediction, label, self.ignore_index))
+        confidence, pseudo = max_and_argmax(probs, self.daw.workspace(probs) if self.daw is not None else None)
         weight = (confidence >= self.threshold()).to(probs.dtype)
         return PseudoLabels(probs=probs, confidence=confidence, label=pseudo, weight=weight)
 
@@ -148,7 +149,6 @@ class PseudoLabelMethod(Method):
 
         labeled_probs = pred_x.detach().float().softmax(dim=1)
         pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)
-        self._last_labeled = confidence_sets(labeled_probs, y, self.ignore_index)
 
         loss_x = self.supervised_loss(pred_x, y)
         losses_s = []
@@ -185,7 +185,7 @@ class PseudoLabelMethod(Method):
         probs = self.predict_pseudo(ctx, patches["image"])
         if self.daw is not None and self.cfg.method.daw.alignment:
             probs = self.daw.align(probs)
-        confidence, pseudo = probs.max(dim=1)
+        confidence, pseudo = max_and_argmax(probs)
         weight = (confidence >= self.threshold()).float()
         out = {
             "image": patches["image"][:, 0].cpu().numpy().astype(np.float32),

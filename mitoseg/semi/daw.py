@@ -25,17 +25,28 @@ MIN_SET_SIZE = 10  # a confidence set smaller than this keeps its previous stati
 # ---------------------------------------------------------------- statistics
 
 
-def confidence_sets(probs: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None):
-    """Max probability and the correct / wrong masks of a labeled batch.
+def max_and_argmax(probs: torch.Tensor, workspace: torch.Tensor | None = None):
+    """``probs.max(dim=1)`` for (B, K, H, W): (max, first index of the max).
 
-    probs: (B, K, H, W) softmax; target: (B, H, W) class ids.
-    Returns (confidence (B, H, W), positive mask, negative mask); ignored pixels are in neither.
+    On the CPU, ``max``/``argmax`` over a non-innermost dimension are an order of
+    magnitude slower than ``amax`` (no vectorised kernel), so the index is read
+    off the maxima instead: mark the classes that reach the max with K - k and
+    take ``amax`` again, which picks the first one, as ``argmax`` does.
+    ``workspace`` (same shape and dtype as ``probs``) avoids a fresh allocation.
     """
-    confidence, prediction = probs.max(dim=1)
+    confidence = probs.amax(dim=1)
+    k = probs.shape[1]
+    marks = torch.empty_like(probs) if workspace is None else workspace
+    torch.ge(probs, confidence.unsqueeze(1), out=marks)
+    marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=probs.dtype).view(1, k, 1, 1))
+    index = (k - marks.amax(dim=1)).long()
+    return confidence, index
+
+
+def correct_and_wrong(prediction: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None):
+    """Masks of correctly and wrongly predicted labeled pixels (B, H, W); ignored pixels are in neither."""
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    positive = (prediction == target) & valid
-    negative = (prediction != target) & valid
-    return confidence, positive, negative
+    return (prediction == target) & valid, (prediction != target) & valid
 
 
 def masked_mean_var(values: torch.Tensor, masks: torch.Tensor):
@@ -73,25 +84,30 @@ def gaussian_crossing(mu_pos, sigma_pos, mu_neg, sigma_neg, alpha: float = 1.0):
     return torch.where(disc >= 0, root, torch.full_like(root, float("nan")))
 
 
-def class_mean_confidence(probs: torch.Tensor, valid: torch.Tensor | None, num_classes: int):
+def class_mean_confidence(confidence: torch.Tensor, prediction: torch.Tensor, valid: torch.Tensor | None,
+                          num_classes: int):
     """Per class: number of pixels predicted as it and their mean max probability (one scatter pass).
 
-    probs: (B, K, H, W); valid: (B, H, W) bool or None. Returns (count (K,), mean (K,)).
+    confidence, prediction: (B, H, W) max probability and its class; valid: (B, H, W) bool or None.
+    Returns (count (K,), mean (K,)).
     """
-    confidence, prediction = probs.max(dim=1)
     weight = torch.ones_like(confidence) if valid is None else valid.to(confidence.dtype)
     index = prediction.reshape(-1)
-    count = torch.zeros(num_classes, device=probs.device, dtype=confidence.dtype).index_add_(
+    count = torch.zeros(num_classes, device=confidence.device, dtype=confidence.dtype).index_add_(
         0, index, weight.reshape(-1))
     total = torch.zeros_like(count).index_add_(0, index, (confidence * weight).reshape(-1))
     return count, total / count.clamp_min(1)
 
 
-def align_distribution(probs: torch.Tensor, labeled_mean: torch.Tensor, unlabeled_mean: torch.Tensor):
-    """p_u * m_lab / m_unlab per class, renormalised per pixel. probs: (B, K, H, W)."""
+def align_distribution(probs: torch.Tensor, labeled_mean: torch.Tensor, unlabeled_mean: torch.Tensor,
+                       out: torch.Tensor | None = None):
+    """p_u * m_lab / m_unlab per class, renormalised per pixel. probs: (B, K, H, W).
+
+    ``out`` may be ``probs`` itself (in place: no second copy of the probabilities).
+    """
     scale = (labeled_mean / unlabeled_mean.clamp_min(1e-8)).view(1, -1, 1, 1)
-    aligned = probs * scale
-    return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    aligned = torch.mul(probs, scale, out=out) if out is not None else probs * scale
+    return aligned.div_(aligned.sum(dim=1, keepdim=True).clamp_min_(1e-12))
 
 
 def ema_where(old: torch.Tensor, new: torch.Tensor, momentum: float, update: torch.Tensor):
@@ -113,10 +129,11 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DAWStatistics:
-    """One step's batch statistics (tensors on the device), for logging."""
+    """The labeled batch's confidences and correct / wrong masks of one update (for inspection)."""
 
-    pos_count: torch.Tensor
-    neg_count: torch.Tensor
+    confidence: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
 
 
 class DAWState:
@@ -138,6 +155,13 @@ class DAWState:
         self.safe_threshold = torch.tensor(initial_threshold, device=device)
         self.labeled_class_mean = torch.full((k,), 1.0 / k, device=device)
         self.unlabeled_class_mean = torch.full((k,), 1.0 / k, device=device)
+        self._workspace = torch.empty(0, device=device)  # reused by max_and_argmax (no per-step allocation)
+
+    def workspace(self, like: torch.Tensor) -> torch.Tensor:
+        """A scratch tensor shaped like ``like``, reused across steps."""
+        if self._workspace.numel() < like.numel() or self._workspace.device != like.device:
+            self._workspace = torch.empty(like.numel(), device=like.device, dtype=torch.float32)
+        return self._workspace[: like.numel()].view(like.shape)
 
     def to(self, device) -> "DAWState":
         for name in self._tensor_names():
@@ -149,10 +173,20 @@ class DAWState:
         return ("mean", "var", "threshold", "safe_threshold", "labeled_class_mean", "unlabeled_class_mean")
 
     @torch.no_grad()
-    def update_threshold(self, labeled_probs: torch.Tensor, target: torch.Tensor,
-                         ignore_index: int | None = None) -> DAWStatistics:
-        """Update the Gaussians from a labeled batch's softmax and recompute the threshold."""
-        confidence, positive, negative = confidence_sets(labeled_probs.float(), target, ignore_index)
+    def update(self, labeled_probs: torch.Tensor, target: torch.Tensor, unlabeled_probs: torch.Tensor | None = None,
+               unlabeled_valid: torch.Tensor | None = None, ignore_index: int | None = None) -> DAWStatistics:
+        """One step's update from the labeled batch's softmax (B, K, H, W) and its labels (B, H, W).
+
+        The Gaussians of correct / wrong confidences move toward the batch's mean and
+        unbiased variance (a set under ``MIN_SET_SIZE`` pixels keeps its values) and the
+        threshold is recomputed (kept when the Gaussians do not cross). With
+        ``unlabeled_probs``, the per-class alignment means of both streams move too.
+        The labeled argmax is computed once for both.
+        """
+        k = self.num_classes
+        labeled_probs = labeled_probs.float()
+        confidence, prediction = max_and_argmax(labeled_probs, self.workspace(labeled_probs))
+        positive, negative = correct_and_wrong(prediction, target, ignore_index)
         count, batch_mean, batch_var = masked_mean_var(confidence, torch.stack([positive, negative]))
         # Averaged over DDP ranks (counts too, so every rank takes the same branch).
         count, batch_mean, batch_var = (all_reduce_mean(t) for t in (count, batch_mean, batch_var))
@@ -161,29 +195,25 @@ class DAWState:
         self.var = ema_where(self.var, batch_var, self.momentum, enough)
         sigma = self.var.clamp_min(1e-12).sqrt()
         crossing = gaussian_crossing(self.mean[0], sigma[0], self.mean[1], sigma[1], self.alpha)
-        low = 1.0 / self.num_classes
+        low = 1.0 / k
         self.threshold = torch.where(torch.isfinite(crossing), crossing.clamp(low, 1.0), self.threshold)
         self.safe_threshold = (self.mean[0] - 3 * sigma[0]).clamp(low, 1.0)
-        return DAWStatistics(pos_count=count[0], neg_count=count[1])
 
-    @torch.no_grad()
-    def update_alignment(self, labeled_probs: torch.Tensor, labeled_valid: torch.Tensor | None,
-                         unlabeled_probs: torch.Tensor, unlabeled_valid: torch.Tensor | None) -> None:
-        """EMA of the per-class mean confidence of labeled and unlabeled predictions."""
-        k = self.num_classes
-        lab_count, lab_mean = class_mean_confidence(labeled_probs.float(), labeled_valid, k)
-        unl_count, unl_mean = class_mean_confidence(unlabeled_probs.float(), unlabeled_valid, k)
-        self.labeled_class_mean = ema_where(self.labeled_class_mean, all_reduce_mean(lab_mean), self.momentum,
-                                            all_reduce_mean(lab_count) > 0)
-        self.unlabeled_class_mean = ema_where(self.unlabeled_class_mean, all_reduce_mean(unl_mean), self.momentum,
-                                              all_reduce_mean(unl_count) > 0)
+        if unlabeled_probs is not None:
+            labeled_valid = None if ignore_index is None else target != ignore_index
+            lab_count, lab_mean = class_mean_confidence(confidence, prediction, labeled_valid, k)
+            unlabeled_probs = unlabeled_probs.float()
+            u_confidence, u_prediction = max_and_argmax(unlabeled_probs, self.workspace(unlabeled_probs))
+            unl_count, unl_mean = class_mean_confidence(u_confidence, u_prediction, unlabeled_valid, k)
+            self.labeled_class_mean = ema_where(self.labeled_class_mean, all_reduce_mean(lab_mean),
+                                                self.momentum, all_reduce_mean(lab_count) > 0)
+            self.unlabeled_class_mean = ema_where(self.unlabeled_class_mean, all_reduce_mean(unl_mean),
+                                                  self.momentum, all_reduce_mean(unl_count) > 0)
+        return DAWStatistics(confidence=confidence, positive=positive, negative=negative)
 
-    def align(self, unlabeled_probs: torch.Tensor) -> torch.Tensor:
-        return align_distribution(unlabeled_probs, self.labeled_class_mean, self.unlabeled_class_mean)
-
-    def weights(self, aligned_confidence: torch.Tensor) -> torch.Tensor:
-        """The optimal step weight: 1 where the (aligned) confidence reaches the threshold."""
-        return (aligned_confidence >= self.threshold).to(aligned_confidence.dtype)
+    def align(self, unlabeled_probs: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        return align_distribution(unlabeled_probs, self.labeled_class_mean, self.unlabeled_class_mean,
+                                  out=unlabeled_probs if in_place else None)
 
     def log_values(self) -> dict[str, torch.Tensor]:
         sigma = self.var.sqrt()
