@@ -1,4 +1,4 @@
-"""The ``mitoseg`` command: sample-data, train, predict, evaluate.
+"""The ``mitoseg`` command: sample-data, train, predict, evaluate, view.
 
 Input problems raise :class:`MitosegError`; ``main`` prints them as one line on
 stderr and returns 2 (``--debug`` re-raises to show the traceback).
@@ -21,6 +21,7 @@ examples:
   mitoseg train --config configs/sample_supervised.yaml --out runs/sample
   mitoseg predict --checkpoint runs/sample/best.pt --input sample_data/val_image.tif --output pred.tif
   mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif
+  mitoseg view runs/sample_daw --image sample_data/val_image.tif
 """
 
 
@@ -156,6 +157,14 @@ def cmd_evaluate(args) -> None:
     print(f"wrote {json_path}")
 
 
+def cmd_view(args) -> None:
+    try:
+        from mitoseg_napari.launch import launch
+    except ImportError as exc:
+        raise MitosegError("mitoseg view needs the napari plugin: pip install -e \".[napari]\"") from exc
+    launch(args.run, args.image)
+
+
 # ------------------------------------------------------------------- parser
 
 
@@ -233,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slab", type=positive_int, default=16, help="slices read at a time (default: 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("view", help="open napari with the pseudo-label inspector on a run",
+                       description="Open napari with the mitoseg pseudo-label inspector docked on RUN (a train "
+                                   "--out directory). With --image, the volume is opened too and predicted with "
+                                   "the run's checkpoint. Needs the napari extra: pip install -e \".[napari]\".")
+    p.add_argument("run", metavar="RUN", help="run directory (with inspect/ and metrics.jsonl)")
+    p.add_argument("--image", metavar="VOLUME", help="an image volume to open and predict")
+    p.set_defaults(func=cmd_view)
     return parser
 
 

@@ -40,7 +40,7 @@ def assert_one_line_error(code, err, *needles):
         assert str(needle) in lines[0], (needle, lines[0])
 
 
-@pytest.mark.parametrize("command", ["sample-data", "train", "predict", "evaluate"])
+@pytest.mark.parametrize("command", ["sample-data", "train", "predict", "evaluate", "view"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
