@@ -47,7 +47,7 @@ _SUPPORTED_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _MAX_LISTED = 20
 
 
-def _split_spec(spec: str) -> tuple[str, str | None]:
+def split_spec(spec: str) -> tuple[str, str | None]:
     """The file part of a spec and its dataset path inside the file (None if not given)."""
     match = _CONTAINER_SPEC.fullmatch(spec)
     if match:
@@ -336,7 +336,7 @@ def open_volume(spec: str | os.PathLike, *, channels: bool = False) -> Volume:
     written by ``predict``, is accepted too.
     """
     path = os.fspath(spec)
-    file, inner = _split_spec(path)
+    file, inner = split_spec(path)
     if not os.path.exists(file):
         raise MitosegError(f"{path}: no such file or directory")
     suffix = _suffix(file)
@@ -532,6 +532,17 @@ def _members(kind: str, file: str) -> list[str] | None:
         return None
 
 
+def list_arrays(file: str) -> list[str] | None:
+    """Paths of the arrays inside an HDF5 file or Zarr store ("" for a root Zarr array);
+    None for other formats or an unreadable file."""
+    suffix = _suffix(file)
+    if suffix in H5_SUFFIXES:
+        return _members("h5", file)
+    if suffix == ZARR_SUFFIX:
+        return _members("zarr", file)
+    return None
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -578,7 +589,7 @@ class VolumeWriter:
         self.dtype = np.dtype(dtype)
         if len(self.shape) < 3 or min(self.shape) < 1:
             raise ValueError(f"{self.path}: cannot write a volume of shape {self.shape}; expected (z, ..., y, x)")
-        file, inner = _split_spec(self.path)
+        file, inner = split_spec(self.path)
         kind = _output_kind(file)
         if kind == "h5" and inner is None:
             raise MitosegError(f"{self.path}: name the dataset to write, e.g. {file}:/data")

@@ -1,0 +1,156 @@
+"""The inspector's plot dock: matplotlib in Qt.
+
+Top: the confidence histograms of the last labeled batch (correct = positive,
+wrong = negative pixels) as densities, DAW's fitted Gaussians and the
+thresholds. Bottom: mask ratio and threshold over the training iterations
+(``metrics.jsonl``), with the shown inspection iteration marked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+
+from mitoseg_napari._inspection import Inspection
+from mitoseg_napari._layers import COLORS
+
+BACKGROUND = "#262930"  # napari's dark theme
+FOREGROUND = "#d6d6d6"
+POSITIVE = COLORS["correct used"][:3]
+NEGATIVE = COLORS["wrong used"][:3]
+THRESHOLD = "#ffffff"
+SAFE_THRESHOLD = "#ffcc33"
+
+# metrics.jsonl keys drawn over iterations, with their labels and styles
+CURVES = (
+    ("mask_ratio", "mask ratio", {"color": COLORS["used"][:3], "lw": 1.8}),
+    ("tau", "τ", {"color": THRESHOLD, "lw": 1.5}),
+    ("safe_tau", "safe τ", {"color": SAFE_THRESHOLD, "lw": 1.2, "ls": "--"}),
+    ("wrong_used", "wrong used", {"color": NEGATIVE, "lw": 1.0, "alpha": 0.8}),
+    ("correct_discarded", "correct discarded", {"color": COLORS["correct discarded"][:3], "lw": 1.0, "alpha": 0.8}),
+)
+
+
+def _gaussian(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    sigma = max(sigma, 1e-3)
+    return np.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+
+
+class InspectionPlots(QWidget):
+    """Histograms + Gaussians + thresholds of one inspection, and the run's curves."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.figure = Figure(figsize=(4.2, 4.4), dpi=90, facecolor=BACKGROUND, layout="constrained")
+        self.figure.get_layout_engine().set(h_pad=0.06, w_pad=0.04)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
+        self.canvas.setMinimumHeight(300)
+        self.ax_hist, self.ax_curves = self.figure.subplots(2, 1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 8, 0, 0)
+        layout.addWidget(self.canvas)
+        #: what was drawn last, for tests and for anyone scripting the viewer
+        self.drawn: dict = {}
+        self._style(self.ax_hist)
+        self._style(self.ax_curves)
+        self.canvas.draw_idle()
+
+    @staticmethod
+    def _style(ax) -> None:
+        ax.set_facecolor(BACKGROUND)
+        for spine in ax.spines.values():
+            spine.set_color(FOREGROUND)
+        ax.tick_params(colors=FOREGROUND, labelsize=8)
+        ax.xaxis.label.set_color(FOREGROUND)
+        ax.yaxis.label.set_color(FOREGROUND)
+        ax.title.set_color(FOREGROUND)
+
+    @staticmethod
+    def _legend(ax, loc: str = "best") -> None:
+        if ax.get_legend_handles_labels()[0]:
+            legend = ax.legend(fontsize=6.5, frameon=True, facecolor=BACKGROUND, edgecolor="#555555",
+                               labelcolor=FOREGROUND, loc=loc, ncol=2, handlelength=1.5, columnspacing=0.8,
+                               borderaxespad=0.3)
+            legend.get_frame().set_alpha(0.8)
+
+    def show_inspection(self, insp: Inspection, train_records: list[dict]) -> None:
+        """Redraw both plots for ``insp`` and the run's ``"split": "train"`` records."""
+        self.drawn = {"iteration": insp.iteration}
+        self._draw_histograms(insp)
+        self._draw_curves(insp.iteration, train_records)
+        self.canvas.draw_idle()
+
+    def _draw_histograms(self, insp: Inspection) -> None:
+        ax = self.ax_hist
+        ax.clear()
+        self._style(ax)
+        a = insp.arrays
+        edges = np.asarray(a.get("histogram_edges", np.linspace(0, 1, 51)), dtype=np.float64)
+        width = np.diff(edges)
+        top = 0.0
+        for key, label, color in (("hist_positive", "correct", POSITIVE), ("hist_negative", "wrong", NEGATIVE)):
+            counts = np.asarray(a.get(key, []), dtype=np.float64)
+            if counts.size != width.size or counts.sum() <= 0:
+                continue
+            density = counts / (counts.sum() * width)
+            ax.stairs(density, edges, fill=True, alpha=0.35, color=color)
+            ax.stairs(density, edges, color=color, lw=1.2, label=f"{label} (n={int(counts.sum())})")
+            top = max(top, float(density.max()))
+            self.drawn[key] = int(counts.sum())
+        x = np.linspace(0.0, 1.0, 400)
+        for sign, label, color in (("pos", "⁺", POSITIVE), ("neg", "⁻", NEGATIVE)):
+            mu, sigma = insp.scalar(f"mu_{sign}"), insp.scalar(f"sigma_{sign}")
+            if mu is None or sigma is None or not (math.isfinite(mu) and math.isfinite(sigma)):
+                continue
+            y = _gaussian(x, mu, sigma)
+            ax.plot(x, y, color=color, lw=1.6, ls="-.", label=f"N(μ{label}={mu:.2f}, σ{label}={sigma:.2f})")
+            top = max(top, min(float(y.max()), 3 * top if top else float(y.max())))
+            self.drawn[f"gaussian_{sign}"] = (mu, sigma)
+        tau = insp.scalar("tau")
+        if tau is not None:
+            ax.axvline(tau, color=THRESHOLD, lw=1.5, label=f"τ = {tau:.3f}")
+            self.drawn["tau"] = tau
+        safe = insp.scalar("safe_tau")
+        if safe is not None:
+            ax.axvline(safe, color=SAFE_THRESHOLD, lw=1.2, ls="--", label=f"safe τ = {safe:.3f}")
+            self.drawn["safe_tau"] = safe
+        ax.set_xlim(0.0, 1.0)
+        if top > 0:
+            # Log scale: correct pixels pile up near 1 while the wrong ones spread thinly.
+            ax.set_yscale("log")
+            ax.set_ylim(max(top * 1e-4, 1e-3), top * 2.0)
+        ax.set_xlabel("confidence (max class probability)", fontsize=8)
+        ax.set_ylabel("density (log)", fontsize=8)
+        ax.set_title(f"confidence on the labeled batch, iteration {insp.iteration}", fontsize=9)
+        if "hist_positive" not in self.drawn and "hist_negative" not in self.drawn:
+            ax.text(0.5, 0.5, "no labeled histogram in this file", ha="center", va="center",
+                    color=FOREGROUND, transform=ax.transAxes, fontsize=8)
+        self._legend(ax)
+
+    def _draw_curves(self, iteration: int, records: list[dict]) -> None:
+        ax = self.ax_curves
+        ax.clear()
+        self._style(ax)
+        self.drawn["curves"] = {}
+        for key, label, style in CURVES:
+            points = [(r["iter"], r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if not points:
+                continue
+            its, values = zip(*points)
+            ax.plot(its, values, label=label, **style)
+            self.drawn["curves"][key] = (list(its), list(values))
+        if self.drawn["curves"]:
+            ax.axvline(iteration, color="#aaaaaa", lw=1.0, ls=":")
+            ax.set_ylim(-0.02, 1.05)
+        else:
+            ax.text(0.5, 0.5, "no training records in metrics.jsonl", ha="center", va="center",
+                    color=FOREGROUND, transform=ax.transAxes, fontsize=8)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.set_title("mask ratio and threshold over training", fontsize=9)
+        self._legend(ax)

@@ -1,0 +1,284 @@
+"""Predict widget: a checkpoint and an image layer give a prediction and a confidence layer.
+
+Prediction runs in a worker thread, one ``inference.slab`` of slices at a
+time (:func:`mitoseg.inference.predict_volume`, the same code as ``mitoseg
+predict``): the progress bar advances per slab and "Cancel" stops before the
+next slab. The result is a Labels layer (uint8 classes) and an Image layer,
+either the confidence (max class probability, float32, same shape as the
+image) or the per-class probabilities (float32, (K, z, y, x)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_info
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import create_worker
+
+from mitoseg.errors import MitosegError
+from mitoseg_napari._layers import LAYER_KEY, report_error
+from mitoseg_napari._qt_utils import LayerCombo, PathEdit
+
+OUTPUT_CONFIDENCE = "confidence"
+OUTPUT_PROBABILITIES = "class probabilities"
+
+
+class _ArrayVolume:
+    """``shape`` / ``read`` / ``read_slices`` over a (z, y, x) numpy or dask array (a layer's data)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = tuple(int(n) for n in data.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.data[start:stop])
+
+    def read_slices(self, indices) -> np.ndarray:
+        return np.stack([np.asarray(self.data[int(i)]) for i in indices])
+
+
+def volume_from_layer(layer: Image):
+    """The (z, y, x) data of an image layer (a 2-D image is one slice); MitosegError if it has none."""
+    if layer.rgb:
+        raise MitosegError(f"layer '{layer.name}' is RGB; mitoseg predicts single-channel (grayscale) EM images")
+    data = layer.data[0] if layer.multiscale else layer.data
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise MitosegError(f"layer '{layer.name}' has shape {tuple(data.shape)}; expected a 2-D image or a "
+                           "(z, y, x) volume")
+    if np.dtype(data.dtype).kind not in "biuf":
+        raise MitosegError(f"layer '{layer.name}' has unsupported dtype {data.dtype}")
+    return _ArrayVolume(data)
+
+
+def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "auto",
+                  output: str = OUTPUT_CONFIDENCE) -> Generator[tuple[int, int], None, dict]:
+    """Predict ``volume`` slab by slab; yields ``(slices done, total)``, returns the arrays.
+
+    Returns ``{"labels": uint8 (z, y, x), "image": float32 (z, y, x) confidence or (K, z, y, x)
+    probabilities, "num_classes": K, "checkpoint": path}``. Between two yields the caller may stop
+    the generator: that is how "Cancel" works.
+    """
+    import torch
+
+    from mitoseg.data.transforms import compute_normalization, sample_for_stats
+    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.inference import iter_slabs, predict_volume
+
+    torch_device = resolve_device(device)
+    model, cfg = model_from_checkpoint(checkpoint, weights=weights, device=torch_device)
+    num_slices = len(volume)
+    yield 0, num_slices
+    normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what="image layer")
+    k = cfg.data.num_classes
+    labels = np.zeros(volume.shape, np.uint8 if k <= 256 else np.uint16)
+    if output == OUTPUT_PROBABILITIES:
+        image = np.zeros((k, *volume.shape), np.float32)
+    else:
+        image = np.zeros(volume.shape, np.float32)
+
+    for start, stop in iter_slabs(num_slices, cfg.inference.slab):
+        def consume(offset: int, probs: torch.Tensor, base: int = start) -> None:
+            z0 = base + offset
+            z1 = z0 + probs.shape[0]
+            confidence, classes = probs.max(dim=1)
+            labels[z0:z1] = classes.cpu().numpy()
+            if output == OUTPUT_PROBABILITIES:
+                image[:, z0:z1] = probs.transpose(0, 1).cpu().numpy()
+            else:
+                image[z0:z1] = confidence.cpu().numpy()
+
+        # One slab per call, so that the generator can yield (and be cancelled) between slabs.
+        predict_volume(model, lambda s, e, base=start: volume.read(base + s, base + e), stop - start,
+                       normalization, cfg.inference, torch_device, consume,
+                       amp=torch_device.type == "cuda", progress=False)
+        yield stop, num_slices
+    return {"labels": labels, "image": image, "num_classes": k, "checkpoint": str(checkpoint)}
+
+
+class PredictWidget(QWidget):
+    """Checkpoint + image layer -> prediction (Labels) and confidence / probabilities (Image)."""
+
+    #: "done", "cancelled" or "failed", when a prediction ends
+    prediction_done = Signal(str)
+    #: (slices done, total slices) after each slab
+    progressed = Signal(int, int)
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self._viewer = napari_viewer
+        self.worker = None
+        self._source = None
+
+        self.checkpoint = PathEdit("best.pt of a run", file_filter="mitoseg checkpoints (*.pt);;All files (*)")
+        self.weights = QComboBox()
+        self.weights.addItems(["ema", "student"])
+        self.image_layer = LayerCombo(napari_viewer, (Image,))
+        self.output = QComboBox()
+        self.output.addItems([OUTPUT_CONFIDENCE, OUTPUT_PROBABILITIES])
+        self.device = QComboBox()
+        self.device.addItems(_devices())
+        self.predict_button = QPushButton("Predict")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("%v / %m slices")
+        self.status = QLabel("Choose a checkpoint and an image layer.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Checkpoint", self.checkpoint)
+        form.addRow("Weights", self.weights)
+        form.addRow("Image layer", self.image_layer)
+        form.addRow("Output", self.output)
+        form.addRow("Device", self.device)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.predict_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.predict_button.clicked.connect(self.predict)
+        self.cancel_button.clicked.connect(self.cancel)
+
+    # ------------------------------------------------------------------ actions
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def predict(self) -> None:
+        """Start predicting the chosen image layer (does nothing while a prediction runs)."""
+        if self.running:
+            return
+        try:
+            checkpoint = self.checkpoint.text()
+            if not checkpoint:
+                raise MitosegError("choose a checkpoint file (best.pt or last.pt of a run)")
+            layer = self.image_layer.layer()
+            if layer is None:
+                raise MitosegError("choose an image layer to predict")
+            volume = volume_from_layer(layer)
+        except MitosegError as exc:
+            report_error(exc, "Predict")
+            return
+        self._source = {"name": layer.name, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
+                        "is_2d": layer.ndim == 2, "output": self.output.currentText()}
+        worker = create_worker(predict_steps, volume, checkpoint, self.weights.currentText(),
+                               self.device.currentText(), self.output.currentText(),
+                               _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._outcome = "failed"
+        self.predict_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setRange(0, 0)  # busy until the model is loaded
+        self.status.setText(f"Loading {checkpoint} ...")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Stop the running prediction before its next slab."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling after the current slab ...")
+
+    # ----------------------------------------------------------------- worker
+
+    def _on_progress(self, value: tuple[int, int]) -> None:
+        done, total = value
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        self.status.setText(f"Predicting {self._source['name']}: {done} / {total} slices")
+        self.progressed.emit(done, total)
+
+    def _on_returned(self, result: dict) -> None:
+        src = self._source
+        name, scale, translate = src["name"], src["scale"], src["translate"]
+        labels, image = result["labels"], result["image"]
+        if src["is_2d"]:
+            labels, image = labels[0], image[..., 0, :, :]
+        meta = {LAYER_KEY: {"role": "prediction", "checkpoint": result["checkpoint"], "source": name}}
+        self._put_layer(Labels, f"{name} prediction", labels, scale=scale, translate=translate, metadata=meta,
+                        opacity=0.5)
+        if src["output"] == OUTPUT_PROBABILITIES:
+            what = "probabilities"
+            scale, translate = (1.0, *scale), (0.0, *translate)
+        else:
+            what = "confidence"
+        self._put_layer(Image, f"{name} {what}", image, scale=scale, translate=translate, metadata=meta,
+                        colormap="viridis", contrast_limits=(0.0, 1.0), visible=False)
+        self._outcome = "done"
+        self.status.setText(f"Done: '{name} prediction' ({result['num_classes']} classes) and '{name} {what}'.")
+
+    def _put_layer(self, kind, name: str, data, **kwargs):
+        """Replace the data of the layer ``name`` (same kind and dimensionality) or add a new one."""
+        if name in self._viewer.layers:
+            layer = self._viewer.layers[name]
+            if isinstance(layer, kind) and layer.ndim == data.ndim:
+                layer.data = data
+                layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+                layer.metadata = kwargs["metadata"]
+                return layer
+        return self._viewer.add_layer(kind(data, name=name, **kwargs))
+
+    def _on_error(self, exc: Exception) -> None:
+        self._outcome = "failed"
+        self.status.setText(f"Failed: {exc}")
+        report_error(exc, "Predict")
+
+    def _on_aborted(self) -> None:
+        self._outcome = "cancelled"
+        self.status.setText("Cancelled; no layers were added.")
+        show_info("mitoseg: prediction cancelled")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.predict_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self._outcome != "done":
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+        self.prediction_done.emit(self._outcome)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        self.cancel()
+        super().closeEvent(event)
+
+
+def _devices() -> list[str]:
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    return ["auto", "cpu", "cuda"] if cuda else ["auto", "cpu"]
