@@ -8,7 +8,11 @@ from torch import nn
 
 
 class SegmentationHead(nn.Module):
-    """A small conv block (its output: the penultimate features) then a 1x1 classifier."""
+    """A small conv block (its output: the penultimate features) then a 1x1 classifier.
+
+    MixBN (DDFP): ``aux_bn`` replaces the block's BatchNorm for perturbed features
+    (``perturbed=True``), so their statistics never mix with the clean ones.
+    """
 
     def __init__(self, in_channels: int, hidden_channels: int, num_classes: int):
         super().__init__()
@@ -18,9 +22,25 @@ class SegmentationHead(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(hidden_channels, num_classes, 1)
+        self.aux_bn = nn.BatchNorm2d(hidden_channels)
+        self.register_load_state_dict_pre_hook(_aux_bn_from_main_bn)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.block(features))
+    def penultimate(self, features: torch.Tensor, perturbed: bool = False) -> torch.Tensor:
+        if not perturbed:
+            return self.block(features)
+        conv, _, act = self.block
+        return act(self.aux_bn(conv(features)))
+
+    def forward(self, features: torch.Tensor, perturbed: bool = False) -> torch.Tensor:
+        return self.classifier(self.penultimate(features, perturbed))
+
+
+def _aux_bn_from_main_bn(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before MixBN have no ``aux_bn``: start it as a copy of the main BN."""
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        main, aux = f"{prefix}block.1.{name}", f"{prefix}aux_bn.{name}"
+        if aux not in state_dict and main in state_dict:
+            state_dict[aux] = state_dict[main].clone()
 
 
 class SegmentationModel(nn.Module):
@@ -32,12 +52,12 @@ class SegmentationModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.seg_head(features)
+    def head(self, features: torch.Tensor, perturbed: bool = False) -> torch.Tensor:
+        return self.seg_head(features, perturbed=perturbed)
 
-    def logits(self, features: torch.Tensor, size) -> torch.Tensor:
-        """``head(features)`` resized to ``size`` (the input's H, W)."""
-        logits = self.head(features)
+    def logits(self, features: torch.Tensor, size, perturbed: bool = False) -> torch.Tensor:
+        """``head(features)`` resized to ``size`` (the input's H, W); ``perturbed``: the head's MixBN branch."""
+        logits = self.head(features, perturbed=perturbed)
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         return logits

@@ -1,0 +1,305 @@
+"""DDFP and DAW + DDFP: density-descending feature perturbation on top of the pseudo-label methods.
+
+A normalizing flow (``mitoseg.semi.flow``) models the density of the head's
+penultimate features. Features entering the head are moved, per pixel, a step
+of norm ``eps`` up the gradient of the flow's negative log-likelihood (toward
+lower density), pass the head with its auxiliary BatchNorm (MixBN,
+``perturbed=True``), and are trained toward the pseudo-label: the decision
+boundary is pushed into the low-density gaps between feature clusters.
+
+``ddfp`` (Wang et al., CVPR 2024, as the paper): pseudo-labels of the EMA
+teacher (``method.pseudo_labels: teacher``, as the shipped ddfp configs set it),
+fixed threshold ``method.threshold``, one CutMix strong view whose features are
+also perturbed::
+
+    L = L_x + 0.5 L_u + 0.5 L_u,perturbed
+
+``daw_ddfp`` (ours): DAW, i.e. UniMatch's two CutMix strong views and dropout
+feature-perturbation branch on the weak view, DAW weights and distribution
+alignment; the density-descending term perturbs the weak view's features (the
+place of UniMatch's feature perturbation) and is weighted by the same DAW
+weights::
+
+    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_ddfp) / 2
+
+Before ``method.ddfp.start_iter`` the flow is not trained and L_u,perturbed /
+L_ddfp is 0 (the other terms keep their weights).
+
+One step, from ``ddfp.start_iter`` on:
+
+1. The EMA teacher (eval mode, no gradient) gives the penultimate features of
+   the labeled batch and the unlabeled batch (and, for ``pseudo_labels:
+   teacher``, the pseudo-labels from the same forward pass).
+2. The flow takes one Adam step on at most ``ddfp.max_pixels`` of these feature
+   vectors: labeled pixels under their ground-truth class (nearest-downsampled
+   to the feature grid, ``ignore_index`` excluded), unlabeled pixels under the
+   mixture.
+3. The student predicts: ``ddfp`` the labeled batch and the CutMix strong view
+   in one forward pass (as the paper), ``daw_ddfp`` as DAW does (labeled batch +
+   weak view with its dropout branch, then the two strong views).
+4. delta = eps * normalised gradient of the flow's NLL w.r.t. the perturbed
+   view's features, through the student's head block in eval mode (running
+   statistics: the same kind of features the flow was trained on, and no
+   BatchNorm statistics are touched); ``f + delta`` (delta detached) goes through
+   the head with MixBN; its weighted cross-entropy to the pseudo-label is the
+   density-descending term.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mitoseg.methods.base import StepContext, StepOutput, register_method
+from mitoseg.methods.pseudo_label import (
+    PseudoLabelMethod,
+    cutmix,
+    pseudo_label_quality,
+    weighted_cross_entropy,
+)
+from mitoseg.semi.flow import (
+    EXCLUDED,
+    UNLABELED,
+    DensityModel,
+    FlowTrainer,
+    density_descending_perturbation,
+    flatten_pixels,
+    labels_to_grid,
+)
+
+DDFP_LOGS = ("loss_ddfp", "flow_nll_bpd", "logp_labeled", "logp_unlabeled", "delta_norm", "flip_ratio")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DensityDescendingMethod(PseudoLabelMethod):
+    """Pseudo-label method + flow + density-descending term. ``perturb_view``: 'strong' or 'weak'."""
+
+    perturb_view = "strong"
+
+    def __init__(self, cfg, supervised_loss):
+        super().__init__(cfg, supervised_loss)
+        d = cfg.method.ddfp
+        self.ddfp = d
+        density = DensityModel(cfg.model.head_channels, self.num_classes, blocks=d.blocks, hidden=d.hidden,
+                               clamp=d.clamp, seed=cfg.seed)
+        self.flow = FlowTrainer(density, lr=d.lr, betas=d.betas, grad_clip=d.grad_clip,
+                                final_lr_ratio=d.final_lr_ratio, total_steps=cfg.train.iterations - d.start_iter,
+                                noise=d.noise, max_pixels=d.max_pixels)
+        # Benchmarks set a dict here: seconds spent in 'flow_training' and 'perturbation' (synchronised),
+        # measured with ``clock``.
+        self.timings: dict[str, float] | None = None
+        self.clock = time.perf_counter
+
+    # The loss of each configuration.
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+        raise NotImplementedError
+
+    @contextmanager
+    def _timed(self, name: str, device: torch.device):
+        if self.timings is None:
+            yield
+            return
+        _synchronize(device)
+        start = self.clock()
+        try:
+            yield
+        finally:
+            _synchronize(device)
+            self.timings[name] = self.timings.get(name, 0.0) + self.clock() - start
+
+    @torch.no_grad()
+    def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_probs: bool = True):
+        """The EMA teacher in eval mode: penultimate features (B, C, h, w) and, optionally, the
+        class probabilities at the images' size."""
+        teacher = ctx.teacher
+        was_training = teacher.training
+        teacher.eval()
+        features = teacher.features(images)
+        probs = None
+        if with_probs:
+            # The model's own logits (and resizing); its head block's output caught on the way.
+            caught = []
+            hook = teacher.seg_head.block.register_forward_hook(lambda module, args, out: caught.append(out))
+            try:
+                probs = teacher.logits(features, images.shape[-2:]).float().softmax(dim=1)
+            finally:
+                hook.remove()
+            penultimate = caught[0]
+        else:
+            penultimate = teacher.seg_head.penultimate(features)
+        teacher.train(was_training)
+        return penultimate, probs
+
+    def perturbation(self, student, features: torch.Tensor) -> torch.Tensor:
+        """delta for ``features`` (the head's input), through the student's head block in eval mode."""
+        head = student.seg_head
+        block = head.block
+        was_training = block.training
+        block.eval()
+        try:
+            return density_descending_perturbation(features.float(), head.penultimate, self.flow.model.log_density,
+                                                   self.ddfp.eps, chunk=self.ddfp.chunk_pixels)
+        finally:
+            block.train(was_training)
+
+    def train_flow(self, penultimate: torch.Tensor, label: torch.Tensor, valid_u: torch.Tensor):
+        """One flow step on the teacher's features of [labeled batch, unlabeled batch]."""
+        grid = penultimate.shape[-2:]
+        labeled = labels_to_grid(label, grid, self.ignore_index)
+        unlabeled = torch.where(labels_to_grid(valid_u.long(), grid) > 0, UNLABELED, EXCLUDED)
+        labels = torch.cat([labeled, unlabeled]).reshape(-1)
+        return self.flow.step(flatten_pixels(penultimate.float()), labels)
+
+    def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        student = ctx.student
+        x, y = labeled["image"], labeled["label"]
+        device = x.device
+        n_x = x.shape[0]
+        n_u = unlabeled["weak"].shape[0] // 2  # first half: the batch; second half: the mixing batch
+        weak_all, valid_all = unlabeled["weak"], unlabeled["valid"]
+        size = x.shape[-2:]
+        active = ctx.iteration >= self.ddfp.start_iter
+        logs: dict[str, torch.Tensor] = {}
+
+        # 1. pseudo-label probabilities; the teacher's penultimate features for the flow
+        teacher_features = None
+        if self.cfg.method.pseudo_labels == "teacher" and active:
+            penultimate, probs = self.teacher_pass(ctx, torch.cat([x, weak_all]))
+            teacher_features, probs_all = penultimate[:n_x + n_u], probs[n_x:]
+        else:
+            probs_all = self.predict_pseudo(ctx, weak_all)
+            if active:
+                teacher_features, _ = self.teacher_pass(ctx, torch.cat([x, weak_all[:n_u]]), with_probs=False)
+
+        # 2. one online step of the flow
+        if active:
+            with self._timed("flow_training", device), torch.autocast(device.type, enabled=False):
+                logs.update(self.train_flow(teacher_features, y, valid_all[:n_u]))
+
+        # 3. the student: labeled batch, views, (dropout branch)
+        strong = [cutmix(unlabeled[f"strong{v}"][:n_u], unlabeled[f"strong{v}"][n_u:], unlabeled[f"box{v}"][:n_u])
+                  for v in range(1, self.strong_views + 1)]
+        pred_fp = None
+        if self.perturb_view == "strong":
+            features = student.features(torch.cat([x, strong[0]]))
+            logits = student.logits(features, size)
+            pred_x, clean = logits[:n_x], logits[n_x:]
+            pred_strong = [clean]
+            if self.strong_views > 1:
+                pred_strong += list(student(torch.cat(strong[1:])).chunk(self.strong_views - 1))
+        else:
+            features = student.features(torch.cat([x, weak_all[:n_u]]))
+            if self.feature_perturbation:
+                dropped = F.dropout2d(features[n_x:], p=self.cfg.method.fp_dropout, training=True)
+                logits = student.logits(torch.cat([features, dropped]), size)
+                pred_fp = logits[n_x + n_u:]
+            else:
+                logits = student.logits(features, size)
+            pred_x, clean = logits[:n_x], logits[n_x:n_x + n_u]
+            pred_strong = list(student(torch.cat(strong)).chunk(self.strong_views))
+        perturbed_features = features[n_x:]
+
+        labeled_probs = pred_x.detach().float().softmax(dim=1)
+        pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)
+
+        loss_x = self.supervised_loss(pred_x, y)
+        losses_s, targets_s = [], []
+        for v, pred in enumerate(pred_strong, start=1):
+            box = unlabeled[f"box{v}"][:n_u]
+            targets_s.append([cutmix(t[:n_u], t[n_u:], box) for t in (pl.label, pl.weight, valid_all)])
+            losses_s.append(weighted_cross_entropy(pred, *targets_s[-1]))
+        weak_target = (pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
+        zero = loss_x.new_zeros(())
+        loss_fp = weighted_cross_entropy(pred_fp, *weak_target) if pred_fp is not None else zero
+
+        # 4. the density-descending term
+        loss_p = zero
+        if active:
+            with self._timed("perturbation", device), torch.autocast(device.type, enabled=False):
+                delta = self.perturbation(student, perturbed_features)
+            pred_p = student.logits(perturbed_features + delta.to(perturbed_features.dtype), size, perturbed=True)
+            target = targets_s[0] if self.perturb_view == "strong" else weak_target
+            loss_p = weighted_cross_entropy(pred_p, *target)
+            with torch.no_grad():
+                valid_p = target[2]
+                flipped = (pred_p.argmax(dim=1) != clean.argmax(dim=1)) & valid_p
+                logs["delta_norm"] = delta.norm(dim=1).mean()
+                logs["flip_ratio"] = flipped.sum() / valid_p.sum().clamp_min(1)
+        else:
+            nan = torch.full((), float("nan"), device=device)
+            logs.update({key: nan for key in DDFP_LOGS[1:]})
+        logs["loss_ddfp"] = loss_p.detach()
+
+        loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
+        loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p)
+
+        valid_u = valid_all[:n_u]
+        logs.update({
+            "loss_x": loss_x.detach(),
+            "loss_s": (sum(losses_s) / len(losses_s)).detach(),
+            "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
+            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=device),
+        })
+        if pred_fp is not None:
+            logs["loss_fp"] = loss_fp.detach()
+        if self.daw is not None:
+            logs.update(self.daw.log_values())
+        if "label" in unlabeled:
+            logs.update(pseudo_label_quality(pl.weight[:n_u] > 0, pl.label[:n_u], unlabeled["label"][:n_u], valid_u))
+        return StepOutput(loss=loss, logs=logs)
+
+    @torch.no_grad()
+    def inspect(self, ctx: StepContext, patches: dict) -> dict[str, np.ndarray]:
+        """The pseudo-label inspection arrays plus ``log_density`` (N, h, w): the flow's log-density
+        (mixture) of the teacher's penultimate features, per pixel of the feature grid."""
+        out = super().inspect(ctx, patches)
+        penultimate, _ = self.teacher_pass(ctx, patches["image"], with_probs=False)
+        log_p = self.flow.model.log_density(flatten_pixels(penultimate.float()))
+        n, _, h, w = penultimate.shape
+        out["log_density"] = log_p.reshape(n, h, w).cpu().numpy().astype(np.float32)
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "ddfp": self.flow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.flow.load_state_dict(state["ddfp"])
+
+    def to(self, device) -> "DensityDescendingMethod":
+        super().to(device)
+        self.flow.to(device)
+        return self
+
+
+@register_method("ddfp")
+class DDFP(DensityDescendingMethod):
+    """The paper's DDFP: one strong view (its features perturbed), fixed threshold;
+    L = L_x + 0.5 L_u + 0.5 L_u,perturbed. Use with ``method.pseudo_labels: teacher``."""
+
+    strong_views = 1
+    feature_perturbation = False
+    perturb_view = "strong"
+
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+        return loss_x + 0.5 * loss_s1 + 0.5 * loss_p
+
+
+@register_method("daw_ddfp")
+class DAWDDFP(DensityDescendingMethod):
+    """DAW (UniMatch terms, DAW weights and alignment) + the density-descending term on the weak view:
+    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_ddfp) / 2."""
+
+    weighting = "daw"
+    perturb_view = "weak"
+
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+        return (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.25 * loss_fp + 0.25 * loss_p) / 2
