@@ -50,13 +50,21 @@ def cmd_train(args) -> None:
         from mitoseg.config import apply_overrides
         cfg = config_from_dict(apply_overrides(state["config"], args.set))
     check_paths_exist(cfg)
+    from mitoseg.engine import distributed
+
+    # Under torchrun every rank checks --out before any rank writes into it.
+    info = distributed.setup(cfg.device)
     if not args.resume and not args.overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise MitosegError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace "
                            "its files or --resume to continue its run")
+    distributed.barrier()
     from mitoseg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, out_dir, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
     summary = trainer.fit()
+    distributed.cleanup()
+    if not info.is_main:
+        return
     best = summary["best"]
     line = f"done: {summary['iterations']}/{summary['total_iterations']} iterations in {summary['wall_time_s']:.0f} s"
     if best is not None:

@@ -99,6 +99,19 @@ class StrongConfig:
 
 @dataclass
 class DataConfig:
+    # "em": volumes (data.train / data.val / data.unlabeled); "pascal" / "cityscapes": natural
+    # images under data.root, chosen by split lists (mitoseg/data/natural.py).
+    kind: Literal["em", "pascal", "cityscapes"] = "em"
+    root: Optional[str] = None  # natural: the dataset root (JPEGImages/ + SegmentationClass/, or leftImg8bit/ + gtFine/)
+    # natural: a shipped split name (pascal: 92, 183, 366, 732, 1464, 1_16, 1_8, 1_4, u2pl_1_16, u2pl_1_8,
+    # u2pl_1_4; cityscapes: 1_30, 1_16, 1_8, 1_4, 1_2) or a folder holding labeled.txt (+ unlabeled.txt).
+    split: Optional[str] = None
+    labeled_list: Optional[str] = None  # natural: own list files (lines "IMAGE MASK"), override data.split
+    unlabeled_list: Optional[str] = None
+    val_list: Optional[str] = None  # default: the shipped val.txt of the data set
+    crop_size: int = 321  # natural: square training crop (pascal 321 or 513, cityscapes 801)
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # natural: random rescale of the long side
+    eval_mode: Optional[Literal["full", "center_crop", "sliding_window"]] = None  # natural; default: pascal full, cityscapes sliding_window
     train: VolumeConfig = field(default_factory=VolumeConfig)
     val: Optional[VolumeConfig] = None
     # Unlabeled volumes for the semi-supervised methods. Default (null): the
@@ -123,7 +136,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet"] = "unet"
+    name: Literal["unet", "deeplabv3plus"] = "unet"
     in_channels: int = 1
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
@@ -132,6 +145,13 @@ class ModelConfig:
     feature_channels: int = 32  # channels of the last decoder feature map
     head_channels: int = 32  # channels of the head's conv block (its penultimate features)
     dropout: float = 0.0
+    # deeplabv3plus only
+    backbone: Literal["resnet50", "resnet101"] = "resnet101"
+    output_stride: Literal[8, 16] = 16  # 16: dilation in the last ResNet stage; 8: in the last two
+    aspp_dilations: Optional[list[int]] = None  # default: [6, 12, 18] at output stride 16, [12, 24, 36] at 8
+    deep_stem: bool = False  # ResNet-v1c stem (three 3x3 convs, 128 channels), as UniMatch's pretrained files
+    width: int = 64  # ResNet base width: 64 is the standard ResNet (smaller: tiny test networks only)
+    pretrained: Optional[str] = None  # torchvision-style ResNet state dict for the backbone (.pth)
 
 
 @dataclass
@@ -143,12 +163,33 @@ class DAWConfig:
 
 
 @dataclass
+class DDFPConfig:
+    """Density-descending feature perturbation (ddfp, daw_ddfp): the flow and the perturbation."""
+
+    start_iter: int = 500  # warm-up: the flow trains and the perturbed term counts from this iteration on
+    eps: float = 4.0  # L2 norm of the perturbation per pixel (depends on the feature scale)
+    blocks: int = 2  # GLOW coupling blocks (each followed by a fixed random permutation)
+    hidden: int = 256  # width of the coupling subnetworks
+    clamp: float = 2.0  # soft clamp of the coupling log-scales
+    lr: float = 1e-3  # Adam, decaying exponentially to final_lr_ratio * lr at the end of training
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    final_lr_ratio: float = 0.01
+    grad_clip: float = 50.0  # gradient-norm clipping of the flow and its prior
+    max_pixels: int = 20480  # feature vectors sampled per step for the flow
+    noise: float = 0.05  # Gaussian noise added to the flow's training inputs
+    # The perturbation's flow pass runs on blocks of this many pixels: bounds its memory and, on
+    # the CPU, keeps the activations in cache; on a GPU larger blocks (e.g. 65536) launch fewer kernels.
+    chunk_pixels: int = 4096
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["supervised", "fixmatch", "unimatch", "daw"] = "supervised"
+    name: Literal["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"] = "supervised"
     threshold: float = 0.95  # fixed confidence threshold of fixmatch / unimatch
     pseudo_labels: Literal["student", "teacher"] = "student"  # student in eval mode, or the EMA teacher
     fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
     daw: DAWConfig = field(default_factory=DAWConfig)
+    ddfp: DDFPConfig = field(default_factory=DDFPConfig)
 
 
 @dataclass
@@ -158,11 +199,15 @@ class OptimConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     poly_power: float = 0.9  # lr = base_lr * (1 - it / iterations) ** poly_power
+    head_lr_multiplier: float = 1.0  # lr of everything but a pretrained backbone (deeplabv3plus) = lr * this
 
 
 @dataclass
 class TrainConfig:
     iterations: int = 2000
+    # Natural data: train this many passes over the unlabeled list (semi-supervised) or the labeled list
+    # (supervised) instead; sets iterations = epochs * (list length // (batch size * ranks)).
+    epochs: Optional[int] = None
     loss: Literal["dice_ce", "ce"] = "dice_ce"
     ignore_index: int = 255  # label value excluded from the loss ("ce" only)
     ema_decay: float = 0.99
@@ -226,6 +271,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # not an empty dataclass: `data.val: null` must stay null (e.g. on --resume)
         for option in typing.get_args(tp):
             try:
                 return _convert(value, option, key)
@@ -294,7 +341,24 @@ def _check_values(cfg: Config) -> None:
         if not ok:
             raise MitosegError(f"config key '{key}' {message}")
 
-    need(bool(cfg.data.train.image), "data.train.image", "is required")
+    natural = cfg.data.kind != "em"
+    need(natural or bool(cfg.data.train.image), "data.train.image", "is required")
+    need(not natural or bool(cfg.data.root), "data.root", f"is required for data.kind '{cfg.data.kind}'")
+    need(not natural or bool(cfg.data.split or cfg.data.labeled_list), "data.split",
+         "is required for natural images (or data.labeled_list)")
+    need(cfg.data.crop_size >= 8, "data.crop_size", "must be at least 8")
+    need(len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
+         "data.scale_range", "must be [low, high] with 0 < low <= high")
+    need(cfg.train.epochs is None or (natural and cfg.train.epochs >= 1), "train.epochs",
+         "must be at least 1 and needs natural images (data.kind pascal or cityscapes)")
+    need(cfg.model.pretrained is None or cfg.model.name == "deeplabv3plus", "model.pretrained",
+         "is only used by model.name deeplabv3plus")
+    need(cfg.model.aspp_dilations is None or len(cfg.model.aspp_dilations) == 3, "model.aspp_dilations",
+         "must have 3 values")
+    need(cfg.model.width >= 4, "model.width", "must be at least 4")
+    need(not natural or cfg.model.in_channels == 3, "model.in_channels",
+         f"must be 3 for the RGB images of data.kind '{cfg.data.kind}'")
+    need(cfg.optim.head_lr_multiplier > 0, "optim.head_lr_multiplier", "must be positive")
     need(cfg.data.num_classes >= 2, "data.num_classes", "must be at least 2")
     need(len(cfg.data.patch_size) == 2, "data.patch_size", "must have 2 values (y, x)")
     need(len(cfg.inference.roi_size) == 2, "inference.roi_size", "must have 2 values (y, x)")
@@ -305,7 +369,7 @@ def _check_values(cfg: Config) -> None:
     need(len(cfg.model.strides) == len(cfg.model.channels) - 1, "model.strides",
          "must have one value fewer than model.channels")
     factor = 1
-    for s in cfg.model.strides:
+    for s in cfg.model.strides if cfg.model.name == "unet" else ():
         factor *= s
     for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.inference.roi_size)):
         need(all(s > 0 and s % factor == 0 for s in size), key,
@@ -318,6 +382,19 @@ def _check_values(cfg: Config) -> None:
     need(0.0 <= cfg.method.fp_dropout < 1.0, "method.fp_dropout", "must be in [0, 1)")
     need(0.0 <= cfg.method.daw.momentum <= 1.0, "method.daw.momentum", "must be in [0, 1]")
     need(cfg.method.daw.alpha > 0, "method.daw.alpha", "must be positive")
+    ddfp = cfg.method.ddfp
+    need(ddfp.start_iter >= 0, "method.ddfp.start_iter", "must be at least 0")
+    need(ddfp.eps >= 0, "method.ddfp.eps", "must be at least 0")
+    need(min(ddfp.blocks, ddfp.hidden, ddfp.max_pixels, ddfp.chunk_pixels) >= 1, "method.ddfp",
+         "needs blocks, hidden, max_pixels and chunk_pixels of at least 1")
+    need(len(ddfp.betas) == 2 and all(0.0 <= b < 1.0 for b in ddfp.betas), "method.ddfp.betas",
+         "must be two values in [0, 1)")
+    need(ddfp.lr > 0 and 0.0 < ddfp.final_lr_ratio <= 1.0, "method.ddfp",
+         "needs lr > 0 and final_lr_ratio in (0, 1]")
+    need(ddfp.clamp > 0 and ddfp.grad_clip > 0 and ddfp.noise >= 0, "method.ddfp",
+         "needs clamp > 0, grad_clip > 0 and noise >= 0")
+    need(cfg.model.head_channels >= 2 or cfg.method.name not in ("ddfp", "daw_ddfp"), "model.head_channels",
+         "must be at least 2 for the ddfp flow (it splits the channels in two)")
     for key in ("val_every", "log_every", "checkpoint_every", "inspect_every", "inspect_patches"):
         need(getattr(cfg.train, key) >= 1, f"train.{key}", "must be at least 1")
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
@@ -384,6 +461,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def check_paths_exist(cfg: Config) -> None:
     """Every data file named by the config must exist (the error names key and path)."""
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise MitosegError(f"config key 'model.pretrained': file not found: {cfg.model.pretrained}")
+    if cfg.data.kind != "em":
+        from mitoseg.data.natural import check_natural_paths
+
+        check_natural_paths(cfg)
+        return
     volumes = [("data.train", cfg.data.train)]
     if cfg.data.val is not None:
         volumes.append(("data.val", cfg.data.val))

@@ -65,6 +65,19 @@ class RunLogger:
         self._tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing."""
+
+    def log_train(self, iteration: int, values: dict[str, float]) -> None:
+        pass
+
+    def log_validation(self, iteration: int, scores: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def write_inspection(directory: Path, iteration: int, arrays: dict[str, np.ndarray], method: str) -> Path:
     """``iter_NNNNNN.npz`` (arrays) + ``iter_NNNNNN.json`` (scalars and array shapes), atomically.
 

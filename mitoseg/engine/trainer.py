@@ -34,7 +34,8 @@ from mitoseg.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from mitoseg.engine.logging import RunLogger, json_safe, write_inspection
+from mitoseg.engine import distributed
+from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
 from mitoseg.errors import MitosegError
 from mitoseg.inference import autocast, predict_volume
 from mitoseg.losses import make_supervised_loss
@@ -62,10 +63,35 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """One parameter group, or for a model with a pretrained backbone (``backbone_parameters()``) two:
+    the backbone at ``optim.lr`` and the rest at ``optim.lr * optim.head_lr_multiplier``."""
+    params = model.parameters()
+    backbone = getattr(model, "backbone_parameters", None)
+    if backbone is not None:
+        ids = {id(p) for p in backbone()}
+        everything = list(model.parameters())
+        params = [{"params": [p for p in everything if id(p) in ids]},
+                  {"params": [p for p in everything if id(p) not in ids],
+                   "lr": optim_cfg.lr * optim_cfg.head_lr_multiplier}]
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+        return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                weight_decay=optim_cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+
+
+def resolve_epochs(cfg: Config, world_size: int) -> Config:
+    """``train.epochs`` (natural images) -> ``train.iterations``, in a copy of ``cfg``."""
+    if cfg.train.epochs is None:
+        return cfg
+    import copy
+
+    from mitoseg.data.natural import iterations_per_epoch
+    from mitoseg.methods.base import _METHODS
+
+    uses_unlabeled = getattr(_METHODS.get(cfg.method.name), "uses_unlabeled", False)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.iterations = cfg.train.epochs * iterations_per_epoch(cfg, uses_unlabeled, world_size)
+    return cfg
 
 
 def poly_schedule(optimizer, total_iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -91,7 +117,10 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, max_iters: int | None = None,
                  progress: bool = True):
         self.out_dir = Path(out_dir)
-        self.progress = progress
+        self.dist = distributed.setup(cfg.device)
+        self.is_main = self.dist.is_main
+        self.progress = progress and self.is_main
+        cfg = resolve_epochs(cfg, self.dist.world_size)
         resume_state = None
         if resume:
             last = self.out_dir / "last.pt"
@@ -107,6 +136,8 @@ class Trainer:
                 )
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.total_iterations = cfg.train.iterations
         self.stop_iteration = min(max_iters, cfg.train.iterations) if max_iters else cfg.train.iterations
@@ -115,6 +146,65 @@ class Trainer:
         num_classes = cfg.data.num_classes
         ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
         self.ignore_index = ignore_index
+        self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
+        self.natural = None
+        if cfg.data.kind != "em":
+            self._build_natural_data()
+        else:
+            self._build_em_data()
+        self.has_validation = self.val_slices is not None or (self.natural is not None and self.natural.val is not None)
+
+        self.model = build_model(cfg.model, num_classes)
+        if cfg.model.name == "deeplabv3plus" and resume_state is None:
+            if cfg.model.pretrained:
+                from mitoseg.networks.deeplab import load_pretrained_backbone
+
+                load_pretrained_backbone(self.model, cfg.model.pretrained)
+            elif self.is_main:
+                import warnings
+
+                warnings.warn("model.pretrained is not set: the ResNet backbone starts from random weights "
+                              "(the papers start from ImageNet weights)", stacklevel=2)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.device)
+        distributed.broadcast_parameters(self.model)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                                 use_buffers=True)
+        self.ema.module.eval().requires_grad_(False)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.iteration = 0  # number of completed iterations
+        self.best: dict | None = None
+        self.last_scores: dict | None = None
+        self.previous_wall_time = 0.0
+        self._start_time: float | None = None
+        if resume_state is not None:
+            self._restore(resume_state, self.out_dir / "last.pt")
+
+    def _build_natural_data(self) -> None:
+        """Pascal VOC / Cityscapes images from split lists (mitoseg/data/natural.py)."""
+        from mitoseg.data.natural import build_datasets
+
+        cfg, world = self.cfg, self.dist.world_size
+        self.val_slices = None
+        self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        self.natural = build_datasets(cfg, self.method.uses_unlabeled,
+                                      self.total_iterations * cfg.data.batch_size * world,
+                                      self.total_iterations * 2 * self.unlabeled_batch_size * world)
+        self.labeled_dataset = self.natural.labeled
+        self.unlabeled_dataset = self.natural.unlabeled
+        self.inspection_patches = None
+        if self.natural.inspection is not None:
+            samples = [self.natural.inspection[i] for i in range(len(self.natural.inspection))]
+            self.inspection_patches = {"image": torch.stack([s["weak"] for s in samples])}
+
+    def _build_em_data(self) -> None:
+        """EM volumes: labeled patches, unlabeled views, validation slices."""
+        cfg = self.cfg
+        num_classes, ignore_index = cfg.data.num_classes, self.ignore_index
         self.train_slices = load_volume_slices(cfg.data.train, "data.train", num_classes, cfg.data.normalize,
                                                require_label=True, ignore_index=ignore_index,
                                                label_map=cfg.data.label_map)
@@ -133,7 +223,6 @@ class Trainer:
             ignore_index=ignore_index,
         )
 
-        self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
         self.unlabeled_dataset = None
         self.inspection_patches = None
         if self.method.uses_unlabeled:
@@ -150,22 +239,6 @@ class Trainer:
                 cutmix_prob=cfg.data.cutmix_prob,
             )
             self.inspection_patches = self._inspection_patches(sources)
-
-        self.model = build_model(cfg.model, num_classes).to(self.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
-                                 use_buffers=True)
-        self.ema.module.eval().requires_grad_(False)
-        self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-
-        self.iteration = 0  # number of completed iterations
-        self.best: dict | None = None
-        self.last_scores: dict | None = None
-        self.previous_wall_time = 0.0
-        self._start_time: float | None = None
-        if resume_state is not None:
-            self._restore(resume_state, self.out_dir / "last.pt")
 
     def _unlabeled_sources(self) -> list[VolumeSlices]:
         """``data.unlabeled``, or by default the training slices not selected as labeled."""
@@ -237,46 +310,40 @@ class Trainer:
         return self.previous_wall_time + running
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.out_dir / name, self.state_dict())
+        if self.is_main:  # under torchrun only rank 0 writes (every rank holds the same weights)
+            save_checkpoint(self.out_dir / name, self.state_dict())
 
     # ------------------------------------------------------------------- data
 
-    def labeled_batches(self, start_iteration: int):
-        """Batches for iterations ``start_iteration ..``; sample ``i * B + j`` is the j-th of iteration i."""
-        batch_size = self.cfg.data.batch_size
+    def stream(self, dataset, batch_size: int, start_iteration: int, seed: int):
+        """Batches of ``dataset`` for iterations ``start_iteration ..``, on the device.
+
+        Iteration i reads samples ``i * batch_size * ranks + rank * batch_size ..``
+        (a sample is a pure function of its index, so resumed runs see the same data).
+        """
         loader = DataLoader(
-            self.labeled_dataset,
+            dataset,
             batch_size=batch_size,
-            sampler=range(start_iteration * batch_size, self.total_iterations * batch_size),
+            sampler=distributed.ShardedIndices(start_iteration, self.total_iterations, batch_size,
+                                               self.dist.rank, self.dist.world_size),
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             # A private generator: creating a loader must not draw from the global torch RNG,
             # or a resumed run's dropout would see a different random stream.
-            generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
-        for batch in loader:
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def unlabeled_batches(self, start_iteration: int):
-        """Per iteration 2 x unlabeled_batch_size samples: the batch, then its CutMix partner."""
-        size = 2 * self.unlabeled_batch_size
-        loader = DataLoader(
-            self.unlabeled_dataset,
-            batch_size=size,
-            sampler=range(start_iteration * size, self.total_iterations * size),
-            num_workers=self.cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.cfg.seed + 1),
+            generator=torch.Generator().manual_seed(seed),
         )
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def batches(self, start_iteration: int):
         """(labeled, unlabeled or None) per iteration."""
-        labeled = self.labeled_batches(start_iteration)
+        labeled = self.stream(self.labeled_dataset, self.cfg.data.batch_size, start_iteration, self.cfg.seed)
         if self.unlabeled_dataset is None:
             return ((batch, None) for batch in labeled)
-        return zip(labeled, self.unlabeled_batches(start_iteration))
+        # Per iteration 2 x unlabeled_batch_size samples: the batch, then its CutMix partners.
+        unlabeled = self.stream(self.unlabeled_dataset, 2 * self.unlabeled_batch_size, start_iteration,
+                                self.cfg.seed + 1)
+        return zip(labeled, unlabeled)
 
     # ------------------------------------------------------------- validation
 
@@ -284,6 +351,12 @@ class Trainer:
         return self.ema.module if self.cfg.train.eval_model == "ema" else self.model
 
     def validate(self) -> dict:
+        if self.natural is not None:
+            from mitoseg.data.natural import evaluate
+
+            matrix = evaluate(self.eval_model(), self.natural.val, self.cfg, self.device, amp=self.amp,
+                              rank=self.dist.rank, world_size=self.dist.world_size)
+            return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
         val = self.val_slices
         num_classes = self.cfg.data.num_classes
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -314,12 +387,15 @@ class Trainer:
             out = self.method.training_step(ctx, labeled, unlabeled)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
+        distributed.all_reduce_gradients(self.model.parameters())
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.dist.enabled:
+            distributed.broadcast_buffers(self.model)
         self.ema.update_parameters(self.model)
         return {"loss": out.loss.detach(), **out.logs}
 
@@ -334,10 +410,13 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._start_time = time.perf_counter()
-        logger = RunLogger(self.out_dir, start_iteration=self.iteration)
-        (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            logger = RunLogger(self.out_dir, start_iteration=self.iteration)
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+        else:
+            logger = NullLogger()
         start = self.iteration
         bar = tqdm(total=self.stop_iteration, initial=start, desc="train", unit="it", disable=not self.progress,
                    dynamic_ncols=True)
@@ -352,16 +431,18 @@ class Trainer:
                 done = self.iteration == self.stop_iteration
                 if self.iteration % cfg.log_every == 0 or done:
                     # The one host synchronisation of a logged step.
-                    values = dict(zip(logs, torch.stack([v.float() for v in logs.values()]).tolist()))
+                    stacked = distributed.all_reduce_mean(torch.stack([v.float() for v in logs.values()]))
+                    values = dict(zip(logs, stacked.tolist()))
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
                     logger.log_train(self.iteration, values)
                     postfix["loss"] = f"{values['loss']:.4f}"
-                if self.val_slices is not None and (self.iteration % cfg.val_every == 0 or done):
+                if self.has_validation and (self.iteration % cfg.val_every == 0 or done):
                     self._validate_and_keep_best(logger)
                     name, value = headline_metric(self.last_scores)
                     postfix[name] = f"{value:.4f}"
                 bar.set_postfix(postfix, refresh=False)
-                if self.inspection_patches is not None and (self.iteration % cfg.inspect_every == 0 or done):
+                if self.inspection_patches is not None and self.is_main and (
+                        self.iteration % cfg.inspect_every == 0 or done):
                     self.inspect()
                 if self.iteration % cfg.checkpoint_every == 0 or done:
                     self.save("last.pt")
@@ -372,7 +453,7 @@ class Trainer:
                        f"with --resume --out {self.out_dir}")
             raise
         bar.close()
-        if self.val_slices is None:
+        if not self.has_validation:
             # Without validation data the final weights are the best we know of.
             self.save("best.pt")
         summary = {
@@ -385,6 +466,8 @@ class Trainer:
             "final": self.last_scores,
             "best": self.best,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
+        if self.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
         logger.close()
+        distributed.barrier()
         return summary

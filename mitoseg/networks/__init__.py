@@ -10,5 +10,6 @@ Networks are built by name from a small registry (``build_model``).
 from mitoseg.networks.base import SegmentationHead, SegmentationModel
 from mitoseg.networks.registry import build_model, register_model
 from mitoseg.networks import unet as _unet  # noqa: F401  (registers "unet")
+from mitoseg.networks import deeplab as _deeplab  # noqa: F401  (registers "deeplabv3plus")
 
 __all__ = ["SegmentationHead", "SegmentationModel", "build_model", "register_model"]

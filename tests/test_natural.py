@@ -1,0 +1,322 @@
+"""Natural-image benchmarks: Pascal VOC / Cityscapes layouts, split lists, views, evaluation, one step per method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mitoseg.config import config_from_dict, check_paths_exist
+from mitoseg.data import natural
+from mitoseg.engine.trainer import Trainer
+from mitoseg.errors import MitosegError
+
+pytestmark = pytest.mark.filterwarnings("ignore:model.pretrained is not set")
+
+
+def _image(rng, h, w) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def make_pascal(root: Path, n_labeled=2, n_unlabeled=4, n_val=2, size=(48, 64), seed=0) -> Path:
+    """A tiny Pascal VOC layout (JPEGImages/*.jpg, palette SegmentationClass/*.png with 0-20 and 255 borders)
+    and a split folder ``root/split`` with labeled.txt, unlabeled.txt and val.txt."""
+    rng = np.random.default_rng(seed)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+    names = [f"2007_{i:06d}" for i in range(n_labeled + n_unlabeled + n_val)]
+    h, w = size
+    palette = list(rng.integers(0, 256, 768, dtype=np.uint8))
+    for name in names:
+        _image(rng, h, w).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = rng.integers(1, 21)
+        mask[:2] = 255  # object borders / "void" in the preprocessed masks
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(palette)
+        png.save(root / "SegmentationClass" / f"{name}.png")
+    lines = [f"JPEGImages/{n}.jpg SegmentationClass/{n}.png" for n in names]
+    split = root / "split"
+    split.mkdir(exist_ok=True)
+    (split / "labeled.txt").write_text("\n".join(lines[:n_labeled]) + "\n")
+    (split / "unlabeled.txt").write_text("\n".join(lines[n_labeled:n_labeled + n_unlabeled]))
+    (split / "val.txt").write_text("\n".join(lines[n_labeled + n_unlabeled:]) + "\n")
+    return split
+
+
+def make_cityscapes(root: Path, size=(32, 64), seed=0) -> Path:
+    """leftImg8bit/ + gtFine/ with labelTrainIds for the first image and only labelIds for the others."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    lines = []
+    for i, (split, city) in enumerate([("train", "aachen"), ("train", "bochum"), ("train", "bochum"),
+                                       ("val", "frankfurt")]):
+        stem = f"{city}_000000_{i:06d}"
+        image = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+        gt = root / "gtFine" / split / city / f"{stem}_gtFine_labelTrainIds.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        gt.parent.mkdir(parents=True, exist_ok=True)
+        _image(rng, h, w).save(image)
+        label_ids = np.full((h, w), 7, dtype=np.uint8)  # road
+        label_ids[:, w // 2:] = 26  # car
+        label_ids[: h // 4] = 0  # unlabeled -> 255
+        label_ids[-2:] = 33  # bicycle
+        if i == 0:
+            Image.fromarray(natural.CITYSCAPES_LABEL_TO_TRAIN[label_ids]).save(gt)
+        else:
+            Image.fromarray(label_ids).save(str(gt).replace("_labelTrainIds", "_labelIds"))
+        lines.append(f"{image.relative_to(root)} {gt.relative_to(root)}")
+    folder = root / "split"
+    folder.mkdir(exist_ok=True)
+    (folder / "labeled.txt").write_text("\n".join(lines[:1]) + "\n")
+    (folder / "unlabeled.txt").write_text("\n".join(lines[1:3]) + "\n")
+    (folder / "val.txt").write_text(lines[3] + "\n")
+    return folder
+
+
+def tiny_natural_config(root: Path, split: Path, method="supervised", kind="pascal", **train) -> dict:
+    """A DeepLabV3+ (ResNet-50 layout at width 8) on 32-pixel crops: one step in about a second."""
+    return {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"kind": kind, "root": str(root), "split": str(split), "num_classes": 21 if kind == "pascal" else 19,
+                 "crop_size": 32, "batch_size": 2, "unlabeled_batch_size": 2},
+        "model": {"name": "deeplabv3plus", "in_channels": 3, "backbone": "resnet50", "width": 8, "deep_stem": True,
+                  "feature_channels": 16, "head_channels": 16},
+        "method": {"name": method, "ddfp": {"start_iter": 0, "hidden": 16, "blocks": 1, "max_pixels": 512}},
+        "optim": {"name": "sgd", "lr": 0.01, "head_lr_multiplier": 10.0},
+        "train": {"iterations": 1, "loss": "ce", "val_every": 1, "log_every": 1, "checkpoint_every": 1,
+                  "inspect_every": 1, "inspect_patches": 2, **train},
+        "inference": {"sw_batch_size": 2, "overlap": 0.333, "blend": "constant"},
+    }
+
+
+@pytest.fixture(scope="module")
+def pascal(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    return root, make_pascal(root)
+
+
+# ------------------------------------------------------------------------------ lists
+
+
+def test_shipped_split_lists_resolve_with_their_standard_sizes(tmp_path):
+    cfg = config_from_dict({"data": {"kind": "pascal", "root": str(tmp_path), "split": "92", "num_classes": 21},
+                            "model": {"in_channels": 3}})
+    lists = natural.resolve_lists(cfg.data)
+    assert len(natural.read_list(lists.labeled, tmp_path, need_mask=True)) == 92
+    assert len(natural.read_list(lists.unlabeled, tmp_path, need_mask=False)) == 10582 - 92
+    assert len(natural.read_list(lists.val, tmp_path, need_mask=True)) == 1449
+    cfg = config_from_dict({"data": {"kind": "cityscapes", "root": str(tmp_path), "split": "1_30", "num_classes": 19},
+                            "model": {"in_channels": 3}})
+    lists = natural.resolve_lists(cfg.data)
+    labeled = natural.read_list(lists.labeled, tmp_path, need_mask=True)
+    assert len(labeled) == 100 and labeled[0][1].name.endswith("_gtFine_labelTrainIds.png")
+    assert len(natural.read_list(lists.val, tmp_path, need_mask=True)) == 500
+    for kind, names in natural.SHIPPED_SPLITS.items():
+        for name in names:
+            assert (natural.splits_dir() / kind / name / "labeled.txt").is_file(), (kind, name)
+
+
+def test_own_list_files_and_clear_errors(tmp_path, pascal):
+    root, split = pascal
+    cfg = config_from_dict(tiny_natural_config(root, split))
+    check_paths_exist(cfg)
+    lists = natural.resolve_lists(cfg.data)
+    assert lists.labeled == split / "labeled.txt" and lists.val == split / "val.txt"
+    items = natural.read_list(lists.labeled, root, need_mask=True)
+    assert items[0] == (root / "JPEGImages" / "2007_000000.jpg", root / "SegmentationClass" / "2007_000000.png")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("JPEGImages/a.jpg\n")
+    with pytest.raises(MitosegError, match="bad.txt:1: expected 'IMAGE MASK'"):
+        natural.read_list(bad, root, need_mask=True)
+    with pytest.raises(MitosegError, match="neither a shipped pascal split"):
+        natural.resolve_lists(config_from_dict({"data": {"kind": "pascal", "root": str(root), "split": "7"},
+                                                "model": {"in_channels": 3}}).data)
+    with pytest.raises(MitosegError, match="data.root"):
+        config_from_dict({"data": {"kind": "pascal", "split": "92"}, "model": {"in_channels": 3}})
+    missing_root = tiny_natural_config(tmp_path / "nowhere", split)
+    with pytest.raises(MitosegError, match="data.root.*folder not found"):
+        check_paths_exist(config_from_dict(missing_root))
+
+
+# ------------------------------------------------------------------------ masks, views
+
+
+def test_cityscapes_label_ids_map_to_train_ids_and_train_ids_are_read_as_they_are(tmp_path):
+    split = make_cityscapes(tmp_path)
+    items = natural.read_list(split / "unlabeled.txt", tmp_path, need_mask=True)
+    listed = items[0][1]
+    assert listed.name.endswith("_labelTrainIds.png") and not listed.exists()
+    mask = np.array(natural.read_mask(listed, 19))  # falls back to *_labelIds.png and maps
+    assert mask[0, 0] == 255  # id 0 (unlabeled) -> ignore
+    assert mask[-1, 0] == 18  # bicycle
+    assert mask[20, 0] == 0 and mask[20, -1] == 13  # road, car
+    train_ids = natural.read_list(split / "labeled.txt", tmp_path, need_mask=True)[0][1]
+    np.testing.assert_array_equal(np.array(natural.read_mask(train_ids, 19)), mask)
+    lut = natural.CITYSCAPES_LABEL_TO_TRAIN
+    assert sorted(set(lut.tolist()) - {255}) == list(range(19))
+
+
+def test_mask_values_outside_the_classes_are_an_error(tmp_path):
+    path = tmp_path / "m.png"
+    Image.fromarray(np.full((4, 4), 30, dtype=np.uint8)).save(path)
+    with pytest.raises(MitosegError, match=r"mask values \[30\]"):
+        natural.read_mask(path, 21)
+
+
+def test_labeled_samples_keep_ignore_pad_with_255_and_are_a_function_of_seed_and_index(pascal):
+    root, split = pascal
+    cfg = config_from_dict(tiny_natural_config(root, split))
+    cfg.data.crop_size = 140  # larger than the 48 x 64 images even at scale 2: padding
+    items = natural.read_list(split / "labeled.txt", root, need_mask=True)
+    dataset = natural.NaturalLabeledDataset(items, cfg.data, seed=0, length=100)
+    a, b = dataset[5], dataset[5]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert a["image"].shape == (3, 140, 140) and a["image"].dtype == torch.float32
+    assert a["label"].shape == (140, 140) and a["label"].dtype == torch.int64
+    values = set(torch.unique(a["label"]).tolist())
+    assert 255 in values and values <= set(range(21)) | {255}
+    # Epochs visit every image once, in a seeded order.
+    assert sorted(dataset.item_index(i) for i in range(len(items))) == list(range(len(items)))
+    # With no rescale and a crop as large as the image, the ignore border survives intact.
+    cfg.data.scale_range, cfg.data.crop_size = [1.0, 1.0], 48
+    exact = natural.NaturalLabeledDataset(items, cfg.data, seed=0, length=10)[0]["label"]
+    assert (exact == 255).sum() == 2 * 48
+
+
+def test_unlabeled_views_mark_padding_invalid_and_strong_views_differ(pascal):
+    root, split = pascal
+    cfg = config_from_dict(tiny_natural_config(root, split))
+    cfg.data.crop_size = 140
+    items = natural.read_list(split / "unlabeled.txt", root, need_mask=False)
+    dataset = natural.NaturalUnlabeledDataset(items, cfg.data, seed=1, length=10)
+    sample = dataset[3]
+    assert set(sample) == {"weak", "strong1", "strong2", "box1", "box2", "valid"}
+    assert sample["weak"].shape == sample["strong1"].shape == (3, 140, 140)
+    assert sample["valid"].dtype == torch.bool and 0 < sample["valid"].sum() < 140 * 140
+    assert sample["box1"].dtype == torch.uint8 and sample["box1"].shape == (140, 140)
+    assert any(not torch.equal(sample["weak"], dataset[i]["strong1"]) for i in range(3, 6))
+    assert torch.equal(dataset[3]["strong2"], sample["strong2"])
+    # Padding is zero in the image before normalisation: -mean/std after.
+    padded = ~sample["valid"]
+    expected = torch.from_numpy(-natural.IMAGENET_MEAN / natural.IMAGENET_STD)
+    torch.testing.assert_close(sample["weak"][:, padded][:, 0], expected)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def test_sliding_window_evaluation_equals_full_image_when_the_window_covers_the_image(pascal):
+    from mitoseg.networks import build_model
+
+    root, split = pascal
+    cfg = config_from_dict(tiny_natural_config(root, split))
+    cfg.data.crop_size = 64  # >= both sides of the 48 x 64 images: one window, clamped to the image
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 21).eval()
+    items = natural.read_list(split / "val.txt", root, need_mask=True)
+    dataset = natural.NaturalEvalDataset(items, cfg.data, "full")
+    image, _ = dataset[0]
+    full = natural.predict_image(model, image[None], "full", cfg.inference, 64, torch.device("cpu"))
+    sliding = natural.predict_image(model, image[None], "sliding_window", cfg.inference, 64, torch.device("cpu"))
+    torch.testing.assert_close(sliding, full)
+    a = natural.evaluate(model, dataset, cfg, torch.device("cpu"), mode="full")
+    b = natural.evaluate(model, dataset, cfg, torch.device("cpu"), mode="sliding_window")
+    assert torch.equal(a, b) and a.sum() == 2 * (48 * 64 - 2 * 64)  # the ignore rows are not counted
+    # Smaller windows still cover every pixel once blended.
+    cfg.data.crop_size = 24
+    small = natural.predict_image(model, image[None], "sliding_window", cfg.inference, 24, torch.device("cpu"))
+    assert small.shape == full.shape
+    torch.testing.assert_close(small.sum(1), torch.ones(1, 48, 64))
+
+
+def test_center_crop_evaluation_crops_image_and_label(pascal):
+    root, split = pascal
+    cfg = config_from_dict(tiny_natural_config(root, split))
+    cfg.data.crop_size = 40
+    items = natural.read_list(split / "val.txt", root, need_mask=True)
+    image, label = natural.NaturalEvalDataset(items, cfg.data, "center_crop")[0]
+    assert image.shape == (3, 40, 40) and label.shape == (40, 40)
+    full_image, full_label = natural.NaturalEvalDataset(items, cfg.data, "full")[0]
+    assert torch.equal(label, full_label[4:44, 12:52])
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"])
+def test_one_training_iteration_per_method_on_pascal_layout(method, tmp_path, pascal):
+    root, split = pascal
+    out = tmp_path / method
+    cfg = config_from_dict(tiny_natural_config(root, split, method))
+    trainer = Trainer(cfg, out, progress=False)
+    summary = trainer.fit()
+    assert summary["completed"] and summary["iterations"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"][0]
+    assert 0.0 <= val["miou"] <= 1.0 and "iou/aeroplane" in val and "iou/tvmonitor" in val
+    assert summary["final"]["classes"][15] == "person"
+    train = [r for r in records if r["split"] == "train"][0]
+    assert np.isfinite(train["loss"])
+    # Backbone at optim.lr, decoder and head at 10x (UniMatch's lr_multi).
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(10 * groups[0]["initial_lr"])
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    if method != "supervised":
+        assert (out / "inspect" / "iter_000001.npz").is_file()
+
+
+def test_cityscapes_layout_trains_and_evaluates_with_sliding_windows(tmp_path):
+    split = make_cityscapes(tmp_path / "cs")
+    cfg = tiny_natural_config(tmp_path / "cs", split, "daw", kind="cityscapes", iterations=1)
+    cfg["data"]["batch_size"] = cfg["data"]["unlabeled_batch_size"] = 1
+    cfg["data"]["crop_size"] = 24  # windows smaller than the 32 x 64 validation image
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    assert trainer.natural.eval_mode == "sliding_window"
+    summary = trainer.fit()
+    assert summary["final"]["classes"][13] == "car" and summary["final"]["pixels"] == 32 * 64 - 8 * 64
+
+
+def test_epochs_set_iterations_from_the_unlabeled_list(tmp_path, pascal):
+    root, split = pascal
+    cfg = tiny_natural_config(root, split, "fixmatch", epochs=3)
+    cfg["data"]["unlabeled_batch_size"] = 1
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", max_iters=1, progress=False)
+    assert trainer.total_iterations == 3 * 4  # 4 unlabeled images, batch 1
+    with pytest.raises(MitosegError, match="train.epochs"):
+        config_from_dict({"train": {"epochs": 2}, "data": {"train": {"image": "x.tif", "label": "y.tif"}}})
+
+
+def test_resume_on_natural_images_reaches_the_same_weights(tmp_path, pascal):
+    root, split = pascal
+    cfg = tiny_natural_config(root, split, "daw", iterations=2, val_every=10, inspect_every=10)
+    Trainer(config_from_dict(cfg), tmp_path / "full", progress=False).fit()
+    Trainer(config_from_dict(cfg), tmp_path / "split", max_iters=1, progress=False).fit()
+    Trainer(config_from_dict(cfg), tmp_path / "split", resume=True, progress=False).fit()
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.mark.parametrize("dataset", ["pascal", "cityscapes"])
+def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
+    from mitoseg.config import load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for method in ("supervised", "unimatch", "daw", "ddfp", "daw_ddfp"):
+        cfg = load_config(configs / f"{dataset}_{method}.yaml")
+        assert cfg.method.name == method and cfg.data.kind == dataset
+        assert cfg.model.name == "deeplabv3plus" and cfg.model.backbone == "resnet101"
+        assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
+        assert cfg.data.scale_range == [0.5, 2.0] and cfg.train.loss == "ce"
+        if dataset == "pascal":
+            assert cfg.optim.head_lr_multiplier == 10.0 and cfg.data.crop_size in (321, 513)
+            assert cfg.data.split in natural.SHIPPED_SPLITS["pascal"]
+        else:
+            assert cfg.data.crop_size == 801 and natural.eval_mode(cfg.data) == "sliding_window"
