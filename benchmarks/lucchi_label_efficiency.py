@@ -12,6 +12,9 @@ neighbours on the same side:
 - unlabeled: the other 19 training slices (their labels read for analysis only);
 - oracle: all 22 training slices labeled, supervised.
 
+`ddfp` and `daw_ddfp` (also accepted by --methods) start their flow after a
+quarter of the iterations.
+
 Every method runs with the same model, iterations, batch sizes and seed; the
 table reports the final and the best validation fg_iou of the EMA model and the
 wall time of each run on this machine.
@@ -56,8 +59,11 @@ def config_for(method: str, subset: Path, iterations: int, seed: int) -> dict:
     }
     if method not in ("supervised", "oracle"):
         cfg["data"]["unlabeled"] = [{"image": image, "label": label, "slices": UNLABELED}]
-    if method in ("ddfp",):
-        cfg["method"]["pseudo_labels"] = "teacher"
+    if method == "ddfp":
+        cfg["method"]["pseudo_labels"] = "teacher"  # the paper's mean teacher
+    if method in ("ddfp", "daw_ddfp"):
+        # The flow warms up for the first quarter of the run (method.ddfp.start_iter defaults to 500).
+        cfg["method"]["ddfp"] = {"start_iter": iterations // 4}
     return cfg
 
 
