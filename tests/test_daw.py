@@ -196,7 +196,7 @@ def test_max_and_argmax_equals_torch_max_including_ties():
     probs = torch.softmax(torch.randn(3, 6, 9, 11), 1)
     probs[0, 2, 0, 0] = probs[0, 4, 0, 0] = 2.0  # a tie: the first class wins, as in torch.max
     probs[1, :, 3, 3] = 0.25
-    values, index = max_and_argmax(probs, torch.empty_like(probs))
+    values, index = max_and_argmax(probs)
     expected_values, expected_index = probs.max(dim=1)
     assert torch.equal(values, expected_values)
     assert torch.equal(index, expected_index)

@@ -31,16 +31,25 @@ def max_and_argmax(probs: torch.Tensor, workspace: torch.Tensor | None = None):
     On the CPU, ``max``/``argmax`` over a non-innermost dimension are an order of
     magnitude slower than ``amax`` (no vectorised kernel), so the index is read
     off the maxima instead: mark the classes that reach the max with K - k and
-    take ``amax`` again, which picks the first one, as ``argmax`` does.
-    ``workspace`` (same shape and dtype as ``probs``) avoids a fresh allocation.
+    take ``amax`` again, which picks the first one, as ``argmax`` does. The marks
+    are one byte each (a quarter of the memory traffic of float marks).
+    ``workspace`` (a ``argmax_workspace(probs)`` tensor) avoids a fresh allocation.
     """
-    confidence = probs.amax(dim=1)
     k = probs.shape[1]
-    marks = torch.empty_like(probs) if workspace is None else workspace
-    torch.ge(probs, confidence.unsqueeze(1), out=marks)
-    marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=probs.dtype).view(1, k, 1, 1))
-    index = (k - marks.amax(dim=1)).long()
+    if k > 255:  # the class marks would not fit in a byte
+        confidence, index = probs.max(dim=1)
+        return confidence, index
+    confidence = probs.amax(dim=1)
+    marks = argmax_workspace(probs) if workspace is None else workspace
+    torch.ge(probs, confidence.unsqueeze(1), out=marks.view(torch.bool))
+    marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=marks.dtype).view(1, k, 1, 1))
+    index = k - marks.amax(dim=1).long()
     return confidence, index
+
+
+def argmax_workspace(probs: torch.Tensor) -> torch.Tensor:
+    """Scratch marks for ``max_and_argmax``: one byte per value."""
+    return torch.empty(probs.shape, device=probs.device, dtype=torch.uint8)
 
 
 def correct_and_wrong(prediction: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None):
@@ -89,7 +98,8 @@ def class_mean_confidence(confidence: torch.Tensor, prediction: torch.Tensor, va
     """Per class: number of pixels predicted as it and their mean max probability (one scatter pass).
 
     confidence, prediction: (B, H, W) max probability and its class; valid: (B, H, W) bool or None.
-    Returns (count (K,), mean (K,)).
+    Returns (count (K,), mean (K,)). ``index_add_`` rather than ``bincount``: on CUDA
+    bincount reads its input's maximum back to the host, a synchronisation per step.
     """
     weight = torch.ones_like(confidence) if valid is None else valid.to(confidence.dtype)
     index = prediction.reshape(-1)
@@ -155,12 +165,12 @@ class DAWState:
         self.safe_threshold = torch.tensor(initial_threshold, device=device)
         self.labeled_class_mean = torch.full((k,), 1.0 / k, device=device)
         self.unlabeled_class_mean = torch.full((k,), 1.0 / k, device=device)
-        self._workspace = torch.empty(0, device=device)  # reused by max_and_argmax (no per-step allocation)
+        self._workspace = torch.empty(0, device=device, dtype=torch.uint8)  # reused by max_and_argmax (no per-step allocation)
 
     def workspace(self, like: torch.Tensor) -> torch.Tensor:
-        """A scratch tensor shaped like ``like``, reused across steps."""
+        """Scratch marks for ``max_and_argmax`` on a tensor shaped like ``like``, reused across steps."""
         if self._workspace.numel() < like.numel() or self._workspace.device != like.device:
-            self._workspace = torch.empty(like.numel(), device=like.device, dtype=torch.float32)
+            self._workspace = torch.empty(like.numel(), device=like.device, dtype=torch.uint8)
         return self._workspace[: like.numel()].view(like.shape)
 
     def to(self, device) -> "DAWState":
