@@ -201,3 +201,16 @@ def test_max_and_argmax_equals_torch_max_including_ties():
     assert torch.equal(values, expected_values)
     assert torch.equal(index, expected_index)
     assert index[0, 0, 0] == 2 and index[1, 3, 3] == 0
+
+
+def test_max_and_argmax_beyond_255_classes_and_with_a_reused_workspace():
+    from mitoseg.semi.daw import argmax_workspace, max_and_argmax
+
+    many = torch.softmax(torch.randn(2, 300, 4, 5), 1)
+    values, index = max_and_argmax(many)
+    assert torch.equal(index, many.max(dim=1).indices) and torch.equal(values, many.amax(dim=1))
+    probs = torch.softmax(torch.randn(2, 7, 6, 6), 1)
+    workspace = argmax_workspace(probs)
+    for _ in range(2):  # the marks left by the first call must not leak into the second
+        probs = probs.roll(1, dims=1)
+        assert torch.equal(max_and_argmax(probs, workspace)[1], probs.max(dim=1).indices)

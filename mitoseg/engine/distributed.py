@@ -102,11 +102,20 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(tensor.float()) / world_size()
 
 
-def _flat_groups(tensors: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+def _collective_in_place(tensors: list[torch.Tensor], collective) -> None:
+    """Run ``collective`` (in place on one flat tensor) over ``tensors``, one flat buffer per device and
+    dtype (a few large messages instead of one per tensor), and copy the results back."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        collective(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
 
 
 @torch.no_grad()
@@ -120,15 +129,12 @@ def all_reduce_gradients(parameters) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     scale = 1.0 / world_size()
-    for group in _flat_groups([p.grad for p in params]).values():
-        flat = torch.cat([g.reshape(-1) for g in group])
+
+    def average(flat):
         dist.all_reduce(flat)
         flat.mul_(scale)
-        offset = 0
-        for g in group:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
+
+    _collective_in_place([p.grad for p in params], average)
 
 
 @torch.no_grad()
@@ -136,15 +142,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Rank ``src``'s buffers (BatchNorm running statistics) on every rank."""
     if world_size() == 1:
         return
-    buffers = [b for b in module.buffers()]
-    for group in _flat_groups(buffers).values():
-        flat = torch.cat([b.reshape(-1) for b in group])
-        dist.broadcast(flat, src)
-        offset = 0
-        for b in group:
-            n = b.numel()
-            b.copy_(flat[offset:offset + n].view_as(b))
-            offset += n
+    _collective_in_place(list(module.buffers()), lambda flat: dist.broadcast(flat, src))
 
 
 @torch.no_grad()
@@ -152,15 +150,7 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Rank ``src``'s parameters and buffers on every rank (identical starting weights)."""
     if world_size() == 1:
         return
-    params = [p.data for p in module.parameters()]
-    for group in _flat_groups(params).values():
-        flat = torch.cat([p.reshape(-1) for p in group])
-        dist.broadcast(flat, src)
-        offset = 0
-        for p in group:
-            n = p.numel()
-            p.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+    _collective_in_place([p.data for p in module.parameters()], lambda flat: dist.broadcast(flat, src))
     broadcast_buffers(module, src)
 
 

@@ -58,7 +58,6 @@ from mitoseg.methods.base import StepContext, StepOutput, register_method
 from mitoseg.methods.pseudo_label import (
     PseudoLabelMethod,
     cutmix,
-    pseudo_label_quality,
     weighted_cross_entropy,
 )
 from mitoseg.semi.flow import (
@@ -241,19 +240,8 @@ class DensityDescendingMethod(PseudoLabelMethod):
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
         loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p)
 
-        valid_u = valid_all[:n_u]
-        logs.update({
-            "loss_x": loss_x.detach(),
-            "loss_s": (sum(losses_s) / len(losses_s)).detach(),
-            "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
-            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=device),
-        })
-        if pred_fp is not None:
-            logs["loss_fp"] = loss_fp.detach()
-        if self.daw is not None:
-            logs.update(self.daw.log_values())
-        if "label" in unlabeled:
-            logs.update(pseudo_label_quality(pl.weight[:n_u] > 0, pl.label[:n_u], unlabeled["label"][:n_u], valid_u))
+        logs.update(self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
+                                           loss_fp if pred_fp is not None else None))
         return StepOutput(loss=loss, logs=logs)
 
     @torch.no_grad()

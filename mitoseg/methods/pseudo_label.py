@@ -128,7 +128,7 @@ class PseudoLabelMethod(Method):
         x, y = labeled["image"], labeled["label"]
         n_x = x.shape[0]
         n_u = unlabeled["weak"].shape[0] // 2  # first half: the batch; second half: the mixing batch
-        weak, weak_mix = unlabeled["weak"][:n_u], unlabeled["weak"][n_u:]
+        weak = unlabeled["weak"][:n_u]
         valid_all = unlabeled["valid"]
 
         probs_all = self.predict_pseudo(ctx, unlabeled["weak"])
@@ -163,20 +163,29 @@ class PseudoLabelMethod(Method):
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
         loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
 
+        logs = self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
+                                      loss_fp if pred_fp is not None else None)
+        return StepOutput(loss=loss, logs=logs)
+
+    def unsupervised_logs(self, pl: PseudoLabels, n_u: int, valid_all: torch.Tensor, unlabeled: dict,
+                          loss_x: torch.Tensor, losses_s: list[torch.Tensor],
+                          loss_fp: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The step's logged values (tensors: read back only at log steps): losses, mask ratio, the
+        threshold, DAW's Gaussians and, with analysis labels, the used-wrong / discarded-correct trade-off."""
         valid_u = valid_all[:n_u]
         logs = {
             "loss_x": loss_x.detach(),
             "loss_s": (sum(losses_s) / len(losses_s)).detach(),
             "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
-            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=x.device),
+            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=loss_x.device),
         }
-        if pred_fp is not None:
+        if loss_fp is not None:
             logs["loss_fp"] = loss_fp.detach()
         if self.daw is not None:
             logs.update(self.daw.log_values())
         if "label" in unlabeled:
             logs.update(pseudo_label_quality(pl.weight[:n_u] > 0, pl.label[:n_u], unlabeled["label"][:n_u], valid_u))
-        return StepOutput(loss=loss, logs=logs)
+        return logs
 
     @torch.no_grad()
     def inspect(self, ctx: StepContext, patches: dict) -> dict[str, np.ndarray]:
