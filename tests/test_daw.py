@@ -214,3 +214,87 @@ def test_max_and_argmax_beyond_255_classes_and_with_a_reused_workspace():
     for _ in range(2):  # the marks left by the first call must not leak into the second
         probs = probs.roll(1, dims=1)
         assert torch.equal(max_and_argmax(probs, workspace)[1], probs.max(dim=1).indices)
+
+
+def test_nan_probabilities_give_valid_indices_and_leave_the_statistics_finite():
+    # Under fp16 autocast a fresh network in eval mode can overflow: its softmax is NaN.
+    from mitoseg.semi.daw import max_and_argmax
+
+    torch.manual_seed(0)
+    k = 4
+    labeled = torch.softmax(torch.randn(2, k, 8, 8) * 3, 1)
+    unlabeled = torch.softmax(torch.randn(2, k, 8, 8) * 3, 1)
+    labeled[0, :, :4] = float("nan")
+    unlabeled[1] = float("nan")
+    target = torch.randint(0, k, (2, 8, 8))
+    confidence, index = max_and_argmax(unlabeled)
+    assert int(index.min()) >= 0 and int(index.max()) < k
+    assert torch.isnan(confidence[1]).all() and torch.isfinite(confidence[0]).all()
+
+    state = DAWState(num_classes=k)
+    for _ in range(3):
+        state.update(labeled, target, unlabeled.clone())
+    for name, value in state.state_dict().items():
+        assert torch.isfinite(value).all(), name
+    # The finite pixels still move the statistics: the same update on them alone gives the same state.
+    clean = DAWState(num_classes=k)
+    for _ in range(3):
+        clean.update(labeled[1:], target[1:], unlabeled[:1].clone())
+    assert not torch.equal(state.mean, DAWState(num_classes=k).mean)  # the finite labeled pixels moved it
+    torch.testing.assert_close(state.unlabeled_class_mean, clean.unlabeled_class_mean)
+    aligned = state.align(unlabeled.clone())
+    weight = aligned.amax(1) >= state.threshold
+    assert not weight[1].any()  # NaN pixels are never used
+
+
+def test_moments_of_parts_add_up_to_the_statistics_of_the_whole():
+    from mitoseg.semi.daw import mean_var_from_moments, moments
+
+    torch.manual_seed(1)
+    values = torch.rand(500)
+    masks = torch.rand(2, 500) > 0.3
+    whole = masked_mean_var(values, masks)
+    parts = [masked_mean_var(values[:120], masks[:, :120]), masked_mean_var(values[120:], masks[:, 120:])]
+    pooled = mean_var_from_moments(sum(moments(*part) for part in parts))
+    for got, expected in zip(pooled, whole):
+        torch.testing.assert_close(got, expected)
+
+
+def _daw_rank(rank: int, world: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    labeled, target, unlabeled = _two_rank_batches()
+    state = DAWState(num_classes=3)
+    for _ in range(2):
+        state.update(labeled[rank:rank + 1], target[rank:rank + 1], unlabeled[rank:rank + 1].clone())
+    torch.save(state.state_dict(), f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def _two_rank_batches():
+    generator = torch.Generator().manual_seed(3)
+    labeled = torch.softmax(torch.randn(2, 3, 16, 16, generator=generator) * 2, 1)
+    target = labeled.argmax(1)
+    target[1, :, :6] = (target[1, :, :6] + 1) % 3  # wrong predictions only on rank 1
+    unlabeled = torch.softmax(torch.randn(2, 3, 16, 16, generator=generator) * 2, 1)
+    unlabeled[0, 2] = 0.0  # class 2 is never predicted on rank 0's unlabeled image
+    unlabeled = unlabeled / unlabeled.sum(1, keepdim=True)
+    return labeled, target, unlabeled
+
+
+def test_two_ranks_hold_the_state_of_one_process_that_saw_both_batches(tmp_path):
+    # Rank 0 has no wrong pixels and no unlabeled pixel of class 2: averaging per-rank means would
+    # halve those statistics; pooling counts and sums gives the single-process numbers.
+    import torch.multiprocessing as mp
+
+    result = str(tmp_path / "state")
+    mp.start_processes(_daw_rank, args=(2, str(tmp_path / "init"), result), nprocs=2, start_method="spawn")
+    labeled, target, unlabeled = _two_rank_batches()
+    single = DAWState(num_classes=3)
+    for _ in range(2):
+        single.update(labeled, target, unlabeled.clone())
+    for rank in range(2):
+        state = torch.load(f"{result}.{rank}", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(state[name], value, msg=f"rank {rank}: {name}")

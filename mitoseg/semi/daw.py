@@ -34,16 +34,21 @@ def max_and_argmax(probs: torch.Tensor, workspace: torch.Tensor | None = None):
     take ``amax`` again, which picks the first one, as ``argmax`` does. The marks
     are one byte each (a quarter of the memory traffic of float marks).
     ``workspace`` (a ``argmax_workspace(probs)`` tensor) avoids a fresh allocation.
+    A pixel with a NaN probability (an overflow under fp16 autocast, say) gets a NaN
+    confidence and an index that is a valid class (K - 1), never K: downstream
+    indexing with it must not fail (on CUDA a device-side assert ends the process).
     """
     k = probs.shape[1]
-    if k > 255:  # the class marks would not fit in a byte
+    if k > 255 or probs.device.type != "cpu":
+        # Beyond 255 classes the marks would not fit in a byte; on a GPU ``max`` is one fast kernel
+        # (its index of a NaN is the NaN's class, a valid one).
         confidence, index = probs.max(dim=1)
         return confidence, index
     confidence = probs.amax(dim=1)
     marks = argmax_workspace(probs) if workspace is None else workspace
     torch.ge(probs, confidence.unsqueeze(1), out=marks.view(torch.bool))
     marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=marks.dtype).view(1, k, 1, 1))
-    index = k - marks.amax(dim=1).long()
+    index = (k - marks.amax(dim=1).long()).clamp_(max=k - 1)
     return confidence, index
 
 
@@ -125,12 +130,30 @@ def ema_where(old: torch.Tensor, new: torch.Tensor, momentum: float, update: tor
     return torch.where(update, momentum * old + (1 - momentum) * new, old)
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average over DDP ranks (a no-op outside distributed training)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def moments(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(count, mean, unbiased variance) of S sets -> (S, 3) sums (n, sum x, sum x^2) in float64, which
+    add up over disjoint parts of the data (the pixels of several DDP ranks)."""
+    n, m = count.double(), mean.double()
+    return torch.stack([n, n * m, (n - 1).clamp_min(0) * var.double() + n * m * m], dim=-1)
+
+
+def mean_var_from_moments(sums: torch.Tensor):
+    """Inverse of :func:`moments` on summed moments: (count, mean, unbiased variance), float32."""
+    n, total, squares = sums.unbind(-1)
+    mean = total / n.clamp_min(1)
+    var = (squares - n * mean * mean) / (n - 1).clamp_min(1)
+    return n.float(), mean.float(), var.clamp_min(0).float()
+
+
+def distributed_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over DDP ranks (a copy; a no-op outside distributed training)."""
+    if distributed_world_size() > 1:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
     return tensor
 
 
@@ -191,15 +214,39 @@ class DAWState:
         unbiased variance (a set under ``MIN_SET_SIZE`` pixels keeps its values) and the
         threshold is recomputed (kept when the Gaussians do not cross). With
         ``unlabeled_probs``, the per-class alignment means of both streams move too.
-        The labeled argmax is computed once for both.
+        The labeled argmax is computed once for both. Under DDP the statistics are those
+        of the pixels of all ranks together (counts, sums and sums of squares are added
+        in one all-reduce), so every rank holds the same state.
         """
         k = self.num_classes
         labeled_probs = labeled_probs.float()
         confidence, prediction = max_and_argmax(labeled_probs, self.workspace(labeled_probs))
+        # A non-finite confidence (fp16 overflow) would make every running statistic NaN for good:
+        # such pixels take part in no set and count as 0 (masks multiply, and 0 * NaN is NaN).
+        finite = torch.isfinite(confidence)
+        confidence = confidence.nan_to_num_(0.0, 0.0, 0.0)
         positive, negative = correct_and_wrong(prediction, target, ignore_index)
+        positive, negative = positive & finite, negative & finite
         count, batch_mean, batch_var = masked_mean_var(confidence, torch.stack([positive, negative]))
-        # Averaged over DDP ranks (counts too, so every rank takes the same branch).
-        count, batch_mean, batch_var = (all_reduce_mean(t) for t in (count, batch_mean, batch_var))
+        sums = [moments(count, batch_mean, batch_var)]  # (2, 3): positives, negatives
+
+        if unlabeled_probs is not None:
+            labeled_valid = finite if ignore_index is None else finite & (target != ignore_index)
+            lab_count, lab_mean = class_mean_confidence(confidence, prediction, labeled_valid, k)
+            unlabeled_probs = unlabeled_probs.float()
+            u_confidence, u_prediction = max_and_argmax(unlabeled_probs, self.workspace(unlabeled_probs))
+            u_finite = torch.isfinite(u_confidence)
+            u_valid = u_finite if unlabeled_valid is None else u_finite & unlabeled_valid
+            unl_count, unl_mean = class_mean_confidence(u_confidence.nan_to_num_(0.0, 0.0, 0.0), u_prediction,
+                                                        u_valid, k)
+            # (2K, 3) rows of (n, sum, unused): labeled classes, then unlabeled classes.
+            counts, means = torch.cat([lab_count, unl_count]), torch.cat([lab_mean, unl_mean])
+            sums.append(moments(counts, means, torch.zeros_like(means)))
+
+        if distributed_world_size() > 1:
+            pooled = all_reduce_sum(torch.cat(sums)).split([len(part) for part in sums])
+            sums = list(pooled)
+            count, batch_mean, batch_var = mean_var_from_moments(sums[0])
         enough = count >= MIN_SET_SIZE
         self.mean = ema_where(self.mean, batch_mean, self.momentum, enough)
         self.var = ema_where(self.var, batch_var, self.momentum, enough)
@@ -210,15 +257,12 @@ class DAWState:
         self.safe_threshold = (self.mean[0] - 3 * sigma[0]).clamp(low, 1.0)
 
         if unlabeled_probs is not None:
-            labeled_valid = None if ignore_index is None else target != ignore_index
-            lab_count, lab_mean = class_mean_confidence(confidence, prediction, labeled_valid, k)
-            unlabeled_probs = unlabeled_probs.float()
-            u_confidence, u_prediction = max_and_argmax(unlabeled_probs, self.workspace(unlabeled_probs))
-            unl_count, unl_mean = class_mean_confidence(u_confidence, u_prediction, unlabeled_valid, k)
-            self.labeled_class_mean = ema_where(self.labeled_class_mean, all_reduce_mean(lab_mean),
-                                                self.momentum, all_reduce_mean(lab_count) > 0)
-            self.unlabeled_class_mean = ema_where(self.unlabeled_class_mean, all_reduce_mean(unl_mean),
-                                                  self.momentum, all_reduce_mean(unl_count) > 0)
+            if distributed_world_size() > 1:
+                counts, means, _ = mean_var_from_moments(sums[1])
+            lab_count, unl_count = counts.split(k)
+            lab_mean, unl_mean = means.split(k)
+            self.labeled_class_mean = ema_where(self.labeled_class_mean, lab_mean, self.momentum, lab_count > 0)
+            self.unlabeled_class_mean = ema_where(self.unlabeled_class_mean, unl_mean, self.momentum, unl_count > 0)
         return DAWStatistics(confidence=confidence, positive=positive, negative=negative)
 
     def align(self, unlabeled_probs: torch.Tensor, in_place: bool = False) -> torch.Tensor:
