@@ -66,7 +66,8 @@ RUNNER = textwrap.dedent("""
 def test_two_process_gloo_run_through_torchrun(tmp_path):
     root = tmp_path / "voc"
     split = make_pascal(root, n_labeled=4, n_unlabeled=4, n_val=3)
-    cfg = tiny_natural_config(root, split, "daw", iterations=2, val_every=2, log_every=1, checkpoint_every=1,
+    # daw_ddfp: DAW's pooled statistics, the flow's gradient averaging and MixBN all run on two ranks.
+    cfg = tiny_natural_config(root, split, "daw_ddfp", iterations=2, val_every=2, log_every=1, checkpoint_every=1,
                               inspect_every=2)
     cfg["data"]["batch_size"] = cfg["data"]["unlabeled_batch_size"] = 1
     config = tmp_path / "tiny.yaml"
@@ -77,8 +78,8 @@ def test_two_process_gloo_run_through_torchrun(tmp_path):
     weights.mkdir()
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(weights)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner),
-               "train", "--config", str(config), "--out", str(out), "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(runner)]
+    command = torchrun + ["train", "--config", str(config), "--out", str(out), "--no-progress"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("done: 2/2 iterations") == 1  # rank 0 alone reports
@@ -104,3 +105,19 @@ def test_two_process_gloo_run_through_torchrun(tmp_path):
     saved = torch.load(out / "last.pt", weights_only=True)
     for name, tensor in rank0["model"].items():
         assert torch.equal(saved["model"][name], tensor), name
+
+    assert isinstance(saved["rng"], list) and len(saved["rng"]) == 2  # every rank's generators
+
+    # Stopped after one iteration and resumed on two processes: the same weights on every rank.
+    resumed, resumed_weights = tmp_path / "resumed", tmp_path / "resumed_weights"
+    resumed_weights.mkdir()
+    env["RANK_WEIGHTS_DIR"] = str(resumed_weights)
+    for extra in (["--config", str(config), "--max-iters", "1"], ["--resume"]):
+        result = subprocess.run(torchrun + ["train", "--out", str(resumed), "--no-progress", *extra], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        continued = torch.load(resumed_weights / f"rank{rank}.pt", weights_only=True)
+        for part in ("model", "ema"):
+            for name, tensor in rank0[part].items():
+                assert torch.equal(continued[part][name], tensor), f"rank {rank}: {part}.{name} differs after resume"

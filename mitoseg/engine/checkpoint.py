@@ -94,8 +94,9 @@ def model_from_checkpoint(path: str | Path, weights: str = "ema", device="cpu") 
     return model.to(device).eval(), cfg
 
 
-def capture_rng_state() -> dict:
-    """Every RNG a training step may touch, as weights-only-loadable values."""
+def capture_rng_state(device: torch.device | None = None) -> dict:
+    """Every RNG a training step may touch, as weights-only-loadable values: Python's, NumPy's, torch's
+    CPU generator and, on CUDA, the generator of ``device`` (this process's GPU)."""
     np_state = np.random.get_state()
     state = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
@@ -103,17 +104,20 @@ def capture_rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda":
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"], device)
+        elif "cuda" in state:  # checkpoints of mitoseg <= 0.1.0 held every GPU's generator
+            torch.cuda.set_rng_state(state["cuda"][device.index or 0], device)

@@ -96,6 +96,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return work.to(device)
 
 
+def all_gather_objects(obj) -> list:
+    """``obj`` of every rank, as a list indexed by rank (pickled; for small states such as RNG states)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor

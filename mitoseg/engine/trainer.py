@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -35,6 +34,7 @@ from mitoseg.engine.checkpoint import (
     save_checkpoint,
 )
 from mitoseg.engine import distributed
+from mitoseg.engine.ema import ModelEMA
 from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
 from mitoseg.errors import MitosegError
 from mitoseg.inference import autocast, predict_volume
@@ -169,9 +169,7 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model = self.model.to(self.device)
         distributed.broadcast_parameters(self.model)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
-                                 use_buffers=True)
-        self.ema.module.eval().requires_grad_(False)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -274,18 +272,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: dict | list[dict] | None = None) -> dict:
+        """The whole training state; ``rng``: this process's RNG states, or under torchrun every rank's
+        (a list indexed by rank, gathered by :meth:`save`)."""
         return {
             "config": config_to_dict(self.cfg),
             "iteration": self.iteration,
             "model": self.model.state_dict(),
             "ema_model": self.ema.module.state_dict(),
-            "ema_n_averaged": self.ema.n_averaged.detach().clone(),
+            "ema_n_averaged": torch.tensor(self.ema.n_averaged),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state(self.device) if rng is None else rng,
             "best": self.best,
             "last_scores": self.last_scores,
             "wall_time_s": self.wall_time(),
@@ -294,12 +294,18 @@ class Trainer:
     def _restore(self, state: dict, path: Path) -> None:
         load_weights(self.model, state["model"], path, "model")
         load_weights(self.ema.module, state["ema_model"], path, "EMA model")
-        self.ema.n_averaged.copy_(state["ema_n_averaged"])
+        self.ema.n_averaged = int(state["ema_n_averaged"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
-        restore_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one entry per rank of a torchrun run
+            if len(rng) != self.dist.world_size:
+                raise MitosegError(f"--resume: {path} was written by {len(rng)} processes; resume it with "
+                                   f"as many (torchrun --nproc_per_node), not {self.dist.world_size}")
+            rng = rng[self.dist.rank]
+        restore_rng_state(rng, self.device)
         self.iteration = int(state["iteration"])
         self.best = state["best"]
         self.last_scores = state.get("last_scores")
@@ -310,8 +316,13 @@ class Trainer:
         return self.previous_wall_time + running
 
     def save(self, name: str) -> None:
-        if self.is_main:  # under torchrun only rank 0 writes (every rank holds the same weights)
-            save_checkpoint(self.out_dir / name, self.state_dict())
+        # Under torchrun only rank 0 writes (every rank holds the same weights), but each rank's random
+        # generators differ (dropout, flow sampling): they are gathered so that --resume is exact on every rank.
+        rng = capture_rng_state(self.device)
+        if self.dist.enabled:
+            rng = distributed.all_gather_objects(rng)
+        if self.is_main:
+            save_checkpoint(self.out_dir / name, self.state_dict(rng))
 
     # ------------------------------------------------------------------- data
 
@@ -396,7 +407,7 @@ class Trainer:
         self.scheduler.step()
         if self.dist.enabled:
             distributed.broadcast_buffers(self.model)
-        self.ema.update_parameters(self.model)
+        self.ema.update(self.model)
         return {"loss": out.loss.detach(), **out.logs}
 
     def _validate_and_keep_best(self, logger: RunLogger) -> None:

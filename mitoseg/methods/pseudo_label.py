@@ -99,6 +99,14 @@ class PseudoLabelMethod(Method):
     def threshold(self) -> torch.Tensor | float:
         return self.daw.threshold if self.daw is not None else self.cfg.method.threshold
 
+    def threshold_tensor(self, device: torch.device) -> torch.Tensor:
+        """The threshold as a device tensor, for the logs. A fixed threshold is filled in on the device
+        (``torch.full``): copying a host number to the GPU would wait for the GPU every step."""
+        threshold = self.threshold()
+        if isinstance(threshold, torch.Tensor):
+            return threshold.float()
+        return torch.full((), threshold, dtype=torch.float32, device=device)
+
     @torch.no_grad()
     def predict_pseudo(self, ctx: StepContext, weak: torch.Tensor) -> torch.Tensor:
         model = ctx.teacher if self.cfg.method.pseudo_labels == "teacher" else ctx.student
@@ -177,7 +185,7 @@ class PseudoLabelMethod(Method):
             "loss_x": loss_x.detach(),
             "loss_s": (sum(losses_s) / len(losses_s)).detach(),
             "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
-            "tau": torch.as_tensor(self.threshold(), dtype=torch.float32, device=loss_x.device),
+            "tau": self.threshold_tensor(loss_x.device),
         }
         if loss_fp is not None:
             logs["loss_fp"] = loss_fp.detach()
