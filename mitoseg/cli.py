@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,13 +37,54 @@ def cmd_sample_data(args) -> None:
         print(path)
 
 
+# What a training run writes into --out (mitoseg/engine/trainer.py, logging.py): `train --overwrite`
+# removes exactly these before the new run starts, so no file of the old run mixes with the new one,
+# and never touches anything else in the folder.
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "config.json")
+RUN_DIRS = ("tb", "inspect")
+
+
+def remove_run_outputs(out_dir: Path) -> list[Path]:
+    """Delete the files and folders of a previous run in ``out_dir``; returns what was removed.
+
+    Everything is checked before anything is deleted, so a refusal leaves the old run whole.
+    """
+    found = []
+    for name in RUN_FILES + RUN_DIRS:
+        path = out_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        # A link is removed as a link: its target is not part of the run.
+        is_dir = path.is_dir() and not path.is_symlink()
+        if is_dir and name in RUN_FILES:
+            raise MitosegError(f"{path} is a folder, but a run writes a file there; --overwrite only "
+                               "removes a run's own files, so move it away first")
+        if not is_dir and not path.is_symlink() and name in RUN_DIRS:
+            raise MitosegError(f"{path} is a file, but a run writes a folder there; --overwrite only "
+                               "removes a run's own files, so move it away first")
+        found.append((path, is_dir))
+    for path, is_dir in found:
+        if is_dir:
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [path for path, _ in found]
+
+
 def cmd_train(args) -> None:
     from mitoseg.config import check_paths_exist, config_from_dict, load_config
     from mitoseg.engine.checkpoint import load_checkpoint
 
     if args.config is None and not args.resume:
         raise MitosegError("train needs --config (or --resume --out RUN to continue a run)")
+    if args.config is None and args.out is None:
+        raise MitosegError("train --resume needs --out RUN: the run directory to continue (or --config, "
+                           "for the default runs/<config name>)")
+    if args.resume and args.overwrite:
+        raise MitosegError("--resume continues the run in --out and --overwrite deletes it: pass only one")
     out_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MitosegError(f"--out {out_dir} is a file, not a directory")
     if args.config is not None:
         cfg = load_config(args.config, args.set)
     else:
@@ -56,11 +98,16 @@ def cmd_train(args) -> None:
     info = distributed.setup(cfg.device)
     if not args.resume and not args.overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise MitosegError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace "
-                           "its files or --resume to continue its run")
+                           "its run files or --resume to continue its run")
     distributed.barrier()
     from mitoseg.engine.trainer import Trainer
 
     trainer = Trainer(cfg, out_dir, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
+    # Only now, with the data read and the model built (errors in either end the command
+    # before this point), is the old run deleted: a failed start leaves it intact.
+    if args.overwrite and info.is_main and out_dir.is_dir():
+        remove_run_outputs(out_dir)
+    distributed.barrier()
     summary = trainer.fit()
     distributed.cleanup()
     if not info.is_main:
@@ -204,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train a segmentation model. Writes OUT/last.pt, OUT/best.pt, "
-                                   "OUT/metrics.jsonl, OUT/tb (TensorBoard) and OUT/summary.json.",
+                                   "OUT/metrics.jsonl, OUT/tb (TensorBoard), OUT/summary.json, OUT/config.json "
+                                   "and, for the semi-supervised methods, OUT/inspect.",
                        epilog="example: mitoseg train --config configs/sample_supervised.yaml --out runs/sample "
                               "--set optim.lr=0.002 --set train.iterations=500")
     p.add_argument("--config", metavar="YAML", help="config file (see configs/ and the README's config reference)")
@@ -214,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--max-iters", type=positive_int, metavar="N",
                    help="stop after iteration N (the schedule still spans train.iterations; --resume continues)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into a non-empty --out: first delete the previous run's files there ("
+                        + ", ".join(RUN_FILES + tuple(f"{d}/" for d in RUN_DIRS))
+                        + "); nothing else in --out is touched. Not with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

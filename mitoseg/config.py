@@ -327,84 +327,214 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
-            raise MitosegError(f"unknown config key '{full}'{hint}")
+            # cutoff 0: always name the closest valid key, however far, so the user sees
+            # what this level accepts even for a key unlike any of them.
+            (close,) = difflib.get_close_matches(str(key), names, n=1, cutoff=0.0)
+            suggestion = f"{prefix}.{close}" if prefix else close
+            raise MitosegError(f"unknown config key '{full}'; did you mean '{suggestion}'?")
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class _Range:
+    """An interval of allowed values; ``high=None``: no upper bound."""
+
+    low: float
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"greater than {self.low}" if self.low_open else f"at least {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+_AT_LEAST_0 = _Range(0)
+_AT_LEAST_1 = _Range(1)
+_POSITIVE = _Range(0, low_open=True)
+_PROBABILITY = _Range(0, 1)
+_UNIT = _Range(0, 1, high_open=True)  # decays, momenta, dropout, overlap: 1 would freeze, drop or repeat everything
+
+# Every numeric scalar key and its allowed values. A value outside would crash
+# training after the run directory exists (a DataLoader with -1 workers, a
+# sliding window batch of 0) or silently mean something else (a negative weight
+# decay, a probability of 2). ``None`` (where a key allows it) means its default.
+_RANGES: dict[str, _Range] = {
+    "seed": _Range(0, 2**32 - 1),  # NumPy's global seed takes 0 .. 2**32 - 1
+    "data.crop_size": _Range(8),
+    "data.unlabeled_batch_size": _AT_LEAST_1,
+    "data.cutmix_prob": _PROBABILITY,
+    "data.num_classes": _Range(2),
+    "data.batch_size": _AT_LEAST_1,
+    "data.foreground_sampling": _PROBABILITY,
+    "data.num_workers": _AT_LEAST_0,
+    "data.normalize.lower": _Range(0, 100),
+    "data.normalize.upper": _Range(0, 100),
+    # A scale factor 1 + U(-s, s) must stay positive, or the jitter inverts the contrast.
+    "data.augment.intensity_scale": _UNIT,
+    "data.augment.intensity_shift": _AT_LEAST_0,
+    "data.augment.noise_std": _AT_LEAST_0,
+    "data.augment.prob": _PROBABILITY,
+    "data.strong.brightness": _AT_LEAST_0,
+    "data.strong.contrast": _UNIT,
+    "data.strong.blur_prob": _PROBABILITY,
+    "data.strong.noise_std": _AT_LEAST_0,
+    "data.strong.prob": _PROBABILITY,
+    "model.in_channels": _AT_LEAST_1,
+    "model.num_res_units": _AT_LEAST_0,
+    "model.feature_channels": _AT_LEAST_1,
+    "model.head_channels": _AT_LEAST_1,
+    "model.dropout": _UNIT,
+    "model.width": _Range(4),
+    "method.threshold": _PROBABILITY,
+    "method.fp_dropout": _UNIT,
+    "method.daw.momentum": _PROBABILITY,
+    "method.daw.alpha": _POSITIVE,
+    "method.daw.initial_threshold": _PROBABILITY,
+    "method.ddfp.start_iter": _AT_LEAST_0,
+    "method.ddfp.eps": _AT_LEAST_0,
+    "method.ddfp.blocks": _AT_LEAST_1,
+    "method.ddfp.hidden": _AT_LEAST_1,
+    "method.ddfp.clamp": _POSITIVE,
+    "method.ddfp.lr": _POSITIVE,
+    "method.ddfp.final_lr_ratio": _Range(0, 1, low_open=True),
+    "method.ddfp.grad_clip": _POSITIVE,
+    "method.ddfp.max_pixels": _AT_LEAST_1,
+    "method.ddfp.noise": _AT_LEAST_0,
+    "method.ddfp.chunk_pixels": _AT_LEAST_1,
+    "optim.lr": _POSITIVE,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.momentum": _UNIT,
+    "optim.poly_power": _AT_LEAST_0,
+    "optim.head_lr_multiplier": _POSITIVE,
+    "train.iterations": _AT_LEAST_1,
+    "train.epochs": _AT_LEAST_1,
+    "train.ema_decay": _UNIT,
+    "train.val_every": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.grad_clip": _POSITIVE,  # null: no clipping (0 would silently mean the same)
+    "train.inspect_every": _AT_LEAST_1,
+    "train.inspect_patches": _AT_LEAST_1,
+    "inference.overlap": _UNIT,
+    "inference.sw_batch_size": _AT_LEAST_1,
+    "inference.slab": _AT_LEAST_1,
+}
+
+# Integer lists whose every value has a lower bound (lengths are checked in _check_values).
+_LIST_MINIMUM: dict[str, int] = {
+    "model.channels": 1,
+    "model.strides": 1,  # a stride of 0 has no meaning (and the patch size check divides by it)
+    "model.aspp_dilations": 1,
+}
+
+NATURAL_KINDS = ("pascal", "cityscapes")
+
+
+def _lookup(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _check_values(cfg: Config) -> None:
-    """Constraints between values that types alone cannot express."""
+    """Ranges of numeric keys, and constraints between values that types alone cannot express."""
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise MitosegError(f"config key '{key}' {message}")
+
+    for key, allowed in _RANGES.items():
+        value = _lookup(cfg, key)
+        if value is not None:
+            need(value in allowed, key, f"must be {allowed}, got {value}")
+    for key, minimum in _LIST_MINIMUM.items():
+        values = _lookup(cfg, key)
+        if values is not None:
+            need(all(v >= minimum for v in values), key, f"values must be at least {minimum}, got {values}")
 
     natural = cfg.data.kind != "em"
     need(natural or bool(cfg.data.train.image), "data.train.image", "is required")
     need(not natural or bool(cfg.data.root), "data.root", f"is required for data.kind '{cfg.data.kind}'")
     need(not natural or bool(cfg.data.split or cfg.data.labeled_list), "data.split",
          "is required for natural images (or data.labeled_list)")
-    need(cfg.data.crop_size >= 8, "data.crop_size", "must be at least 8")
+    # Natural images mark ignored and padded pixels 255 (mitoseg/data/natural.py): only the
+    # 'ce' loss skips them; Dice + CE would read 255 as a class id and fail in the middle of training.
+    need(not natural or cfg.train.loss == "ce", "train.loss",
+         f"must be 'ce' for data.kind '{cfg.data.kind}' (natural images mark ignored pixels 255: "
+         "use train.loss: ce with train.ignore_index: 255)")
+    need(not natural or cfg.train.ignore_index == 255, "train.ignore_index",
+         f"must be 255 for data.kind '{cfg.data.kind}' (the value natural images mark ignored pixels with), "
+         f"got {cfg.train.ignore_index}")
     need(len(cfg.data.scale_range) == 2 and 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1],
          "data.scale_range", "must be [low, high] with 0 < low <= high")
-    need(cfg.train.epochs is None or (natural and cfg.train.epochs >= 1), "train.epochs",
-         "must be at least 1 and needs natural images (data.kind pascal or cityscapes)")
+    need(cfg.train.epochs is None or natural, "train.epochs",
+         "needs natural images (data.kind pascal or cityscapes)")
     need(cfg.model.pretrained is None or cfg.model.name == "deeplabv3plus", "model.pretrained",
          "is only used by model.name deeplabv3plus")
     need(cfg.model.aspp_dilations is None or len(cfg.model.aspp_dilations) == 3, "model.aspp_dilations",
          "must have 3 values")
-    need(cfg.model.width >= 4, "model.width", "must be at least 4")
     need(not natural or cfg.model.in_channels == 3, "model.in_channels",
          f"must be 3 for the RGB images of data.kind '{cfg.data.kind}'")
-    need(cfg.optim.head_lr_multiplier > 0, "optim.head_lr_multiplier", "must be positive")
-    need(cfg.data.num_classes >= 2, "data.num_classes", "must be at least 2")
+    if cfg.data.label_map:
+        ignore = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        bad = {raw: cls for raw, cls in cfg.data.label_map.items()
+               if not (0 <= cls < cfg.data.num_classes or cls == ignore)}
+        allowed = f"0..{cfg.data.num_classes - 1}" + (f" or train.ignore_index {ignore}" if ignore is not None else "")
+        need(not bad, "data.label_map", f"must map to class ids {allowed} (data.num_classes = "
+             f"{cfg.data.num_classes}), got {bad}")
+    need(cfg.data.normalize.lower < cfg.data.normalize.upper, "data.normalize.lower",
+         f"must be less than data.normalize.upper, got {cfg.data.normalize.lower} >= {cfg.data.normalize.upper}")
+    gamma, sigma = cfg.data.strong.gamma, cfg.data.strong.blur_sigma
+    need(len(gamma) == 2 and 0 < gamma[0] <= gamma[1], "data.strong.gamma",
+         f"must be [low, high] with 0 < low <= high, got {gamma}")
+    need(len(sigma) == 2 and 0 <= sigma[0] <= sigma[1], "data.strong.blur_sigma",
+         f"must be [low, high] with 0 <= low <= high, got {sigma}")
+    need(len(cfg.method.ddfp.betas) == 2 and all(b in _UNIT for b in cfg.method.ddfp.betas), "method.ddfp.betas",
+         f"must be two values {_UNIT}, got {cfg.method.ddfp.betas}")
+    # MONAI's UNet needs an encoder and at least one down-sampling level.
+    need(len(cfg.model.channels) >= 2, "model.channels", f"must have at least 2 values, got {cfg.model.channels}")
+    need(len(cfg.model.strides) == len(cfg.model.channels) - 1, "model.strides",
+         f"must have one value fewer than model.channels ({len(cfg.model.channels) - 1}), got {cfg.model.strides}")
     need(len(cfg.data.patch_size) == 2, "data.patch_size", "must have 2 values (y, x)")
     need(len(cfg.inference.roi_size) == 2, "inference.roi_size", "must have 2 values (y, x)")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
-    need(0.0 <= cfg.data.foreground_sampling <= 1.0, "data.foreground_sampling", "must be in [0, 1]")
-    need(0.0 <= cfg.data.normalize.lower < cfg.data.normalize.upper <= 100.0,
-         "data.normalize", "needs 0 <= lower < upper <= 100")
-    need(len(cfg.model.strides) == len(cfg.model.channels) - 1, "model.strides",
-         "must have one value fewer than model.channels")
     factor = 1
     for s in cfg.model.strides if cfg.model.name == "unet" else ():
         factor *= s
     for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.inference.roi_size)):
         need(all(s > 0 and s % factor == 0 for s in size), key,
              f"must be positive multiples of {factor} (the product of model.strides), got {size}")
-    need(cfg.train.iterations >= 1, "train.iterations", "must be at least 1")
-    need(0.0 <= cfg.data.cutmix_prob <= 1.0, "data.cutmix_prob", "must be in [0, 1]")
-    need(len(cfg.data.strong.gamma) == 2, "data.strong.gamma", "must be [low, high]")
-    need(len(cfg.data.strong.blur_sigma) == 2, "data.strong.blur_sigma", "must be [low, high]")
-    need(0.0 <= cfg.method.threshold <= 1.0, "method.threshold", "must be in [0, 1]")
-    need(0.0 <= cfg.method.fp_dropout < 1.0, "method.fp_dropout", "must be in [0, 1)")
-    need(0.0 <= cfg.method.daw.momentum <= 1.0, "method.daw.momentum", "must be in [0, 1]")
-    need(cfg.method.daw.alpha > 0, "method.daw.alpha", "must be positive")
-    ddfp = cfg.method.ddfp
-    need(ddfp.start_iter >= 0, "method.ddfp.start_iter", "must be at least 0")
-    need(ddfp.eps >= 0, "method.ddfp.eps", "must be at least 0")
-    need(min(ddfp.blocks, ddfp.hidden, ddfp.max_pixels, ddfp.chunk_pixels) >= 1, "method.ddfp",
-         "needs blocks, hidden, max_pixels and chunk_pixels of at least 1")
-    need(len(ddfp.betas) == 2 and all(0.0 <= b < 1.0 for b in ddfp.betas), "method.ddfp.betas",
-         "must be two values in [0, 1)")
-    need(ddfp.lr > 0 and 0.0 < ddfp.final_lr_ratio <= 1.0, "method.ddfp",
-         "needs lr > 0 and final_lr_ratio in (0, 1]")
-    need(ddfp.clamp > 0 and ddfp.grad_clip > 0 and ddfp.noise >= 0, "method.ddfp",
-         "needs clamp > 0, grad_clip > 0 and noise >= 0")
+    # A quarter turn swaps y and x: patches of one batch would differ in shape and fail to stack.
+    need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[0] == cfg.data.patch_size[1],
+         "data.augment.rot90", f"needs a square data.patch_size, got {cfg.data.patch_size}; "
+         "make the patch square or set data.augment.rot90: false")
     need(cfg.model.head_channels >= 2 or cfg.method.name not in ("ddfp", "daw_ddfp"), "model.head_channels",
          "must be at least 2 for the ddfp flow (it splits the channels in two)")
-    for key in ("val_every", "log_every", "checkpoint_every", "inspect_every", "inspect_patches"):
-        need(getattr(cfg.train, key) >= 1, f"train.{key}", "must be at least 1")
-    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
-    need(0.0 <= cfg.inference.overlap < 1.0, "inference.overlap", "must be in [0, 1)")
-    need(cfg.inference.slab >= 1, "inference.slab", "must be at least 1")
-    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+
+
+def _natural_loss_default(data: dict) -> dict:
+    """Natural images default to ``train.loss: ce``: only it skips their ignore label 255.
+
+    Applied to the raw mapping, so an explicit ``train.loss: dice_ce`` is still
+    seen (and refused) by :func:`_check_values`. Returns a new mapping.
+    """
+    section, train = data.get("data"), data.get("train")
+    if (isinstance(section, dict) and section.get("kind") in NATURAL_KINDS
+            and (train is None or (isinstance(train, dict) and "loss" not in train))):
+        return {**data, "train": {**(train or {}), "loss": "ce"}}
+    return data
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = _build(Config, _natural_loss_default(data), "")
     _check_values(cfg)
     return cfg
 

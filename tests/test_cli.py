@@ -200,3 +200,116 @@ def test_errors_have_no_traceback_unless_debug(tmp_path):
     assert result.stderr.strip() == f"mitoseg: error: config file not found: {tmp_path / 'missing.yaml'}"
     result = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True)
     assert "Traceback" in result.stderr and "MitosegError" in result.stderr
+
+
+def listing(folder):
+    """Every path under ``folder`` with its content (files) or None (folders): what a command left there."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_train_resume_without_out_or_config_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/, would appear here
+    code, _, err = run_cli(["train", "--resume", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "--resume", "--out")
+    assert "Traceback" not in err
+    assert listing(tmp_path) == {}
+
+
+def test_train_out_naming_a_file_is_one_line_error(tmp_path, tiny_config, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "results"
+    target.write_bytes(b"not a folder")
+    before = listing(work)
+    for args in (["--config", tiny_config], ["--resume"], ["--config", tiny_config, "--overwrite"]):
+        code, _, err = run_cli(["train", *args, "--out", target, "--no-progress"], capsys)
+        assert_one_line_error(code, err, str(target), "not a directory")
+        assert "Traceback" not in err
+        assert listing(work) == before
+
+
+def test_train_refuses_resume_with_overwrite(tmp_path, tiny_config, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", tiny_config, "--out", out, "--resume", "--overwrite"], capsys)
+    assert_one_line_error(code, err, "--resume", "--overwrite")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("data.num_workers=-1", "data.num_workers"),
+    ("inference.sw_batch_size=0", "inference.sw_batch_size"),
+    ("data.unlabeled_batch_size=0", "data.unlabeled_batch_size"),
+    ("model.channels=[8]", "model.channels"),
+])
+def test_out_of_range_config_value_stops_before_any_output(tmp_path, tiny_config, setting, key, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", tiny_config, "--out", out, "--set", setting, "--no-progress"], capsys)
+    assert_one_line_error(code, err, f"'{key}'", "tiny.yaml")
+    assert not out.exists()
+
+
+def test_train_overwrite_removes_the_previous_run_and_nothing_else(tmp_path, tiny_volumes, capsys):
+    out = tmp_path / "run"
+    stale = {
+        "last.pt": b"old", "best.pt": b"old", "summary.json": b'{"old": true}', "config.json": b'{"old": true}',
+        "metrics.jsonl": b'{"iter": 999, "split": "train", "loss": 1.0}\n',
+        "tb/events.out.tfevents.1.old": b"old", "inspect/iter_000999.json": b"{}",
+        "inspect/iter_000999.npz": b"old",
+    }
+    mine = {"notes.txt": b"keep", "mydata/volume.tif": b"keep", "tb_backup/events": b"keep",
+            "best.pt.bak": b"keep"}
+    for name, content in {**stale, **mine}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
+
+    # A start that fails (here: labels outside the classes) deletes nothing.
+    tifffile.imwrite(tmp_path / "label7.tif", np.full((8, 64, 64), 7, np.uint8))
+    code, _, err = run_cli(["train", "--config", config, "--out", out, "--overwrite", "--no-progress",
+                            "--set", f"data.train.label={tmp_path / 'label7.tif'}"], capsys)
+    assert_one_line_error(code, err, "label7.tif")
+    assert all((out / name).read_bytes() == content for name, content in {**stale, **mine}.items())
+
+    code, _, err = run_cli(["train", "--config", config, "--out", out, "--overwrite", "--no-progress"], capsys)
+    assert code == 0, err
+    for name, content in mine.items():
+        assert (out / name).read_bytes() == content, name
+    # The supervised method writes no inspection files: the old ones are gone with their folder.
+    assert not (out / "inspect").exists()
+    assert not (out / "tb" / "events.out.tfevents.1.old").exists()
+    assert list((out / "tb").iterdir()), "the new run's TensorBoard events are missing"
+    iterations = [json.loads(line)["iter"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iterations and max(iterations) == 6
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 6
+    assert json.loads((out / "config.json").read_text())["train"]["iterations"] == 6
+    for name in ("last.pt", "best.pt"):
+        assert torch.load(out / name, weights_only=True)["format"] == "mitoseg-checkpoint"
+
+
+def test_remove_run_outputs_unlinks_links_and_refuses_foreign_kinds(tmp_path):
+    from mitoseg.cli import remove_run_outputs
+    from mitoseg.errors import MitosegError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep")
+    (out / "tb").symlink_to(elsewhere, target_is_directory=True)
+    (out / "last.pt").write_bytes(b"old")
+    assert sorted(p.name for p in remove_run_outputs(out)) == ["last.pt", "tb"]
+    assert (elsewhere / "precious").read_text() == "keep" and list(out.iterdir()) == []
+    # A folder where a run writes a file (or the reverse) is not a run's own: left alone, with an error.
+    # Checked before anything is deleted: the old run stays whole.
+    (out / "last.pt").write_bytes(b"old")
+    (out / "best.pt").mkdir()
+    with pytest.raises(MitosegError, match="best.pt is a folder"):
+        remove_run_outputs(out)
+    assert (out / "last.pt").read_bytes() == b"old"
+    (out / "best.pt").rmdir()
+    (out / "last.pt").unlink()
+    (out / "inspect").write_text("mine")
+    with pytest.raises(MitosegError, match="inspect is a file"):
+        remove_run_outputs(out)
+    assert (out / "inspect").read_text() == "mine"

@@ -1,3 +1,6 @@
+import dataclasses
+import typing
+
 import pytest
 import yaml
 
@@ -118,3 +121,155 @@ def test_unquoted_slice_ranges_stay_strings_and_exponents_are_floats(tmp_path):
     cfg = load_config(path)
     assert cfg.data.train.slices == "40:45"
     assert cfg.optim.lr == pytest.approx(1e-3)
+
+
+# Each key with a value just outside its allowed range (refused) and one at the edge (accepted),
+# so a range that is too strict fails this test as well as one that is too loose.
+RANGE_CASES = [
+    ("seed", "-1", "0", "in [0, 4294967295]"),
+    ("data.batch_size", "0", "1", "at least 1"),
+    ("data.unlabeled_batch_size", "0", "1", "at least 1"),
+    ("data.num_workers", "-1", "0", "at least 0"),
+    ("data.num_classes", "1", "2", "at least 2"),
+    ("data.crop_size", "7", "8", "at least 8"),
+    ("data.foreground_sampling", "1.5", "1.0", "in [0, 1]"),
+    ("data.cutmix_prob", "-0.1", "0.0", "in [0, 1]"),
+    ("data.normalize.lower", "-1", "0", "in [0, 100]"),
+    ("data.normalize.upper", "101", "100", "in [0, 100]"),
+    ("data.augment.intensity_scale", "1.0", "0.99", "in [0, 1)"),
+    ("data.augment.intensity_shift", "-0.1", "0", "at least 0"),
+    ("data.augment.noise_std", "-0.1", "0", "at least 0"),
+    ("data.augment.prob", "2", "1", "in [0, 1]"),
+    ("data.strong.brightness", "-0.1", "0", "at least 0"),
+    ("data.strong.contrast", "1", "0", "in [0, 1)"),
+    ("data.strong.blur_prob", "1.1", "1", "in [0, 1]"),
+    ("data.strong.noise_std", "-1", "0", "at least 0"),
+    ("data.strong.prob", "-0.5", "0", "in [0, 1]"),
+    ("model.in_channels", "0", "1", "at least 1"),
+    ("model.num_res_units", "-1", "0", "at least 0"),
+    ("model.feature_channels", "0", "1", "at least 1"),
+    ("model.head_channels", "0", "1", "at least 1"),
+    ("model.dropout", "1.0", "0.5", "in [0, 1)"),
+    ("model.width", "3", "4", "at least 4"),
+    ("method.threshold", "1.01", "1.0", "in [0, 1]"),
+    ("method.fp_dropout", "1", "0", "in [0, 1)"),
+    ("method.daw.momentum", "1.5", "1.0", "in [0, 1]"),
+    ("method.daw.alpha", "0", "0.01", "greater than 0"),
+    ("method.daw.initial_threshold", "-0.01", "0", "in [0, 1]"),
+    ("method.ddfp.start_iter", "-1", "0", "at least 0"),
+    ("method.ddfp.eps", "-1", "0", "at least 0"),
+    ("method.ddfp.blocks", "0", "1", "at least 1"),
+    ("method.ddfp.hidden", "0", "1", "at least 1"),
+    ("method.ddfp.clamp", "0", "0.1", "greater than 0"),
+    ("method.ddfp.lr", "0", "1e-5", "greater than 0"),
+    ("method.ddfp.final_lr_ratio", "0", "1", "in (0, 1]"),
+    ("method.ddfp.grad_clip", "0", "1", "greater than 0"),
+    ("method.ddfp.max_pixels", "0", "1", "at least 1"),
+    ("method.ddfp.noise", "-0.1", "0", "at least 0"),
+    ("method.ddfp.chunk_pixels", "0", "1", "at least 1"),
+    ("optim.lr", "0", "1e-6", "greater than 0"),
+    ("optim.lr", "-0.1", "1e-6", "greater than 0"),
+    ("optim.weight_decay", "-1e-4", "0", "at least 0"),
+    ("optim.momentum", "1", "0", "in [0, 1)"),
+    ("optim.poly_power", "-0.9", "0", "at least 0"),
+    ("optim.head_lr_multiplier", "0", "0.5", "greater than 0"),
+    ("train.iterations", "0", "1", "at least 1"),
+    ("train.ema_decay", "1.0", "0.0", "in [0, 1)"),
+    ("train.ema_decay", "-0.1", "0.999", "in [0, 1)"),
+    ("train.val_every", "0", "1", "at least 1"),
+    ("train.log_every", "0", "1", "at least 1"),
+    ("train.checkpoint_every", "0", "1", "at least 1"),
+    ("train.inspect_every", "0", "1", "at least 1"),
+    ("train.inspect_patches", "0", "1", "at least 1"),
+    ("train.grad_clip", "0", "0.5", "greater than 0"),
+    ("inference.overlap", "1", "0", "in [0, 1)"),
+    ("inference.overlap", "-0.25", "0.75", "in [0, 1)"),
+    ("inference.sw_batch_size", "0", "1", "at least 1"),
+    ("inference.slab", "0", "1", "at least 1"),
+]
+
+
+@pytest.mark.parametrize("key, bad, good, allowed", RANGE_CASES, ids=[f"{c[0]}={c[1]}" for c in RANGE_CASES])
+def test_numeric_keys_outside_their_range_are_refused(tmp_path, key, bad, good, allowed):
+    path = write(tmp_path, minimal())
+    with pytest.raises(MitosegError) as info:
+        load_config(path, [f"{key}={bad}"])
+    message = str(info.value)
+    assert f"config key '{key}' must be {allowed}, got " in message, message
+    assert "\n" not in message
+    load_config(path, [f"{key}={good}"])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.channels=[16]", "model.strides=[]"], "'model.channels' must have at least 2 values"),
+    (["model.channels=[16, 32, 64]", "model.strides=[2]"], "'model.strides' must have one value fewer"),
+    (["model.channels=[0, 16]", "model.strides=[2]"], "'model.channels' values must be at least 1"),
+    # A stride of 0 once reached the patch size check as a division by zero (a traceback).
+    (["model.strides=[0, 2, 2]"], "'model.strides' values must be at least 1"),
+    (["model.aspp_dilations=[6, 0, 18]"], "'model.aspp_dilations' values must be at least 1"),
+    (["data.normalize.lower=50", "data.normalize.upper=50"], "'data.normalize.lower' must be less than"),
+    (["data.strong.gamma=[0, 1.5]"], "'data.strong.gamma' must be [low, high] with 0 < low"),
+    (["data.strong.gamma=[1.5, 0.7]"], "'data.strong.gamma' must be [low, high]"),
+    (["data.strong.blur_sigma=[-0.1, 1]"], "'data.strong.blur_sigma' must be [low, high] with 0 <= low"),
+    (["method.ddfp.betas=[0.5, 1.0]"], "'method.ddfp.betas' must be two values in [0, 1)"),
+    (["data.label_map={255: 2}"], "'data.label_map' must map to class ids 0..1"),
+    # A quarter turn of a 64 x 128 patch is 128 x 64: the batch would not stack.
+    (["data.patch_size=[64, 128]"], "'data.augment.rot90' needs a square data.patch_size"),
+])
+def test_list_and_related_values_are_checked(tmp_path, overrides, needle):
+    with pytest.raises(MitosegError) as info:
+        load_config(write(tmp_path, minimal()), overrides)
+    assert needle in str(info.value)
+
+
+def test_non_square_patches_need_rot90_off(tmp_path):
+    cfg = load_config(write(tmp_path, minimal()), ["data.patch_size=[64, 128]", "data.augment.rot90=false"])
+    assert cfg.data.patch_size == [64, 128]
+
+
+def test_label_map_may_map_to_the_ignore_index_of_the_ce_loss(tmp_path):
+    path = write(tmp_path, minimal())
+    cfg = load_config(path, ["data.label_map={255: 1, 7: 255}", "train.loss=ce", "train.ignore_index=255"])
+    assert cfg.data.label_map == {255: 1, 7: 255}
+    with pytest.raises(MitosegError, match="data.label_map"):
+        load_config(path, ["data.label_map={7: 255}"])  # dice_ce ignores nothing
+
+
+def field_names(section: str) -> set[str]:
+    """The valid keys of a config level, e.g. "data.augment" (the top level: "")."""
+    cls = Config
+    for part in filter(None, section.split(".")):
+        cls = typing.get_type_hints(cls)[part]
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("key", ["zzzz_top", "optim.zzzz", "data.augment.qqq"])
+def test_unknown_key_always_gets_a_suggestion_even_unlike_any_valid_key(tmp_path, key):
+    section = key.rpartition(".")[0]
+    with pytest.raises(MitosegError) as info:
+        load_config(write(tmp_path, minimal()), [f"{key}=1"])
+    message = str(info.value)
+    assert f"unknown config key '{key}'; did you mean '" in message, message
+    suggestion = message.split("did you mean '", 1)[1].split("'", 1)[0]
+    # A valid key of the same level, not of another one.
+    prefix, _, name = suggestion.rpartition(".")
+    assert prefix == section and name in field_names(section), suggestion
+
+
+def natural_config(**train):
+    return {"data": {"kind": "pascal", "root": "voc", "split": "92", "num_classes": 21},
+            "model": {"in_channels": 3}, **({"train": train} if train else {})}
+
+
+def test_natural_images_refuse_dice_ce_and_default_to_ce():
+    with pytest.raises(MitosegError) as info:
+        config_from_dict(natural_config(loss="dice_ce"))
+    message = str(info.value)
+    assert "'train.loss' must be 'ce' for data.kind 'pascal'" in message and "ignore_index: 255" in message
+    assert config_from_dict(natural_config()).train.loss == "ce"
+    assert config_from_dict(natural_config(iterations=5)).train.loss == "ce"
+    assert config_from_dict(natural_config(loss="ce")).train.loss == "ce"
+    with pytest.raises(MitosegError, match="'train.ignore_index' must be 255 for data.kind 'pascal'"):
+        config_from_dict(natural_config(loss="ce", ignore_index=0))
+    # EM keeps dice_ce as its default.
+    assert config_from_dict(minimal()).train.loss == "dice_ce"
