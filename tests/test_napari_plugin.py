@@ -83,7 +83,7 @@ def by_role(viewer, role: str):
 # --------------------------------------------------------------------------- packaging
 
 
-def test_napari_finds_the_plugin_and_its_manifest_is_valid():
+def test_napari_finds_the_plugin_and_its_manifest_is_valid(tmp_path):
     from npe2 import PluginManager, PluginManifest
 
     manifest = PluginManifest.from_distribution("mitoseg")  # via the napari.manifest entry point
@@ -95,7 +95,40 @@ def test_napari_finds_the_plugin_and_its_manifest_is_valid():
     pm = PluginManager.instance()
     pm.discover()
     assert "mitoseg" in pm
-    assert {r.plugin_name for r in pm.iter_compatible_readers(["volume.h5"])} >= {"mitoseg"}
+
+    def offered(path) -> bool:
+        return "mitoseg" in {r.plugin_name for r in pm.iter_compatible_readers([str(path)])}
+
+    run = tmp_path / "run"
+    (run / "inspect").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    for path in ("volume.h5", "volume.hdf5", "stack.tif", "STACK.TIFF", run, run / "inspect",
+                 run / "inspect" / "iter_000010.npz", run / "inspect" / "iter_000010.json", run / "metrics.jsonl"):
+        assert offered(path), path
+    # Other plugins keep what mitoseg cannot read.
+    for path in ("notes.txt", "image.jpg", "photo.png", "arrays.npz", "config.json", "table.csv"):
+        assert not offered(path), path
+
+
+def test_reader_says_not_mine_for_what_it_cannot_look_at(tmp_path, monkeypatch):
+    from mitoseg_napari import _reader
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    (tmp_path / "stack.tif").write_bytes(b"")
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if Path(path) == folder:  # as for a folder without read permission (root ignores chmod)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(_reader.os, "listdir", listdir)
+    assert _reader.napari_get_reader(str(folder)) is None
+    assert _reader.napari_get_reader([str(folder), str(folder)]) is None
+    assert _reader.napari_get_reader(str(tmp_path / "stack.tif")) is _reader.read_paths
+    assert _reader.napari_get_reader(str(tmp_path / "missing.tif")) is None
+    assert _reader.napari_get_reader([]) is None
 
 
 def test_widgets_open_from_the_plugins_menu_registry(make_napari_viewer):
@@ -146,6 +179,48 @@ def test_reader_opens_tiff_hdf5_zarr_and_large_volumes_lazily(make_napari_viewer
     with pytest.raises(Exception, match="broken.tif"):
         viewer.open(tmp_path / "broken.tif", plugin="mitoseg")
     assert _reader.napari_get_reader(str(tmp_path / "notes.txt")) is None
+
+
+def test_reader_opens_zarr_groups_and_slice_folders(make_napari_viewer, tmp_path):
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (3, 12, 14), dtype=np.uint8)
+    label = (image > 100).astype(np.uint8)
+    group = zarr.open_group(str(tmp_path / "group.zarr"), mode="w")
+    group.create_array("em/raw", data=image)
+    group.create_array("em/labels", data=label)
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    for i, plane in enumerate(image, start=9):  # slice9, slice10, slice11: natural order, not by name
+        iio.imwrite(slices / f"slice{i}.png", plane)
+
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "group.zarr"), plugin="mitoseg")  # one layer per array
+    assert {layer.name: type(layer) for layer in layers} == {"group em/raw": Image, "group em/labels": Labels}
+    np.testing.assert_array_equal(viewer.layers["group em/raw"].data, image)
+    np.testing.assert_array_equal(viewer.layers["group em/labels"].data, label)
+    [layer] = viewer.open(str(slices), plugin="mitoseg")
+    assert isinstance(layer, Image) and layer.name == "slices"
+    np.testing.assert_array_equal(layer.data, image)
+
+
+def test_reader_opens_an_inspection_file_npz_or_json_at_its_iteration(make_napari_viewer, daw_run):
+    viewer = make_napari_viewer()
+    for iteration, suffix in ((1, ".npz"), (2, ".json"), (1, ".json")):
+        meta, arrays = recorded(daw_run, iteration)
+        viewer.layers.clear()
+        viewer.open(str(daw_run / "inspect" / f"iter_{iteration:06d}{suffix}"), plugin="mitoseg")
+        image = by_role(viewer, "image")
+        assert image.name == f"daw {iteration}: image"
+        assert image.metadata["mitoseg"]["iteration"] == iteration
+        np.testing.assert_array_equal(image.data, arrays["image"])
+        np.testing.assert_array_equal(by_role(viewer, "confidence").data, arrays["confidence"])
+        weight = by_role(viewer, "weight")
+        assert int((weight.data == 1).sum()) == meta["used_pixels"]
+        assert int((weight.data == 2).sum()) == meta["discarded_pixels"]
+        used, correct = arrays["weight"] == 1, arrays["pseudo_label"] == arrays["label"]
+        np.testing.assert_array_equal(by_role(viewer, "outcome").data == 2, used & ~correct)  # wrong used
 
 
 def test_reader_opens_a_run_folder_at_its_latest_inspection(make_napari_viewer, daw_run):
@@ -278,6 +353,78 @@ def test_predict_cancel_stops_between_slabs_and_adds_nothing(make_napari_viewer,
     assert any("cancelled" in message for message in notifications)
 
 
+def test_predict_widget_opens_without_torch_and_refuses_cuda_without_it(make_napari_viewer, qtbot, daw_run,
+                                                                        monkeypatch, notifications):
+    import sys
+
+    import torch
+
+    from mitoseg_napari._predict_widget import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 32, 32), np.uint8), name="em")
+    with monkeypatch.context() as m:
+        # Building the widget must neither import torch nor probe CUDA (seconds on the GUI thread):
+        # with torch unimportable it still offers every device.
+        m.setitem(sys.modules, "torch", None)
+        widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert [widget.device.itemText(i) for i in range(widget.device.count())] == ["auto", "cpu", "cuda"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    widget.checkpoint.setText(str(daw_run / "best.pt"))
+    widget.device.setCurrentText("cuda")
+    with qtbot.waitSignal(widget.prediction_done, timeout=WAIT_MS) as done:
+        widget.predict()
+    assert done.args == ["failed"]
+    assert [m for m in notifications if "'cuda'" in m and "CUDA is not available" in m and "'cpu'" in m], \
+        notifications
+    assert [layer.name for layer in viewer.layers] == ["em"] and widget.predict_button.isEnabled()
+
+
+def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_prediction(
+        make_napari_viewer, qtbot, notifications):
+    from mitoseg_napari._evaluate_widget import EvaluateWidget
+
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 2, (3, 16, 16), dtype=np.uint8)
+    pred = truth.copy()
+    pred[0, :2] = 1 - pred[0, :2]  # 32 wrong pixels in the first slice
+    viewer = make_napari_viewer()
+    viewer.add_labels(truth, name="gt")
+    viewer.add_labels(pred[:2], name="short prediction")
+    evaluate = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(evaluate)
+    evaluate.prediction_layer.setCurrentText("short prediction")
+    evaluate.truth_layer.setCurrentText("gt")
+    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
+        evaluate.evaluate_button.click()
+    assert done.args == ["failed"]
+    assert [m for m in notifications if "(2, 16, 16)" in m and "(3, 16, 16)" in m and "must match" in m], \
+        notifications
+    assert "short prediction errors" not in viewer.layers and evaluate.evaluate_button.isEnabled()
+
+    prediction = viewer.add_labels(pred, name="prediction", scale=(2.0, 1.0, 1.0), translate=(0.0, 5.0, 0.0))
+    evaluate.prediction_layer.setCurrentText("prediction")
+    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
+        evaluate.evaluate()
+    assert done.args == ["done"]
+    errors = viewer.layers["prediction errors"]
+    false_positive, false_negative = int(((pred == 1) & (truth == 0)).sum()), int(((pred == 0) & (truth == 1)).sum())
+    assert false_positive + false_negative == 32
+    assert f"{false_positive:,} false positive and {false_negative:,} false negative" in evaluate.status.text()
+    # The prediction moves: evaluating again updates the same layer and puts it where the prediction is.
+    prediction.scale, prediction.translate = (3.0, 0.5, 0.5), (1.0, 2.0, 4.0)
+    errors.opacity = 0.3
+    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
+        evaluate.evaluate()
+    assert done.args == ["done"]
+    assert viewer.layers["prediction errors"] is errors and errors.opacity == pytest.approx(0.3)
+    np.testing.assert_allclose(errors.scale, prediction.scale)
+    np.testing.assert_allclose(errors.translate, prediction.translate)
+    np.testing.assert_array_equal(errors.data == 1, (pred == 1) & (truth == 0))
+
+
 def test_failures_are_notifications_not_crashes(make_napari_viewer, qtbot, tmp_path, notifications):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((2, 32, 32), np.uint8), name="em")
@@ -356,6 +503,70 @@ def test_inspector_shows_what_the_run_recorded(make_napari_viewer, qtbot, daw_ru
     with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS) as shown:
         inspector.refresh_button.click()  # re-reads the folder and stays on the shown iteration
     assert shown.args == [1] and inspector.slider.value() == 0
+
+
+def test_inspector_reopened_after_a_slider_move_shows_the_latest_iteration(make_napari_viewer, qtbot, daw_run):
+    viewer = make_napari_viewer()
+    _, inspector = viewer.window.add_plugin_dock_widget("mitoseg", "Pseudo-label inspector")
+    with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS):
+        inspector.open_run(daw_run)
+    with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS) as shown:
+        inspector.slider.setValue(0)
+    assert shown.args == [1]
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+
+    seen = []
+    inspector.iteration_shown.connect(seen.append)
+    inspector.open_run(daw_run)
+    qtbot.waitUntil(lambda: inspector.worker is None and bool(seen), timeout=WAIT_MS)
+    qtbot.wait(50)  # a stale slider position would start one more load here
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+    assert seen == [2]  # opened at the run's last iteration, and nothing after it
+    assert inspector.inspection.iteration == 2 and inspector.slider.value() == 1
+    assert by_role(viewer, "image").metadata["mitoseg"]["iteration"] == 2
+
+
+def test_inspector_opens_a_run_with_fewer_inspection_files(make_napari_viewer, qtbot, daw_run, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(daw_run, short)
+    for file in (short / "inspect").glob("iter_000001.*"):
+        file.unlink()
+    viewer = make_napari_viewer()
+    _, inspector = viewer.window.add_plugin_dock_widget("mitoseg", "Pseudo-label inspector")
+    with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS):
+        inspector.open_run(daw_run)
+    for index, iteration in ((0, 1), (1, 2)):  # the slider was moved, last to the second position
+        with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS) as shown:
+            inspector.slider.setValue(index)
+        assert shown.args == [iteration]
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+
+    seen = []
+    inspector.iteration_shown.connect(seen.append)
+    inspector.open_run(short)
+    qtbot.waitUntil(lambda: inspector.worker is None and bool(seen), timeout=WAIT_MS)
+    qtbot.wait(50)
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+    assert seen == [2] and inspector.run_dir == short and inspector.iterations == [2]
+    assert (inspector.slider.minimum(), inspector.slider.maximum(), inspector.slider.value()) == (0, 0, 0)
+    assert not inspector.slider.isEnabled()
+    image = by_role(viewer, "image")
+    assert image.name.startswith("short: ") and image.metadata["mitoseg"]["path"] == str(
+        short / "inspect" / "iter_000002.npz")
+
+    # Back to the longer run while a load is still running: the open wins, at the last iteration.
+    with qtbot.waitSignal(inspector.iteration_shown, timeout=WAIT_MS):
+        inspector.open_run(daw_run)
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+    inspector.slider.setValue(0)  # starts loading iteration 1 of the long run
+    assert inspector.worker is not None
+    inspector.open_run(short)  # queued behind that load
+    inspector.slider.setValue(1)  # a position in the long run's list, meaningless for the short one
+    qtbot.waitUntil(lambda: inspector.worker is None and inspector.run_dir == short, timeout=WAIT_MS)
+    qtbot.wait(50)
+    qtbot.waitUntil(lambda: inspector.worker is None, timeout=WAIT_MS)
+    assert inspector.run_dir == short and inspector.inspection.iteration == 2
+    assert (inspector.slider.maximum(), inspector.slider.value()) == (0, 0)
 
 
 def test_inspection_with_log_density_adds_an_aligned_layer(make_napari_viewer, qtbot, daw_run, tmp_path):

@@ -55,7 +55,7 @@ def error_map(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def evaluate_arrays(prediction, target) -> dict:
-    """Worker: scores and error map of two label arrays of the same shape, slice by slice."""
+    """Worker: scores, error map and its per-kind pixel counts of two label arrays of the same shape."""
     from mitoseg.metrics import confusion_matrix, scores_from_confusion
 
     if tuple(prediction.shape) != tuple(target.shape):
@@ -75,7 +75,10 @@ def evaluate_arrays(prediction, target) -> dict:
         matrix = m if matrix is None else matrix + m
     scores = scores_from_confusion(matrix)
     scores["confusion"] = matrix.tolist()
-    return {"scores": scores, "errors": error_map(pred, truth)}
+    errors = error_map(pred, truth)
+    # Counted here, not in the GUI thread: a pass over the whole volume.
+    counts = np.bincount(errors.ravel(), minlength=len(ERROR_NAMES) + 1)
+    return {"scores": scores, "errors": errors, "counts": {value: int(counts[value]) for value in ERROR_NAMES}}
 
 
 class EvaluateWidget(QWidget):
@@ -169,12 +172,15 @@ class EvaluateWidget(QWidget):
         name = f"{pred_name} errors"
         kwargs = {"colormap": direct_colormap(ERROR_NAMES), "features": label_features(ERROR_NAMES, "error"),
                   "metadata": {LAYER_KEY: {"role": "errors", "prediction": pred_name, "truth": truth_name}}}
-        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Labels) \
-                and self._viewer.layers[name].data.shape == errors.shape:
-            self._viewer.layers[name].data = errors
+        layer = self._viewer.layers[name] if name in self._viewer.layers else None
+        if isinstance(layer, Labels) and layer.data.shape == errors.shape:
+            # Reused so that the user's opacity and visibility stay; placed where the prediction is now.
+            layer.data = errors
+            layer.scale, layer.translate = scale, translate
+            layer.metadata = kwargs["metadata"]
         else:
             self._viewer.add_labels(errors, name=name, scale=scale, translate=translate, opacity=0.7, **kwargs)
-        counts = np.bincount(errors.ravel(), minlength=4)
+        counts = result["counts"]
         headline = f"fg IoU = {_fmt(scores['fg_iou'])}, fg Dice = {_fmt(scores['fg_dice'])}; " \
             if "fg_iou" in scores else f"mIoU = {_fmt(scores['miou'])}; "
         self.status.setText(f"{headline}{counts[FALSE_POSITIVE]:,} false positive and {counts[FALSE_NEGATIVE]:,} "

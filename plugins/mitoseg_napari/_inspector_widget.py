@@ -73,6 +73,8 @@ class InspectorWidget(QWidget):
         self.inspection: Inspection | None = None
         self.layers: dict = {}  # role -> napari layer
         self.worker = None
+        # The iteration (not the slider index: the list of files changes when a run is (re)opened) the
+        # slider asked for while a worker was busy; loaded when the worker ends, dropped by an open.
         self._wanted: int | None = None
         self._queued_open: tuple | None = None
         self._plots_dock = None
@@ -121,23 +123,20 @@ class InspectorWidget(QWidget):
         if not str(path).strip():
             self._fail(MitosegError("choose a run folder"))
             return
-        self._start(_open_run, str(path))
+        self._request_open(str(path), None)
 
     def refresh(self) -> None:
         """Re-read the run folder (new inspection files of a running training), staying on this iteration."""
         if self.run_dir is not None:
-            self._start(_open_run, str(self.run_dir), self.inspection.iteration if self.inspection else None)
+            self._request_open(str(self.run_dir), self.inspection.iteration if self.inspection else None)
 
     def show_index(self, index: int) -> None:
         """Show the ``index``-th saved iteration (the slider position)."""
-        if not self.files or not 0 <= index < len(self.files):
+        if not 0 <= index < len(self.files):
             return
-        if self.inspection is not None and self.files[index][0] == self.inspection.iteration \
-                and self.worker is None:
-            return
-        self._wanted = index
+        self._wanted = self.files[index][0]
         if self.worker is None:
-            self._start(_load, self.run_dir, self.files, index)
+            self._load_wanted()
 
     @property
     def iterations(self) -> list[int]:
@@ -145,13 +144,37 @@ class InspectorWidget(QWidget):
 
     # ----------------------------------------------------------------- worker
 
-    def _start(self, func, *args) -> None:
+    def _request_open(self, path: str, iteration: int | None) -> None:
+        # Opening decides the iteration itself: a slider position asked for before belongs to the files
+        # shown until now, not to what the open will list.
+        self._wanted = None
         if self.worker is not None:
-            if func is _open_run:  # opening wins over a pending slider move
-                self._wanted = None
-                self._queued_open = args
+            self._queued_open = (path, iteration)  # the latest open wins; started when the worker ends
             return
-        self._queued_open = None
+        self._run(_open_run, path, iteration)
+
+    def _load_wanted(self) -> None:
+        """Start loading the iteration the slider asks for, unless it is already shown or no longer listed."""
+        wanted, self._wanted = self._wanted, None
+        iterations = self.iterations
+        if wanted is None or wanted not in iterations or (
+                self.inspection is not None and self.inspection.iteration == wanted):
+            if self.inspection is not None and self.inspection.iteration in iterations:
+                self._set_slider(iterations.index(self.inspection.iteration))
+            return
+        index = iterations.index(wanted)
+        self._set_slider(index)
+        self._run(_load, self.run_dir, self.files, index)
+
+    def _set_slider(self, index: int) -> None:
+        """Move the slider without asking for a load: to the iteration being loaded, or back to the one
+        shown when nothing is (after a failed load, or a refresh that lost the wanted iteration)."""
+        if self.slider.value() != index:
+            self.slider.blockSignals(True)
+            self.slider.setValue(index)
+            self.slider.blockSignals(False)
+
+    def _run(self, func, *args) -> None:
         worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_loaded)
         worker.errored.connect(self._fail)
@@ -161,12 +184,11 @@ class InspectorWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
-        if self._queued_open:
+        if self._queued_open is not None:
             args, self._queued_open = self._queued_open, None
-            self._start(_open_run, *args)
-        elif self._wanted is not None and self.files and (
-                self.inspection is None or self.files[self._wanted][0] != self.inspection.iteration):
-            self._start(_load, self.run_dir, self.files, self._wanted)
+            self._run(_open_run, *args)
+        else:
+            self._load_wanted()
 
     def _fail(self, exc: Exception) -> None:
         report_error(exc, "Pseudo-label inspector")
@@ -178,9 +200,12 @@ class InspectorWidget(QWidget):
         if "run_dir" in result:
             if self.run_dir is not None and Path(result["run_dir"]) != self.run_dir:
                 self._remove_layers()
+                self._wanted = None  # an iteration of the previous run
             self.run_dir = Path(result["run_dir"])
             self.files = result["files"]
             self.path.setText(str(self.run_dir))
+            # Range and position of the new file list, set without signals: the slider does not ask for
+            # an iteration, it shows the one opened (a move made meanwhile is still in ``_wanted``).
             self.slider.blockSignals(True)
             self.slider.setRange(0, len(self.files) - 1)
             self.slider.setValue(result["index"])

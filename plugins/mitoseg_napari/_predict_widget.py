@@ -34,6 +34,7 @@ from mitoseg_napari._qt_utils import LayerCombo, PathEdit
 
 OUTPUT_CONFIDENCE = "confidence"
 OUTPUT_PROBABILITIES = "class probabilities"
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class _ArrayVolume:
@@ -80,10 +81,9 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
 
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
     from mitoseg.engine.checkpoint import model_from_checkpoint
-    from mitoseg.engine.trainer import resolve_device
     from mitoseg.inference import iter_slabs, predict_volume
 
-    torch_device = resolve_device(device)
+    torch_device = check_device(device)
     model, cfg = model_from_checkpoint(checkpoint, weights=weights, device=torch_device)
     num_slices = len(volume)
     yield 0, num_slices
@@ -135,7 +135,10 @@ class PredictWidget(QWidget):
         self.output = QComboBox()
         self.output.addItems([OUTPUT_CONFIDENCE, OUTPUT_PROBABILITIES])
         self.device = QComboBox()
-        self.device.addItems(_devices())
+        # No probing here: importing torch and asking for CUDA would freeze the interface for seconds
+        # while the widget opens. The worker checks the choice (see ``check_device``).
+        self.device.addItems(DEVICES)
+        self.device.setToolTip("auto: the GPU when CUDA is available, else the CPU")
         self.predict_button = QPushButton("Predict")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -274,11 +277,17 @@ class PredictWidget(QWidget):
         super().closeEvent(event)
 
 
-def _devices() -> list[str]:
-    try:
-        import torch
+def check_device(device: str):
+    """The torch device for the widget's choice; MitosegError (one line) for "cuda" without CUDA.
 
-        cuda = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        cuda = False
-    return ["auto", "cpu", "cuda"] if cuda else ["auto", "cpu"]
+    Runs in the worker: the first ``import torch`` and the CUDA probe take seconds.
+    """
+    import torch
+
+    from mitoseg.engine.trainer import resolve_device
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this PyTorch was built without CUDA" if torch.version.cuda is None else "no usable GPU was found"
+        raise MitosegError(f"device '{device}' was chosen but CUDA is not available ({why}); "
+                           "choose 'auto' or 'cpu'")
+    return resolve_device(device)

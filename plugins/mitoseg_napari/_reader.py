@@ -56,14 +56,18 @@ def _kind(path: str) -> str | None:
 
 def napari_get_reader(path):
     """npe2 reader command: a reader function for ``path``, or None if mitoseg cannot read it."""
-    if isinstance(path, (list, tuple)):
-        if not path:
-            return None
-        kinds = {_kind(str(p)) for p in path}
-        if len(kinds) != 1 or None in kinds:
-            return None
-        return read_paths
-    return read_paths if _kind(str(path)) else None
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    if not paths:
+        return None
+    try:
+        kinds = {_kind(str(p)) for p in paths}
+    except OSError:
+        # A folder that cannot be listed, a file that cannot be looked at: napari asks every reader
+        # with a matching pattern, so "not mine" lets it try the others (or say nothing can read it).
+        return None
+    if len(kinds) != 1 or None in kinds:
+        return None
+    return read_paths
 
 
 def read_paths(path) -> list[tuple]:
