@@ -1,6 +1,6 @@
 """DAW: the statistics + alignment update against a plain per-class loop, and the cost of a daw step.
 
-    python benchmarks/bench_daw.py update [--size 801 --classes 19 --batch 2 --repeat 7]
+    python benchmarks/bench_daw.py update [--size 801 --classes 19 --batch 2 --repeat 7 --device cpu]
     python benchmarks/bench_daw.py step [--config configs/sample_daw.yaml --iters 20]
 
 `update`: one DAW update on a Cityscapes-sized batch (labeled B x K x S x S, unlabeled
@@ -35,13 +35,13 @@ CLOCK = time.perf_counter  # --clock cpu: time.process_time (robust on a shared 
 class PerClassLoopDAW:
     """The plain per-class implementation (as in the paper's public code, on the CPU)."""
 
-    def __init__(self, k: int, momentum: float = 0.99):
+    def __init__(self, k: int, device: torch.device | str = "cpu", momentum: float = 0.99):
         self.k, self.m = k, momentum
         self.pos_mean = self.neg_mean = 1.0 / k
         self.pos_var = self.neg_var = 0.5
         self.threshold = 0.95
-        self.lab = torch.ones(k) / k
-        self.unl = torch.ones(k) / k
+        self.lab = torch.ones(k, device=device) / k
+        self.unl = torch.ones(k, device=device) / k
 
     def update(self, lab_probs, target, unl_probs):
         lab_conf, lab_idx = lab_probs.max(1)
@@ -69,17 +69,24 @@ class PerClassLoopDAW:
         return aligned / aligned.sum(1, keepdim=True)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timing covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_update(args) -> None:
     torch.manual_seed(0)
+    device = torch.device(args.device)
     b, k, s = args.batch, args.classes, args.size
-    lab = torch.softmax(torch.randn(b, k, s, s) * 3, 1)
-    unl = torch.softmax(torch.randn(2 * b, k, s, s) * 3, 1)
-    target = torch.randint(0, k, (b, s, s))
+    lab = torch.softmax(torch.randn(b, k, s, s) * 3, 1).to(device)
+    unl = torch.softmax(torch.randn(2 * b, k, s, s) * 3, 1).to(device)
+    target = torch.randint(0, k, (b, s, s)).to(device)
     gib = (lab.numel() + unl.numel()) * 4 / 2**30
     print(f"batch: labeled {tuple(lab.shape)}, unlabeled {tuple(unl.shape)} ({gib:.2f} GiB of float32 probabilities)")
 
     # Both keep their state across calls, as across training steps, and see the same updates.
-    state, ref = DAWState(k), PerClassLoopDAW(k)
+    state, ref = DAWState(k, device=device), PerClassLoopDAW(k, device)
     copies = [unl.clone()]  # ours aligns in place, as the training step does
 
     def ours():
@@ -96,8 +103,10 @@ def bench_update(args) -> None:
         elapsed = []
         for _ in range(args.repeat):
             copies.append(unl.clone())  # untimed: the step's own probabilities
+            synchronize(device)
             start = CLOCK()
             result = fn()
+            synchronize(device)
             elapsed.append(CLOCK() - start)
         times[name] = min(elapsed)  # as timeit: noise from other work only ever adds time
         if name.startswith("vectorised"):
@@ -111,8 +120,8 @@ def bench_update(args) -> None:
     assert abs(state.mean[0].item() - float(ref.pos_mean)) < 1e-6
     for name, seconds in times.items():
         print(f"{name:>22}: {seconds * 1000:8.1f} ms")
-    print(f"speed-up: {times['per-class loop'] / times['vectorised (mitoseg)']:.1f}x (identical results; "
-          f"{torch.get_num_threads()} threads)")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"speed-up: {times['per-class loop'] / times['vectorised (mitoseg)']:.1f}x (identical results; {where})")
 
 
 def bench_step(args) -> None:
@@ -167,6 +176,7 @@ def main() -> None:
     update.add_argument("--classes", type=int, default=19)
     update.add_argument("--batch", type=int, default=2)
     update.add_argument("--repeat", type=int, default=7)
+    update.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronised)")
     step = sub.add_parser("step")
     step.add_argument("--config", default=str(ROOT / "configs" / "sample_daw.yaml"))
     step.add_argument("--iters", type=int, default=20)

@@ -1,6 +1,6 @@
 """DDFP: the mixture log-density against the naive repeat formula, the flow, and the cost of a step.
 
-    python benchmarks/bench_ddfp.py mixture [--pixels 20480 --dim 256 --classes 21 --repeat 5]
+    python benchmarks/bench_ddfp.py mixture [--pixels 20480 --dim 256 --classes 21 --repeat 5 --device cpu]
     python benchmarks/bench_ddfp.py flow    [--pixels 20480 --dim 256 --classes 21 --repeat 3]
     python benchmarks/bench_ddfp.py step    [--config configs/sample_daw_ddfp.yaml --iters 10 --set KEY=VALUE]
 
@@ -56,11 +56,11 @@ FORMULAS = {"expansion (mitoseg)": mixture_component_log_density,
             "repeat (naive)": mixture_component_log_density_reference}
 
 
-def inputs(n: int, d: int, k: int, seed: int = 0):
+def inputs(n: int, d: int, k: int, seed: int = 0, device: str = "cpu"):
     generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, d, generator=generator).requires_grad_()
-    means = torch.randn(k, d, generator=generator).requires_grad_()
-    weight = torch.randn(n, k, generator=generator)
+    z = torch.randn(n, d, generator=generator).to(device).requires_grad_()
+    means = torch.randn(k, d, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(n, k, generator=generator).to(device)
     return z, means, weight
 
 
@@ -74,14 +74,32 @@ def forward_backward(fn, z, means, weight):
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeat: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeat):
+        synchronize()
         start = CLOCK()
         fn()
+        synchronize()
         times.append(CLOCK() - start)
     return sorted(times)[len(times) // 2]
+
+
+def cuda_peak_growth_mib(fn) -> float:
+    """Growth of the CUDA allocator's peak allocation while ``fn`` runs (MiB)."""
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def vm_kib(field: str) -> int:
@@ -131,15 +149,20 @@ def measure_memory(what: str, name: str, args) -> float:
 
 def bench_mixture(args) -> None:
     n, d, k = args.pixels, args.dim, args.classes
-    z, means, weight = inputs(n, d, k)
-    print(f"features {n} x {d}, K = {k}, float32, {torch.get_num_threads()} threads, {args.clock} clock; "
-          "forward + backward")
+    z, means, weight = inputs(n, d, k, device=args.device)
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads, {args.clock} clock")
+    print(f"features {n} x {d}, K = {k}, float32, {where}; forward + backward")
     results, times, grads = {}, {}, {}
     for name, fn in FORMULAS.items():
         times[name] = median_time(lambda fn=fn: forward_backward(fn, z, means, weight), args.repeat)
         results[name] = forward_backward(fn, z, means, weight)
         grads[name] = (z.grad.clone(), means.grad.clone())
-    memory = {name: measure_memory("mixture", name, args) for name in FORMULAS}
+    if args.device.startswith("cuda"):  # the allocator's own peak, in this process
+        memory = {name: cuda_peak_growth_mib(lambda fn=fn: forward_backward(fn, z, means, weight))
+                  for name, fn in FORMULAS.items()}
+    else:
+        memory = {name: measure_memory("mixture", name, args) for name in FORMULAS}
     fast, naive = "expansion (mitoseg)", "repeat (naive)"
     print(f"{'formula':>22} | {'time (ms)':>9} | {'peak growth (MiB)':>17}")
     for name in FORMULAS:
@@ -202,10 +225,12 @@ def bench_step(args) -> None:
             timings = {}
             if name == "daw_ddfp":
                 trainer.method.timings, trainer.method.clock = timings, CLOCK
+            synchronize()
             start = CLOCK()
             for _ in range(args.iters):
                 labeled, unlabeled = next(batches)  # data loading (views, CutMix boxes) counts as step cost
                 trainer.train_step(labeled, unlabeled)
+            synchronize()
             results[name] = (CLOCK() - start) / args.iters
             if name == "daw_ddfp":
                 ddfp_timings = {k: v / args.iters for k, v in timings.items()}
@@ -257,6 +282,7 @@ def main() -> None:
         p.add_argument("--hidden", type=int, default=256)
         p.add_argument("--blocks", type=int, default=2)
         p.add_argument("--repeat", type=int, default=5 if what == "mixture" else 3)
+    sub.choices["mixture"].add_argument("--device", default="cpu", help="cpu or cuda (timings synchronised)")
     p = sub.add_parser("step")
     p.add_argument("--config", default=str(ROOT / "configs" / "sample_daw_ddfp.yaml"))
     p.add_argument("--iters", type=int, default=10)

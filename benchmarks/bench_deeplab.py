@@ -1,7 +1,7 @@
 """DeepLabV3+ ResNet-101: seconds per training step of the natural-image methods.
 
     python benchmarks/bench_deeplab.py [--methods daw daw_ddfp] [--crop 321] [--batch 2] [--steps 3]
-                                       [--device auto|cpu|cuda] [--json OUT.json]
+                                       [--device auto|cpu|cuda] [--json OUT.json] [--sync-debug]
 
 One step is the trainer's ``Trainer.train_step`` (the method's forward passes, backward,
 SGD with the head at 10x, poly schedule, EMA update; AMP on CUDA) on synthetic batches of
@@ -48,9 +48,8 @@ class _StepOnly:
     """The parts of :class:`mitoseg.engine.trainer.Trainer` one step touches, without data sets."""
 
     def __init__(self, cfg, device: torch.device):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
         from mitoseg.engine import distributed
+        from mitoseg.engine.ema import ModelEMA
         from mitoseg.engine.trainer import Trainer, make_optimizer, poly_schedule
         from mitoseg.networks import build_model
 
@@ -60,12 +59,38 @@ class _StepOnly:
         self.dist = distributed.DistInfo()
         self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(device)
         self.model = build_model(cfg.model, cfg.data.num_classes).to(device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-        self.ema.module.eval().requires_grad_(False)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.train_step = Trainer.train_step.__get__(self)
+
+
+def host_synchronisations(fn) -> dict[str, int]:
+    """The calls in ``fn`` that make the host wait for the GPU (torch's sync debug mode), by source line."""
+    import traceback
+    import warnings
+
+    torch.cuda.synchronize()
+    found: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message).lower():
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                      and "warnings.py" not in f.filename]
+            where = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else filename
+            found[where] = found.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return found
 
 
 def measure(method: str, args, device: torch.device) -> dict:
@@ -93,6 +118,8 @@ def measure(method: str, args, device: torch.device) -> dict:
     result = {"method": method, "device": str(device), "crop": args.crop, "batch": args.batch,
               "seconds_per_step": round(statistics.median(times), 3), "steps": times,
               "threads": torch.get_num_threads()}
+    if device.type == "cuda" and args.sync_debug:
+        result["host_syncs_per_step"] = host_synchronisations(lambda: step.train_step(labeled, unlabeled))
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(device)
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -109,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: after the timed steps, list the calls of one step that wait for the GPU")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
