@@ -213,11 +213,12 @@ def test_patches_are_normalized_per_volume_aligned_and_of_the_documented_shapes(
     source = blob_volume()
     dataset = PatchDataset(source, weak_transform(DataConfig(), with_label=True, intensity=False), (32, 32),
                            seed=7, length=50, foreground_sampling=0.5)
-    threshold = float(source.normalization(np.array(100.0)))  # between background (~50) and foreground (~150)
+    threshold = float(source.normalization(np.array([100.0]))[0])  # between background (~50) and foreground (~150)
     turned = 0
     for i in range(30):
         raw = dataset.crop(sample_rng(7, i))  # the crop __getitem__ starts from (same draw)
-        assert raw["image"].dtype == np.float32 and raw["image"].shape == (1, 32, 32)
+        assert raw["image"].dtype == torch.float32 and tuple(raw["image"].shape) == (1, 32, 32)
+        assert raw["label"].dtype == torch.int64
         sample = dataset[i]
         assert sample["image"].dtype == torch.float32 and tuple(sample["image"].shape) == (1, 32, 32)
         assert sample["label"].dtype == torch.int64 and tuple(sample["label"].shape) == (32, 32)
@@ -252,7 +253,7 @@ def test_unlabeled_views_have_the_documented_keys_shapes_and_dtypes():
         assert sample[name].dtype == torch.uint8 and tuple(sample[name].shape) == (32, 32)
     assert sample["valid"].dtype == torch.bool and bool(sample["valid"].all())
     assert sample["label"].dtype == torch.int64 and tuple(sample["label"].shape) == (32, 32)
-    threshold = float(source.normalization(np.array(100.0)))
+    threshold = float(source.normalization(np.array([100.0]))[0])
     np.testing.assert_array_equal(sample["weak"][0].numpy() > threshold, sample["label"].numpy() == 1)
     again = dataset[0]
     assert all(torch.equal(sample[k], again[k]) for k in sample)

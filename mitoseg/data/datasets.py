@@ -8,11 +8,13 @@ interrupted and resumed or not, and whichever DataLoader worker makes it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable
+from monai.data import get_track_meta, set_track_meta
+from monai.transforms import Randomizable, SpatialCropd
 from torch.utils.data import Dataset
 
 from mitoseg.data.readers import open_volume, select_slices
@@ -83,6 +85,19 @@ def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require
     return VolumeSlices(image=image, label=label, indices=indices, normalization=normalization, source=vol_cfg.image)
 
 
+@contextmanager
+def without_meta_tracking():
+    """MONAI transforms on plain tensors while a sample is made: the patch pipelines use no MONAI
+    metadata, and MetaTensor bookkeeping costs several times the crop and normalization themselves
+    (MONAI's own advice for fast training); the global setting is restored afterwards."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
 def sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
@@ -126,6 +141,7 @@ class PatchDataset(Dataset):
             if self.patch_size[0] > height or self.patch_size[1] > width:
                 raise MitosegError(f"{src.source}: data.patch_size {list(self.patch_size)} is larger than the "
                                    f"image slices ({height}, {width})")
+        self._normalize = [src.normalization.transform("image") for src in self.sources]
         # (volume, slice) of every slice, so a slice is drawn uniformly across volumes.
         self._slices = [(v, z) for v, src in enumerate(self.sources) for z in range(src.image.shape[0])]
         self._foreground = None
@@ -157,17 +173,24 @@ class PatchDataset(Dataset):
             left = int(rng.integers(width - pw + 1))
         return v, z, top, left
 
-    def crop(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """A normalized patch ``{"image": (1, ph, pw) float32, "label": (1, ph, pw) int64}``."""
+    def crop(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A normalized patch ``{"image": (1, ph, pw) float32, "label": (1, ph, pw) int64}``: the window
+        drawn by :meth:`window`, cut by MONAI's ``SpatialCropd`` and normalized with the volume's
+        statistics by ``NormalizeIntensityd``."""
         v, z, top, left = self.window(rng)
         src = self.sources[v]
         ph, pw = self.patch_size
-        sample = {"image": src.normalization(src.image[z, top:top + ph, left:left + pw])[None]}
+        sample = {"image": src.image[z][None]}
         if src.label is not None:
-            sample["label"] = src.label[z, top:top + ph, left:left + pw][None]
-        return sample
+            sample["label"] = src.label[z][None]
+        crop = SpatialCropd(keys=list(sample), roi_start=(top, left), roi_end=(top + ph, left + pw))
+        return self._normalize[v](crop(sample))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        with without_meta_tracking():
+            return self.make_sample(index)
+
+    def make_sample(self, index: int) -> dict[str, torch.Tensor]:
         rng = sample_rng(self.seed, index)
         sample = self.crop(rng)
         seed_transform(self.transform, rng)
@@ -192,7 +215,7 @@ class UnlabeledViewsDataset(PatchDataset):
         self.strong = strong
         self.cutmix_prob = cutmix_prob
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def make_sample(self, index: int) -> dict[str, torch.Tensor]:
         rng = sample_rng(self.seed, index)
         sample = self.crop(rng)
         seed_transform(self.transform, rng)

@@ -1,4 +1,4 @@
-"""Intensity normalization, weak and strong views (MONAI dict transforms) and CutMix boxes.
+"""Intensity normalization, weak and strong views (MONAI transforms) and CutMix boxes.
 
 Samples are dicts ``{"image": (1, H, W) float32, "label": (1, H, W) int64}``.
 Normalization statistics are computed once per *volume* (not per patch), so a
@@ -13,6 +13,8 @@ import numpy as np
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    NormalizeIntensity,
+    NormalizeIntensityd,
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianSmoothd,
@@ -39,8 +41,14 @@ class Normalization:
     offset: float
     scale: float
 
+    def transform(self, keys="image") -> NormalizeIntensityd:
+        """The mapping as a MONAI dict transform (the patch pipelines' first step after the crop)."""
+        return NormalizeIntensityd(keys=keys, subtrahend=self.offset, divisor=self.scale, dtype=np.float32)
+
     def __call__(self, array: np.ndarray) -> np.ndarray:
-        return ((array.astype(np.float32) - self.offset) / self.scale).astype(np.float32)
+        """The mapping of an array (a slab of slices to predict), as float32 numpy."""
+        normalize = NormalizeIntensity(subtrahend=self.offset, divisor=self.scale, dtype=np.float32)
+        return np.asarray(normalize(array), dtype=np.float32)
 
 
 def sample_for_stats(volume) -> np.ndarray:
