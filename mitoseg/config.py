@@ -186,7 +186,8 @@ class DDFPConfig:
 class MethodConfig:
     name: Literal["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"] = "supervised"
     threshold: float = 0.95  # fixed confidence threshold of fixmatch / unimatch
-    pseudo_labels: Literal["student", "teacher"] = "student"  # student in eval mode, or the EMA teacher
+    # The student in eval mode, or the EMA teacher; ddfp defaults to the teacher (_ddfp_teacher_default).
+    pseudo_labels: Literal["student", "teacher"] = "student"
     fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
     daw: DAWConfig = field(default_factory=DAWConfig)
     ddfp: DDFPConfig = field(default_factory=DDFPConfig)
@@ -533,8 +534,18 @@ def _natural_loss_default(data: dict) -> dict:
     return data
 
 
+def _ddfp_teacher_default(data: dict) -> dict:
+    """``method.name: ddfp`` defaults to ``method.pseudo_labels: teacher``: DDFP is a mean-teacher
+    method (the paper's teacher predicts the unlabeled images); every other method defaults to the
+    student in eval mode. An explicit ``pseudo_labels`` is kept. Returns a new mapping."""
+    method = data.get("method")
+    if isinstance(method, dict) and method.get("name") == "ddfp" and "pseudo_labels" not in method:
+        return {**data, "method": {**method, "pseudo_labels": "teacher"}}
+    return data
+
+
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, _natural_loss_default(data), "")
+    cfg = _build(Config, _ddfp_teacher_default(_natural_loss_default(data)), "")
     _check_values(cfg)
     return cfg
 

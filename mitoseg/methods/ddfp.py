@@ -8,7 +8,7 @@ lower density), pass the head with its auxiliary BatchNorm (MixBN,
 boundary is pushed into the low-density gaps between feature clusters.
 
 ``ddfp`` (Wang et al., CVPR 2024, as the paper): pseudo-labels of the EMA
-teacher (``method.pseudo_labels: teacher``, as the shipped ddfp configs set it),
+teacher (``method.pseudo_labels: teacher``, the default for ddfp),
 fixed threshold ``method.threshold``, one CutMix strong view whose features are
 also perturbed::
 
@@ -271,7 +271,8 @@ class DensityDescendingMethod(PseudoLabelMethod):
 @register_method("ddfp")
 class DDFP(DensityDescendingMethod):
     """The paper's DDFP: one strong view (its features perturbed), fixed threshold;
-    L = L_x + 0.5 L_u + 0.5 L_u,perturbed. Use with ``method.pseudo_labels: teacher``."""
+    L = L_x + 0.5 L_u + 0.5 L_u,perturbed; pseudo-labels from the EMA teacher unless
+    ``method.pseudo_labels`` says otherwise (the config default for ddfp)."""
 
     strong_views = 1
     feature_perturbation = False
