@@ -22,6 +22,7 @@ examples:
   mitoseg train --config configs/sample_supervised.yaml --out runs/sample
   mitoseg predict --checkpoint runs/sample/best.pt --input sample_data/val_image.tif --output pred.tif
   mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif
+  mitoseg evaluate --checkpoint runs/pascal_daw/best.pt --eval-mode center_crop
   mitoseg view runs/sample_daw --image sample_data/val_image.tif
 """
 
@@ -112,6 +113,13 @@ def cmd_train(args) -> None:
     distributed.cleanup()
     if not info.is_main:
         return
+    if summary["final"] is not None:
+        from mitoseg.metrics import format_table
+
+        # The loop validates when it stops, so these are the scores of the final weights (last.pt, measured
+        # with train.eval_model); best.pt's are in summary.json.
+        print(f"validation at iteration {summary['iterations']}:")
+        print(format_table(summary["final"]))
     best = summary["best"]
     line = f"done: {summary['iterations']}/{summary['total_iterations']} iterations in {summary['wall_time_s']:.0f} s"
     if best is not None:
@@ -167,18 +175,63 @@ def default_metrics_path(prediction: str) -> Path:
     return file_part.with_name(f"{stem}_metrics.json")
 
 
+def check_json_target(json_path: Path, overwrite: bool) -> None:
+    """Refuse before any work is done, so a refused run costs nothing and leaves nothing behind."""
+    if json_path.is_dir():
+        raise MitosegError(f"--json {json_path} is a folder; name a file")
+    if json_path.exists() and not overwrite:
+        raise MitosegError(f"{json_path} exists; pass --overwrite to replace it")
+
+
+def write_json(json_path: Path, report: dict) -> None:
+    """Written to a temporary file and renamed: an interrupted run never leaves half a report."""
+    from mitoseg.engine.logging import json_safe
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(report), indent=2))
+    tmp.replace(json_path)
+    print(f"wrote {json_path}")
+
+
+# The options of each evaluate mode; passing one of the other mode's is an error rather than silently ignored.
+VOLUME_ONLY = {"label": "--label", "num_classes": "--num-classes", "ignore_index": "--ignore-index",
+               "slab": "--slab"}
+CHECKPOINT_ONLY = {"config": "--config", "set": "--set", "eval_mode": "--eval-mode", "weights": "--weights",
+                   "device": "--device"}
+
+
 def cmd_evaluate(args) -> None:
+    if args.checkpoint is not None and args.prediction is not None:
+        raise MitosegError("--checkpoint (evaluate a Pascal VOC / Cityscapes model on its validation images) and "
+                           "--prediction (score a predicted volume against --label) are two modes: pass only one")
+    if args.checkpoint is None and args.prediction is None:
+        raise MitosegError("evaluate needs --checkpoint RUN/best.pt (Pascal VOC / Cityscapes) or "
+                           "--prediction VOLUME --label VOLUME (a predicted volume)")
+    other, mode = ((VOLUME_ONLY, "--checkpoint") if args.checkpoint is not None
+                   else (CHECKPOINT_ONLY, "--prediction"))
+    given = [flag for key, flag in other.items() if getattr(args, key) not in (None, [])]
+    if given:
+        raise MitosegError(f"{', '.join(given)} cannot be used with {mode}")
+    if args.checkpoint is not None:
+        evaluate_checkpoint(args)
+    else:
+        if args.label is None:
+            raise MitosegError("--prediction needs --label VOLUME, the ground truth to score it against")
+        evaluate_volume(args)
+
+
+def evaluate_volume(args) -> None:
     import torch
 
     from mitoseg.data.datasets import check_label_values
     from mitoseg.data.readers import open_volume
-    from mitoseg.engine.logging import json_safe
     from mitoseg.inference import iter_slabs
     from mitoseg.metrics import confusion_matrix, format_table, scores_from_confusion
 
+    slab = args.slab or 16
     json_path = Path(args.json) if args.json else default_metrics_path(args.prediction)
-    if json_path.exists() and not args.overwrite:
-        raise MitosegError(f"{json_path} exists; pass --overwrite to replace it")
+    check_json_target(json_path, args.overwrite)
     with open_volume(args.prediction) as prediction, open_volume(args.label) as label:
         if prediction.shape != label.shape:
             raise MitosegError(f"{args.prediction}: shape {prediction.shape} differs from label "
@@ -187,7 +240,7 @@ def cmd_evaluate(args) -> None:
         if num_classes is None:
             # Two passes over the volumes: the first only finds the largest class id.
             highest = 0
-            for start, stop in iter_slabs(len(label), args.slab):
+            for start, stop in iter_slabs(len(label), slab):
                 for vol in (prediction, label):
                     values = vol.read(start, stop)
                     if args.ignore_index is not None:
@@ -196,7 +249,7 @@ def cmd_evaluate(args) -> None:
                         highest = max(highest, int(values.max()))
             num_classes = max(2, highest + 1)
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        for start, stop in iter_slabs(len(label), args.slab):
+        for start, stop in iter_slabs(len(label), slab):
             pred_slab, label_slab = prediction.read(start, stop), label.read(start, stop)
             check_label_values(label_slab, num_classes, args.ignore_index, args.label)
             check_label_values(pred_slab, num_classes, None, args.prediction)
@@ -204,12 +257,64 @@ def cmd_evaluate(args) -> None:
                                        torch.from_numpy(label_slab.astype("int64")), num_classes, args.ignore_index)
     scores = scores_from_confusion(matrix)
     print(format_table(scores))
-    report = {"prediction": args.prediction, "label": args.label, "num_classes": num_classes, **scores}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(report), indent=2))
-    tmp.replace(json_path)
-    print(f"wrote {json_path}")
+    write_json(json_path, {"prediction": args.prediction, "label": args.label, "num_classes": num_classes, **scores})
+
+
+def default_checkpoint_metrics_path(checkpoint: Path, weights: str, mode: str) -> Path:
+    """``RUN/best_ema_full_metrics.json``: weights and mode in the name, so evaluating one checkpoint
+    several ways keeps every report."""
+    return checkpoint.with_name(f"{checkpoint.stem}_{weights}_{mode}_metrics.json")
+
+
+def evaluate_checkpoint(args) -> None:
+    """A Pascal VOC / Cityscapes checkpoint on its validation list: the model is the checkpoint's; the data
+    (root, lists, crop size, eval mode) and inference settings are its stored config's, or --config's, with
+    --set applied."""
+    from mitoseg.config import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
+    from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
+    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.metrics import format_table, scores_from_confusion
+
+    for text in args.set:
+        # The weights fix the architecture: a changed model key would only make them fail to load, or
+        # (a silent ignore) suggest a change that did not happen.
+        if parse_override(text)[0][0] == "model":
+            raise MitosegError(f"--set {text}: the model is rebuilt from the checkpoint; only data, inference "
+                               "and train.amp settings apply to evaluate")
+    checkpoint = Path(args.checkpoint)
+    weights = args.weights or "ema"
+    device = resolve_device(args.device or "auto")
+    model, stored = model_from_checkpoint(checkpoint, weights=weights, device=device)
+    if stored.data.kind == "em":
+        raise MitosegError(f"{checkpoint} is an EM volume model: segment a volume with mitoseg predict "
+                           "--checkpoint ... --input VOLUME --output PRED, then score it with mitoseg evaluate "
+                           "--prediction PRED --label VOLUME")
+    if args.config is not None:
+        cfg = load_config(args.config, args.set)
+    else:
+        cfg = config_from_dict(apply_overrides(config_to_dict(stored), args.set))
+    if cfg.data.kind != stored.data.kind or cfg.data.num_classes != stored.data.num_classes:
+        raise MitosegError(f"the evaluation data ({cfg.data.kind}, {cfg.data.num_classes} classes) do not match "
+                           f"{checkpoint}'s model ({stored.data.kind}, {stored.data.num_classes} classes)")
+    mode = args.eval_mode or eval_mode(cfg.data)
+    json_path = Path(args.json) if args.json else default_checkpoint_metrics_path(checkpoint, weights, mode)
+    check_json_target(json_path, args.overwrite)
+    dataset = build_eval_dataset(cfg, mode)
+    names = class_names(cfg.data.kind, cfg.data.num_classes)
+    matrix = evaluate(model, dataset, cfg, device, amp=cfg.train.amp and device.type == "cuda", mode=mode,
+                      progress=not args.no_progress)
+    scores = scores_from_confusion(matrix, names)
+    print(format_table(scores))
+    print(f"mIoU = {scores['miou']:.4f} ({cfg.data.kind}, {len(dataset)} images, {mode}"
+          + (f", crop {cfg.data.crop_size}" if mode != "full" else "") + f", {weights} weights)")
+    write_json(json_path, {
+        "checkpoint": str(checkpoint), "weights": weights, "kind": cfg.data.kind, "root": cfg.data.root,
+        "eval_mode": mode, "crop_size": cfg.data.crop_size, "images": len(dataset),
+        "num_classes": cfg.data.num_classes, **scores,
+        # rows = label class, columns = predicted class: lets reports be merged or re-scored later.
+        "confusion_matrix": matrix.tolist(),
+    })
 
 
 def cmd_view(args) -> None:
@@ -290,16 +395,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="score a predicted label volume against ground truth",
-                       description="Per-class IoU, Dice, precision and recall (and fg_iou for binary labels), "
-                                   "printed as a table and written as JSON.")
-    p.add_argument("--prediction", required=True, metavar="VOLUME")
-    p.add_argument("--label", required=True, metavar="VOLUME", help="ground-truth label volume")
-    p.add_argument("--num-classes", type=positive_int, help="default: largest class id + 1 (at least 2)")
-    p.add_argument("--ignore-index", type=int, help="label value to leave out (e.g. 255)")
-    p.add_argument("--json", metavar="PATH", help="where to write the scores (default: <prediction>_metrics.json)")
-    p.add_argument("--slab", type=positive_int, default=16, help="slices read at a time (default: 16)")
+    p = sub.add_parser("evaluate", help="score a predicted volume, or a Pascal VOC / Cityscapes checkpoint",
+                       description="Two modes, one per call:\n"
+                                   "  --prediction VOLUME --label VOLUME   score a predicted label volume against "
+                                   "ground truth\n"
+                                   "  --checkpoint PT                      evaluate a Pascal VOC / Cityscapes model "
+                                   "on its\n"
+                                   "                                       validation images (full image, centre "
+                                   "crop or\n"
+                                   "                                       sliding window)\n"
+                                   "Both print per-class IoU, Dice, precision and recall (and fg_iou for binary "
+                                   "labels)\nand write them as JSON.",
+                       epilog="examples:\n"
+                              "  mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif\n"
+                              "  mitoseg evaluate --checkpoint runs/pascal_daw/best.pt --eval-mode center_crop\n"
+                              "  mitoseg evaluate --checkpoint runs/cs/best.pt --set data.root=/data/cityscapes",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    volume = p.add_argument_group("predicted volume")
+    volume.add_argument("--prediction", metavar="VOLUME", help="predicted label volume")
+    volume.add_argument("--label", metavar="VOLUME", help="ground-truth label volume")
+    volume.add_argument("--num-classes", type=positive_int, help="default: largest class id + 1 (at least 2)")
+    volume.add_argument("--ignore-index", type=int, help="label value to leave out (e.g. 255)")
+    volume.add_argument("--slab", type=positive_int, help="slices read at a time (default: 16)")
+    natural = p.add_argument_group("Pascal VOC / Cityscapes checkpoint")
+    natural.add_argument("--checkpoint", metavar="PT", help="best.pt or last.pt of a Pascal VOC / Cityscapes run")
+    natural.add_argument("--config", metavar="YAML",
+                         help="take data and inference settings from this config instead of the checkpoint's "
+                              "(the model is always the checkpoint's)")
+    natural.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                         help="override a data or inference value, e.g. --set data.root=/data/voc (repeatable)")
+    natural.add_argument("--eval-mode", choices=["full", "center_crop", "sliding_window"],
+                         help="default: the config's data.eval_mode (Pascal full, Cityscapes sliding_window); "
+                              "center_crop and sliding_window use data.crop_size")
+    natural.add_argument("--weights", choices=["ema", "student"], help="which weights (default: ema)")
+    natural.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--json", metavar="PATH",
+                   help="where to write the scores (default: <prediction>_metrics.json; for a checkpoint "
+                        "<checkpoint>_<weights>_<mode>_metrics.json next to it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (--checkpoint)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("view", help="open napari with the pseudo-label inspector on a run",

@@ -66,15 +66,23 @@ def headline_metric(scores: dict) -> tuple[str, float]:
 
 
 def format_table(scores: dict) -> str:
-    """A fixed-width text table of the per-class scores and the means."""
-    header = f"{'class':<16}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}"
+    """A fixed-width text table of the per-class scores and the means (``mean`` row: mIoU, mDice)."""
+    # Wide enough for the longest class name ("traffic light", or a user's own), so columns stay aligned.
+    width = max([16] + [len(str(name)) + 2 for name in scores["classes"]])
+    header = f"{'class':<{width}}{'IoU':>8}{'Dice':>8}{'Prec':>8}{'Recall':>8}"
     lines = [header, "-" * len(header)]
     pc = scores["per_class"]
     for k, name in enumerate(scores["classes"]):
         values = [pc[m][k] for m in ("iou", "dice", "precision", "recall")]
-        lines.append(f"{name:<16}" + "".join(f"{v:>8.4f}" for v in values))
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>8.4f}" for v in values))
     lines.append("-" * len(header))
-    lines.append(f"{'mean':<16}{scores['miou']:>8.4f}{scores['mdice']:>8.4f}")
+    lines.append(f"{'mean':<{width}}{scores['miou']:>8.4f}{scores['mdice']:>8.4f}")
+    # The means skip classes absent from both label and prediction (nan rows): say how many,
+    # since a reader comparing with a paper's 21- or 19-class mIoU needs to know.
+    absent = int(np.isnan(np.asarray(pc["iou"], dtype=float)).sum())
+    if absent:
+        lines.append(f"({absent} of {len(scores['classes'])} classes absent from label and prediction: "
+                     "nan, left out of the means)")
     if "fg_iou" in scores:
         lines.append(f"fg_iou = {scores['fg_iou']:.4f}")
     return "\n".join(lines)

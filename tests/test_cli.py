@@ -192,6 +192,13 @@ def test_checkpoint_and_output_errors(trained_run, tiny_volumes, tmp_path, capsy
     assert_one_line_error(code, err, "nine.tif", "9")
 
 
+def test_evaluate_refuses_an_em_checkpoint_and_points_to_predict(trained_run, capsys):
+    before = sorted(p.name for p in trained_run.iterdir())
+    code, out, err = run_cli(["evaluate", "--checkpoint", trained_run / "best.pt", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "best.pt", "EM", "mitoseg predict", "--prediction")
+    assert out == "" and sorted(p.name for p in trained_run.iterdir()) == before
+
+
 def test_errors_have_no_traceback_unless_debug(tmp_path):
     args = [sys.executable, "-m", "mitoseg", "train", "--config", str(tmp_path / "missing.yaml")]
     result = subprocess.run(args, capture_output=True, text=True)
@@ -271,8 +278,12 @@ def test_train_overwrite_removes_the_previous_run_and_nothing_else(tmp_path, tin
     assert_one_line_error(code, err, "label7.tif")
     assert all((out / name).read_bytes() == content for name, content in {**stale, **mine}.items())
 
-    code, _, err = run_cli(["train", "--config", config, "--out", out, "--overwrite", "--no-progress"], capsys)
+    code, out_text, err = run_cli(["train", "--config", config, "--out", out, "--overwrite", "--no-progress"],
+                                  capsys)
     assert code == 0, err
+    # train ends with the final validation table (classes 0 and 1 of the EM labels, fg_iou).
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert "validation at iteration 6:" in out_text and f"fg_iou = {final['fg_iou']:.4f}" in out_text
     for name, content in mine.items():
         assert (out / name).read_bytes() == content, name
     # The supervised method writes no inspection files: the old ones are gone with their folder.

@@ -320,3 +320,138 @@ def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
             assert cfg.data.split in natural.SHIPPED_SPLITS["pascal"]
         else:
             assert cfg.data.crop_size == 801 and natural.eval_mode(cfg.data) == "sliding_window"
+
+
+# ------------------------------------------------------------- mitoseg evaluate --checkpoint
+
+
+def cli(args, capsys):
+    from mitoseg.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mitoseg: error:"), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+def direct_scores(checkpoint: Path, dataset_root: Path, split: Path, mode: str, **data) -> tuple[dict, list]:
+    """The scores of ``checkpoint``'s EMA weights computed without the CLI: model_from_checkpoint + the
+    validation images + natural.evaluate, as JSON would hold them (NaN -> null)."""
+    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.engine.logging import json_safe
+    from mitoseg.metrics import scores_from_confusion
+
+    model, cfg = model_from_checkpoint(checkpoint)
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    items = natural.read_list(split / "val.txt", dataset_root, need_mask=True)
+    matrix = natural.evaluate(model, natural.NaturalEvalDataset(items, cfg.data, mode), cfg, torch.device("cpu"))
+    names = natural.class_names(cfg.data.kind, cfg.data.num_classes)
+    return json_safe(scores_from_confusion(matrix, names)), matrix.tolist()
+
+
+def test_trained_pascal_checkpoint_evaluates_through_the_cli_in_full_and_center_crop_modes(tmp_path, pascal,
+                                                                                              capsys):
+    import yaml
+
+    root, split = pascal
+    config = tmp_path / "voc.yaml"
+    config.write_text(yaml.safe_dump(tiny_natural_config(root, split, iterations=2)))
+    run = tmp_path / "run"
+    code, out, err = cli(["train", "--config", config, "--out", run, "--no-progress"], capsys)
+    assert code == 0, err
+    # train ends with the final validation table, one row per Pascal class by name.
+    summary = json.loads((run / "summary.json").read_text())
+    table = out[out.index("validation at iteration 2:"):]
+    for name in natural.CLASS_NAMES["pascal"]:
+        assert f"\n{name} " in table, name
+    assert f"\nmean{summary['final']['miou']:>20.4f}" in table
+
+    pixels = {"full": 2 * (48 * 64 - 2 * 64),  # the two ignore rows of each 48 x 64 image left out
+              "center_crop": 2 * 32 * 32}  # crop_size 32 from rows 8..40: no ignore row inside
+    for mode in ("full", "center_crop"):
+        code, out, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", mode, "--no-progress"],
+                             capsys)
+        assert code == 0, err
+        report = json.loads((run / f"best_ema_{mode}_metrics.json").read_text())
+        assert report["classes"] == natural.CLASS_NAMES["pascal"] and len(report["per_class"]["iou"]) == 21
+        assert report["eval_mode"] == mode and report["images"] == 2 and report["pixels"] == pixels[mode]
+        expected, matrix = direct_scores(run / "best.pt", root, split, mode)
+        assert report["confusion_matrix"] == matrix
+        assert report["per_class"] == expected["per_class"] and report["miou"] == expected["miou"]
+        assert f"mIoU = {expected['miou']:.4f} (pascal, 2 images, {mode}" in out
+        assert "\ntvmonitor " in out and "\nbackground " in out
+        if mode == "full":
+            # The training run validated best.pt's EMA weights the same way: the same numbers.
+            assert report["per_class"] == json.loads(json.dumps(summary["best"]["scores"]["per_class"]))
+    # center_crop is not full under another name.
+    assert json.loads((run / "best_ema_full_metrics.json").read_text())["pixels"] != pixels["center_crop"]
+
+    # An existing report is kept unless --overwrite.
+    target = run / "best_ema_full_metrics.json"
+    before = target.read_bytes()
+    code, _, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", "full", "--no-progress"], capsys)
+    assert_one_line_error(code, err, str(target), "--overwrite")
+    assert target.read_bytes() == before
+    # --set changes the data: a num_classes that does not fit the weights is refused, nothing written.
+    code, _, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--set", "data.num_classes=19",
+                        "--json", tmp_path / "x.json", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "19 classes", "21 classes")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cityscapes_checkpoint_evaluates_with_sliding_windows_on_a_moved_data_root(tmp_path, capsys):
+    import shutil
+
+    split = make_cityscapes(tmp_path / "cs")
+    cfg = tiny_natural_config(tmp_path / "cs", split, kind="cityscapes", iterations=1)
+    cfg["data"]["crop_size"] = 24  # windows smaller than the 32 x 64 validation image
+    Trainer(config_from_dict(cfg), tmp_path / "run", progress=False).fit()
+    checkpoint = tmp_path / "run" / "best.pt"
+    # The data set moves after training: the stored data.root no longer exists ...
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "cs", moved)
+    code, _, err = cli(["evaluate", "--checkpoint", checkpoint, "--no-progress"], capsys)
+    assert_one_line_error(code, err, "data.root", str(tmp_path / "cs"))
+    assert not list((tmp_path / "run").glob("*_metrics.json"))
+    # ... and --set points evaluation at the new place; Cityscapes defaults to sliding windows.
+    code, out, err = cli(["evaluate", "--checkpoint", checkpoint, "--set", f"data.root={moved}",
+                          "--set", f"data.split={moved / 'split'}", "--no-progress"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "best_ema_sliding_window_metrics.json").read_text())
+    assert report["eval_mode"] == "sliding_window" and report["crop_size"] == 24
+    assert report["classes"] == natural.CLASS_NAMES["cityscapes"] and "\ntraffic light " in out
+    assert report["pixels"] == 32 * 64 - 8 * 64  # the top quarter is label id 0 -> ignored
+    expected, matrix = direct_scores(checkpoint, moved, moved / "split", "sliding_window", root=str(moved))
+    assert report["confusion_matrix"] == matrix and report["per_class"] == expected["per_class"]
+    # The windows are what was measured: one forward pass over the whole image predicts differently here.
+    _, full_matrix = direct_scores(checkpoint, moved, moved / "split", "full", root=str(moved))
+    assert full_matrix != matrix
+
+
+def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    missing = tmp_path / "run" / "best.pt"
+    cases = [
+        (["--checkpoint", missing], ["checkpoint not found", str(missing)]),
+        (["--checkpoint", missing, "--prediction", tmp_path / "p.tif", "--label", tmp_path / "l.tif"],
+         ["--checkpoint", "--prediction", "only one"]),
+        ([], ["--checkpoint", "--prediction"]),
+        (["--prediction", tmp_path / "p.tif"], ["--label"]),
+        (["--checkpoint", missing, "--slab", "4"], ["--slab", "--checkpoint"]),
+        (["--checkpoint", missing, "--label", tmp_path / "l.tif"], ["--label", "--checkpoint"]),
+        (["--prediction", tmp_path / "p.tif", "--label", tmp_path / "l.tif", "--eval-mode", "full"],
+         ["--eval-mode", "--prediction"]),
+        (["--checkpoint", missing, "--set", "model.width=4"], ["model.width", "checkpoint"]),
+    ]
+    for args, needles in cases:
+        code, out, err = cli(["evaluate", *args, "--no-progress"], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert "Traceback" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []

@@ -82,14 +82,15 @@ def splits_dir() -> Path:
 
 @dataclass
 class SplitLists:
-    labeled: Path
+    labeled: Path | None
     unlabeled: Path | None
     val: Path | None
 
 
-def resolve_lists(data_cfg) -> SplitLists:
+def resolve_lists(data_cfg, need_labeled: bool = True) -> SplitLists:
     """The list files of ``data.split`` (a shipped name or a folder with labeled.txt / unlabeled.txt), overridden
-    by ``data.labeled_list`` / ``unlabeled_list`` / ``val_list``."""
+    by ``data.labeled_list`` / ``unlabeled_list`` / ``val_list``. ``need_labeled=False`` (evaluation) accepts a
+    config without a labeled list: then ``labeled`` is None."""
     kind = data_cfg.kind
     labeled = unlabeled = None
     val = splits_dir() / kind / "val.txt"
@@ -118,7 +119,7 @@ def resolve_lists(data_cfg) -> SplitLists:
                 unlabeled = Path(value)
             else:
                 val = Path(value)
-    if labeled is None:
+    if labeled is None and need_labeled:
         raise MitosegError("config key 'data.split' is required for natural images (or data.labeled_list)")
     return SplitLists(labeled=labeled, unlabeled=unlabeled, val=val if val.is_file() else None)
 
@@ -432,6 +433,29 @@ def build_datasets(cfg, uses_unlabeled: bool, length_labeled: int, length_unlabe
                        class_names=class_names(data.kind, data.num_classes), eval_mode=mode)
 
 
+def build_eval_dataset(cfg, mode: str | None = None) -> NaturalEvalDataset:
+    """The validation images of ``cfg`` (``data.val_list``, the split folder's val.txt or the shipped one), for
+    evaluating a trained model; ``mode`` defaults to :func:`eval_mode`.
+
+    Every listed image and mask is checked to exist before the first is read, so a wrong ``data.root`` or a
+    gap in the data set ends the command at once instead of after hours of evaluation.
+    """
+    data = cfg.data
+    root = Path(data.root)
+    if not root.is_dir():
+        raise MitosegError(f"config key 'data.root': folder not found: {root}")
+    lists = resolve_lists(data, need_labeled=False)
+    if lists.val is None:
+        raise MitosegError(f"no validation list for {data.kind}: data.split {data.split!r} has no val.txt and "
+                           "data.val_list is not set")
+    items = read_list(lists.val, root, need_mask=True)
+    for image, mask in items:
+        if not image.is_file():
+            raise MitosegError(f"val list {lists.val}: image not found: {image} (is data.root {root} right?)")
+        resolve_mask(mask)
+    return NaturalEvalDataset(items, data, mode or eval_mode(data))
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -459,9 +483,12 @@ def predict_image(model: torch.nn.Module, image: torch.Tensor, mode: str, infere
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: NaturalEvalDataset, cfg, device: torch.device, amp: bool = False,
-             rank: int = 0, world_size: int = 1, mode: str | None = None) -> torch.Tensor:
+             rank: int = 0, world_size: int = 1, mode: str | None = None, progress: bool = False) -> torch.Tensor:
     """The confusion matrix (K x K, int64, CPU) of this rank's share of the validation images
-    (images ``rank, rank + W, ...``); the caller sums it over ranks."""
+    (images ``rank, rank + W, ...``); the caller sums it over ranks. ``progress``: a bar over the images
+    (``mitoseg evaluate``; validation during training keeps the training bar alone)."""
+    from tqdm.auto import tqdm
+
     from mitoseg.metrics import confusion_matrix
 
     k = cfg.data.num_classes
@@ -470,7 +497,8 @@ def evaluate(model: torch.nn.Module, dataset: NaturalEvalDataset, cfg, device: t
     was_training = model.training
     model.eval()
     try:
-        for index in range(rank, len(dataset), world_size):
+        for index in tqdm(range(rank, len(dataset), world_size), desc=f"evaluate ({mode})", unit="image",
+                          disable=not progress, dynamic_ncols=True):
             image, label = dataset[index]
             probs = predict_image(model, image[None], mode, cfg.inference, cfg.data.crop_size, device, amp)
             matrix += confusion_matrix(probs.argmax(1).cpu(), label[None], k, IGNORE)
