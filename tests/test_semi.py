@@ -135,3 +135,130 @@ def test_default_unlabeled_slices_are_the_unselected_training_slices(tmp_path, t
     cfg["data"]["train"]["slices"] = None
     with pytest.raises(MitosegError, match="needs unlabeled slices"):
         Trainer(config_from_dict(cfg), tmp_path / "run2", progress=False)
+
+
+class SignModel(torch.nn.Module):
+    """Class 1 where the image is positive, class 0 elsewhere, with near-certainty: its pseudo-labels
+    are a known function of the pixels. ``sign = -1`` predicts the opposite. Records the train/eval
+    mode of every call."""
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        self.sign = sign
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+        self.modes = []
+
+    def features(self, x):
+        self.modes.append(self.training)
+        return torch.cat([-x, x], 1) * self.scale * self.sign
+
+    def logits(self, features, size, perturbed=False):
+        return features
+
+    def forward(self, x):
+        return self.logits(self.features(x), x.shape[-2:])
+
+
+def sign_batches(n=2, size=16, seed=0, strong_sign=1.0):
+    """A labeled batch the sign model gets right, and unlabeled views whose strong views are the weak
+    view times ``strong_sign``, each with its own CutMix box."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    def away_from_zero(*shape):  # |pixel| >= 0.5: the sign model is certain everywhere
+        return torch.randn(*shape, generator=g).sign() * (0.5 + torch.rand(*shape, generator=g))
+
+    image = away_from_zero(n, 1, size, size)
+    weak = away_from_zero(2 * n, 1, size, size)
+    boxes = [torch.from_numpy(np.stack([cutmix_box(rng, size, size, prob=1.0) for _ in range(2 * n)]))
+             for _ in range(2)]
+    assert not torch.equal(boxes[0], boxes[1])
+    unlabeled = {"weak": weak, "strong1": weak * strong_sign, "strong2": weak * strong_sign,
+                 "box1": boxes[0], "box2": boxes[1], "valid": torch.ones(2 * n, size, size, dtype=torch.bool)}
+    return {"image": image, "label": (image[:, 0] > 0).long()}, unlabeled
+
+
+def sign_method(name: str, **method):
+    from mitoseg.losses import make_supervised_loss
+    from mitoseg.methods import build_method
+
+    cfg = config_from_dict({"data": {"train": {"image": "x.tif", "label": "y.tif"}},
+                            "train": {"loss": "ce"}, "method": {"name": name, "threshold": 0.5, **method}})
+    return build_method(cfg, make_supervised_loss(cfg.train))
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch", "daw"])
+def test_strong_views_learn_the_pseudo_labels_cutmixed_with_their_own_boxes(name):
+    # The student predicts every mixed strong view exactly as its pseudo-labels say only if the labels
+    # were pasted with that view's box: with the other view's box, or unmixed, the loss is large.
+    from mitoseg.methods import StepContext
+
+    student = SignModel()
+    ctx = StepContext(student=student, teacher=SignModel(), iteration=0, total_iterations=10)
+    labeled, unlabeled = sign_batches()
+    out = sign_method(name).training_step(ctx, labeled, unlabeled)
+    assert float(out.logs["loss_s"]) < 1e-6
+    assert float(out.logs["mask_ratio"]) > 0.9
+    # Strong views that contradict the weak view do cost: the loss sees the pixels.
+    labeled, contradicting = sign_batches(strong_sign=-1.0)
+    assert float(sign_method(name).training_step(ctx, labeled, contradicting).logs["loss_s"]) > 1.0
+
+
+@pytest.mark.parametrize("name,weights", [("fixmatch", (1, 1, 0)), ("unimatch", (1, 1, 1)), ("daw", (1, 1, 1))])
+def test_losses_combine_with_the_documented_weights(name, weights):
+    # fixmatch: (L_x + L_s) / 2; unimatch and daw: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, where
+    # 0.25 L_s1 + 0.25 L_s2 = 0.5 * mean(L_s) (the logged loss_s).
+    from mitoseg.methods import StepContext
+
+    torch.manual_seed(0)
+    student = SignModel()
+    ctx = StepContext(student=student, teacher=SignModel(), iteration=0, total_iterations=10)
+    labeled, unlabeled = sign_batches(strong_sign=-1.0)
+    labeled["label"][:, :4] = 1 - labeled["label"][:, :4]  # a non-zero supervised loss too
+    out = sign_method(name).training_step(ctx, labeled, unlabeled)
+    logs = out.logs
+    assert float(logs["loss_x"]) > 0.1 and float(logs["loss_s"]) > 0.1
+    w_x, w_s, w_fp = weights
+    if name == "fixmatch":
+        expected = (logs["loss_x"] + logs["loss_s"]) / 2
+        assert "loss_fp" not in logs
+    else:
+        assert float(logs["loss_fp"]) > 0
+        expected = (logs["loss_x"] + 0.5 * logs["loss_s"] + 0.5 * logs["loss_fp"]) / 2
+    torch.testing.assert_close(out.loss.detach(), expected)
+
+
+@pytest.mark.parametrize("source", ["student", "teacher"])
+def test_pseudo_labels_come_from_the_student_in_eval_mode_or_from_the_teacher(source):
+    from mitoseg.methods import StepContext
+
+    student, teacher = SignModel(), SignModel(sign=-1.0)  # the teacher disagrees everywhere
+    student.train()
+    ctx = StepContext(student=student, teacher=teacher, iteration=0, total_iterations=10)
+    labeled, unlabeled = sign_batches()
+    out = sign_method("unimatch", pseudo_labels=source).training_step(ctx, labeled, unlabeled)
+    if source == "student":
+        assert float(out.logs["loss_s"]) < 1e-6
+        assert student.modes[0] is False  # the weak views were predicted in eval mode ...
+        assert student.training and all(student.modes[1:])  # ... and train mode is back for the rest
+        assert teacher.modes == []
+    else:
+        assert float(out.logs["loss_s"]) > 1.0  # the student is trained toward the teacher's labels
+        assert len(teacher.modes) == 1
+
+
+def test_daw_threshold_and_gaussians_move_during_training_steps():
+    from mitoseg.methods import StepContext
+
+    method = sign_method("daw", daw={"momentum": 0.9})
+    ctx = StepContext(student=SignModel(), teacher=SignModel(), iteration=0, total_iterations=10)
+    before = {k: float(v) for k, v in method.daw.log_values().items()}
+    for seed in range(5):
+        labeled, unlabeled = sign_batches(seed=seed)
+        # Some wrong predictions, less confident than the right ones: both Gaussians move, and apart.
+        labeled["image"][:, :, :3] *= 0.05
+        labeled["label"][:, :3] = 1 - labeled["label"][:, :3]
+        out = method.training_step(ctx, labeled, unlabeled)
+    after = {k: float(v) for k, v in method.daw.log_values().items()}
+    assert after["mu_pos"] > before["mu_pos"] + 0.02 and after["mu_neg"] > before["mu_neg"] + 0.02
+    assert after["tau"] != before["tau"]
+    assert float(out.logs["tau"]) == after["tau"]
