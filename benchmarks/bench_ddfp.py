@@ -236,6 +236,8 @@ def bench_step(args) -> None:
                 ddfp_timings = {k: v / args.iters for k, v in timings.items()}
                 trainer.method.timings = None
                 model_s = median_time(lambda: daw_ddfp_passes(trainer, labeled, unlabeled), args.iters)
+                if args.profile:
+                    profile_step(trainer, batches)
     daw = results["daw"]
     print(f"config {args.config} {' '.join('--set ' + o for o in args.set)}; {args.iters} steps each after "
           f"2 warm-up steps; {torch.get_num_threads()} threads; {args.clock} clock")
@@ -247,6 +249,22 @@ def bench_step(args) -> None:
     print(f"daw_ddfp: flow training {flow_ms:.0f} ms + perturbation gradient {pert_ms:.0f} ms per step "
           f"({(flow_ms + pert_ms) / (step * 1000):.0%} of the step); model forward/backward passes alone "
           f"{model_s * 1000:.0f} ms: outside the model's passes {1 - model_s / step:.0%} (target <= 30 %)")
+
+
+def profile_step(trainer, batches, rows: int = 25) -> None:
+    """The operators of one daw_ddfp step (data included) by self time, CPU and, on CUDA, GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    synchronize()
+    with profile(activities=activities) as prof:
+        trainer.train_step(*next(batches))
+        synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 def daw_ddfp_passes(trainer, labeled, unlabeled) -> None:
@@ -288,6 +306,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as `mitoseg train --set` (repeatable)")
+    p.add_argument("--profile", action="store_true", help="print the operators of one daw_ddfp step by self time")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--clock", choices=["wall", "cpu"], default="wall",

@@ -7,8 +7,8 @@
 # Each check's output goes to OUT_DIR/gpu_checks.log; the runs' summaries and the
 # benchmarks' JSON beside it. A failing check is reported and the next one runs.
 # ONLY="name name ..." runs just those checks (names as in the log).
-#   1. AMP training of daw_ddfp on the sample data (flow from iteration 100), uninterrupted
-#      and as --max-iters + --resume; the EMA model's validation fg_iou of both.
+#   1. AMP training: the Quick start job (sample_daw, 1000 iterations) and daw_ddfp on the sample
+#      data (flow from iteration 100), uninterrupted and as --max-iters + --resume.
 #   2. predict (AMP, Gaussian blending) + evaluate of the validation volume on CUDA.
 #   3. torchrun with NCCL when the machine has two GPUs or more (skipped with one).
 #   4. DeepLabV3+ ResNet-101 seconds per training step, every method (bench_deeplab.py).
@@ -37,6 +37,10 @@ check() {  # check NAME TIMEOUT_S COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 $PY -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__)" \
     | tee -a "$LOG"
+
+check train_sample_daw 240 $PY -m mitoseg train --config configs/sample_daw.yaml --set device=cuda \
+    --set data.num_workers=4 --out "$RUNS/sample_daw" --no-progress
+cp "$RUNS/sample_daw/summary.json" "$OUT/train_sample_daw_summary.json" 2>/dev/null
 
 SAMPLE=(--config configs/sample_daw_ddfp.yaml --set device=cuda --set data.num_workers=4
         --set train.iterations=300 --set method.ddfp.start_iter=100 --set method.ddfp.chunk_pixels=65536)
@@ -72,7 +76,7 @@ check bench_ddfp_step 240 $PY benchmarks/bench_ddfp.py step --iters 20 --config 
     --set device=cuda --set data.num_workers=4 --set data.train.image=sample_data/train_image.tif \
     --set data.train.label=sample_data/train_label.tif --set 'data.train.slices=[2, 12, 21]' \
     --set data.val.image=sample_data/val_image.tif --set data.val.label=sample_data/val_label.tif \
-    --set method.ddfp.chunk_pixels=65536
+    --set method.ddfp.chunk_pixels=65536 --profile
 
 echo "== $failures check(s) failed" | tee -a "$LOG"
 rm -rf "$RUNS"
