@@ -50,3 +50,22 @@ def tiny_config(tmp_path, tiny_volumes) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
     return path
+
+
+def run_cli(args, capsys):
+    """``mitoseg ARGS`` in this process: (exit status, stdout, stderr)."""
+    from mitoseg.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *needles):
+    """Exit status 2 and one ``mitoseg: error:`` line on stderr that contains every needle."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mitoseg: error:")
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])

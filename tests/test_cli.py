@@ -13,7 +13,7 @@ import yaml
 from mitoseg.cli import main
 from mitoseg.data.readers import read_volume
 
-from conftest import tiny_config_dict
+from conftest import assert_one_line_error, run_cli, tiny_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +23,6 @@ def trained_run(tmp_path_factory, tiny_volumes):
     config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
     assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     return out
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mitoseg: error:")
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize("command", ["sample-data", "train", "predict", "evaluate", "view"])

@@ -15,6 +15,8 @@ from mitoseg.data import natural
 from mitoseg.engine.trainer import Trainer
 from mitoseg.errors import MitosegError
 
+from conftest import assert_one_line_error, run_cli
+
 pytestmark = pytest.mark.filterwarnings("ignore:model.pretrained is not set")
 
 
@@ -325,22 +327,6 @@ def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
 # ------------------------------------------------------------- mitoseg evaluate --checkpoint
 
 
-def cli(args, capsys):
-    from mitoseg.cli import main
-
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mitoseg: error:"), err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-
-
 def direct_scores(checkpoint: Path, dataset_root: Path, split: Path, mode: str, **data) -> tuple[dict, list]:
     """The scores of ``checkpoint``'s EMA weights computed without the CLI: model_from_checkpoint + the
     validation images + natural.evaluate, as JSON would hold them (NaN -> null)."""
@@ -365,7 +351,7 @@ def test_trained_pascal_checkpoint_evaluates_through_the_cli_in_full_and_center_
     config = tmp_path / "voc.yaml"
     config.write_text(yaml.safe_dump(tiny_natural_config(root, split, iterations=2)))
     run = tmp_path / "run"
-    code, out, err = cli(["train", "--config", config, "--out", run, "--no-progress"], capsys)
+    code, out, err = run_cli(["train", "--config", config, "--out", run, "--no-progress"], capsys)
     assert code == 0, err
     # train ends with the final validation table, one row per Pascal class by name.
     summary = json.loads((run / "summary.json").read_text())
@@ -377,7 +363,7 @@ def test_trained_pascal_checkpoint_evaluates_through_the_cli_in_full_and_center_
     pixels = {"full": 2 * (48 * 64 - 2 * 64),  # the two ignore rows of each 48 x 64 image left out
               "center_crop": 2 * 32 * 32}  # crop_size 32 from rows 8..40: no ignore row inside
     for mode in ("full", "center_crop"):
-        code, out, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", mode, "--no-progress"],
+        code, out, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", mode, "--no-progress"],
                              capsys)
         assert code == 0, err
         report = json.loads((run / f"best_ema_{mode}_metrics.json").read_text())
@@ -397,11 +383,11 @@ def test_trained_pascal_checkpoint_evaluates_through_the_cli_in_full_and_center_
     # An existing report is kept unless --overwrite.
     target = run / "best_ema_full_metrics.json"
     before = target.read_bytes()
-    code, _, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", "full", "--no-progress"], capsys)
+    code, _, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--eval-mode", "full", "--no-progress"], capsys)
     assert_one_line_error(code, err, str(target), "--overwrite")
     assert target.read_bytes() == before
     # --set changes the data: a num_classes that does not fit the weights is refused, nothing written.
-    code, _, err = cli(["evaluate", "--checkpoint", run / "best.pt", "--set", "data.num_classes=19",
+    code, _, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--set", "data.num_classes=19",
                         "--json", tmp_path / "x.json", "--no-progress"], capsys)
     assert_one_line_error(code, err, "19 classes", "21 classes")
     assert not (tmp_path / "x.json").exists()
@@ -418,11 +404,11 @@ def test_cityscapes_checkpoint_evaluates_with_sliding_windows_on_a_moved_data_ro
     # The data set moves after training: the stored data.root no longer exists ...
     moved = tmp_path / "moved"
     shutil.move(tmp_path / "cs", moved)
-    code, _, err = cli(["evaluate", "--checkpoint", checkpoint, "--no-progress"], capsys)
+    code, _, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--no-progress"], capsys)
     assert_one_line_error(code, err, "data.root", str(tmp_path / "cs"))
     assert not list((tmp_path / "run").glob("*_metrics.json"))
     # ... and --set points evaluation at the new place; Cityscapes defaults to sliding windows.
-    code, out, err = cli(["evaluate", "--checkpoint", checkpoint, "--set", f"data.root={moved}",
+    code, out, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--set", f"data.root={moved}",
                           "--set", f"data.split={moved / 'split'}", "--no-progress"], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "best_ema_sliding_window_metrics.json").read_text())
@@ -451,7 +437,7 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         (["--checkpoint", missing, "--set", "model.width=4"], ["model.width", "checkpoint"]),
     ]
     for args, needles in cases:
-        code, out, err = cli(["evaluate", *args, "--no-progress"], capsys)
+        code, out, err = run_cli(["evaluate", *args, "--no-progress"], capsys)
         assert_one_line_error(code, err, *needles)
         assert "Traceback" not in err and out == ""
     assert list(tmp_path.iterdir()) == []
