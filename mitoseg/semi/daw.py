@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from mitoseg.engine import distributed
 
 MIN_SET_SIZE = 10  # a confidence set smaller than this keeps its previous statistics
 
@@ -145,18 +146,6 @@ def mean_var_from_moments(sums: torch.Tensor):
     return n.float(), mean.float(), var.clamp_min(0).float()
 
 
-def distributed_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over DDP ranks (a copy; a no-op outside distributed training)."""
-    if distributed_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
-
-
 # --------------------------------------------------------------------- state
 
 
@@ -243,9 +232,9 @@ class DAWState:
             counts, means = torch.cat([lab_count, unl_count]), torch.cat([lab_mean, unl_mean])
             sums.append(moments(counts, means, torch.zeros_like(means)))
 
-        if distributed_world_size() > 1:
-            pooled = all_reduce_sum(torch.cat(sums)).split([len(part) for part in sums])
-            sums = list(pooled)
+        pooled = distributed.world_size() > 1
+        if pooled:
+            sums = list(distributed.all_reduce_sum(torch.cat(sums)).split([len(part) for part in sums]))
             count, batch_mean, batch_var = mean_var_from_moments(sums[0])
         enough = count >= MIN_SET_SIZE
         self.mean = ema_where(self.mean, batch_mean, self.momentum, enough)
@@ -257,7 +246,7 @@ class DAWState:
         self.safe_threshold = (self.mean[0] - 3 * sigma[0]).clamp(low, 1.0)
 
         if unlabeled_probs is not None:
-            if distributed_world_size() > 1:
+            if pooled:
                 counts, means, _ = mean_var_from_moments(sums[1])
             lab_count, unl_count = counts.split(k)
             lab_mean, unl_mean = means.split(k)
