@@ -298,15 +298,8 @@ def test_predict_on_the_sample_data_adds_prediction_and_confidence(make_napari_v
     np.testing.assert_array_equal(viewer.layers["one slice prediction"].data, probabilities.argmax(0))
 
     # Evaluate the volume prediction against the sample labels.
-    from mitoseg_napari._evaluate_widget import EvaluateWidget
-
-    evaluate = EvaluateWidget(viewer)
-    viewer.window.add_dock_widget(evaluate)
-    evaluate.prediction_layer.setCurrentText("synthetic EM prediction")
-    evaluate.truth_layer.setCurrentText("synthetic EM labels")
-    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
-        evaluate.evaluate_button.click()
-    assert done.args == ["done"]
+    evaluate, outcome = run_evaluate_widget(viewer, qtbot, "synthetic EM prediction", "synthetic EM labels")
+    assert outcome == "done"
     pred, truth = prediction.data.astype(bool), viewer.layers["synthetic EM labels"].data.astype(bool)
     iou = (pred & truth).sum() / (pred | truth).sum()
     assert evaluate.scores["fg_iou"] == pytest.approx(iou)
@@ -382,10 +375,21 @@ def test_predict_widget_opens_without_torch_and_refuses_cuda_without_it(make_nap
     assert [layer.name for layer in viewer.layers] == ["em"] and widget.predict_button.isEnabled()
 
 
-def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_prediction(
-        make_napari_viewer, qtbot, notifications):
+def run_evaluate_widget(viewer, qtbot, prediction: str, truth: str):
+    """Dock an Evaluate widget, choose the two layers, click Evaluate: (widget, 'done' or 'failed')."""
     from mitoseg_napari._evaluate_widget import EvaluateWidget
 
+    evaluate = EvaluateWidget(viewer)
+    viewer.window.add_dock_widget(evaluate)
+    evaluate.prediction_layer.setCurrentText(prediction)
+    evaluate.truth_layer.setCurrentText(truth)
+    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
+        evaluate.evaluate_button.click()
+    return evaluate, done.args[0]
+
+
+def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_prediction(
+        make_napari_viewer, qtbot, notifications):
     rng = np.random.default_rng(2)
     truth = rng.integers(0, 2, (3, 16, 16), dtype=np.uint8)
     pred = truth.copy()
@@ -393,13 +397,8 @@ def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_pred
     viewer = make_napari_viewer()
     viewer.add_labels(truth, name="gt")
     viewer.add_labels(pred[:2], name="short prediction")
-    evaluate = EvaluateWidget(viewer)
-    viewer.window.add_dock_widget(evaluate)
-    evaluate.prediction_layer.setCurrentText("short prediction")
-    evaluate.truth_layer.setCurrentText("gt")
-    with qtbot.waitSignal(evaluate.evaluation_done, timeout=WAIT_MS) as done:
-        evaluate.evaluate_button.click()
-    assert done.args == ["failed"]
+    evaluate, outcome = run_evaluate_widget(viewer, qtbot, "short prediction", "gt")
+    assert outcome == "failed"
     assert [m for m in notifications if "(2, 16, 16)" in m and "(3, 16, 16)" in m and "must match" in m], \
         notifications
     assert "short prediction errors" not in viewer.layers and evaluate.evaluate_button.isEnabled()
