@@ -11,7 +11,6 @@ from mitoseg.data import transforms
 from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, sample_rng, seed_transform
 from mitoseg.data.readers import open_volume
 from mitoseg.data.transforms import (
-    Normalization,
     compute_normalization,
     sample_for_stats,
     strong_transform,
