@@ -1,0 +1,117 @@
+"""3-D connected components of a binary volume, slab by slab, in memory bounded by the slab.
+
+Each slab of ``slab`` slices is labelled on its own (``scipy.ndimage.label``, face
+connectivity); the labels of slab ``s`` are numbered after those of the slabs
+before it, so every component piece has a global id. Pieces that touch across the
+face between two slabs are joined: the pairs of ids facing each other are the
+edges of a graph whose connected components (``scipy.sparse.csgraph``) are the 3-D
+objects. Only one plane of ids is kept from slab to slab. A second pass labels
+each slab again (the same ids, labelling is deterministic) and maps its pieces to
+their objects; the result equals labelling the whole volume at once, up to the
+numbering of the objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+# Face connectivity (6 neighbours in 3-D): two voxels touching only at an edge or a corner are apart.
+_STRUCTURE = ndimage.generate_binary_structure(3, 1)
+
+
+def label_slab(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Face-connected components of a (z, y, x) boolean slab: int32 ids 1..n (0: outside the mask), n."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    count = ndimage.label(mask, structure=_STRUCTURE, output=labels)
+    return labels, int(count)
+
+
+def iter_slabs(num_slices: int, slab: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, num_slices, slab):
+        yield start, min(start + slab, num_slices)
+
+
+@dataclass
+class SlabComponents:
+    """What the first pass learnt: the object of every piece and every object's size and border contact.
+
+    ``offsets[s]``: global id of slab s's piece 0 (its piece i has global id ``offsets[s] + i``; id 0
+    of every slab is the outside); ``obj``: object index of each global id (``obj[offsets[s]]`` is
+    unused); ``sizes``: voxels per object; ``touches_border``: whether the object reaches a face of
+    the volume (first or last slice, or the y / x edges).
+    """
+
+    num_slices: int
+    slab: int
+    offsets: np.ndarray
+    obj: np.ndarray
+    sizes: np.ndarray
+    touches_border: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.sizes.shape[0])
+
+    def objects(self, start: int, mask: np.ndarray) -> np.ndarray:
+        """Object index + 1 of every voxel of the slab starting at ``start`` (0 outside the mask), int64."""
+        labels, _ = label_slab(mask)
+        index = start // self.slab
+        return self.obj[self.offsets[index] + labels] + 1  # the outside (obj -1) becomes 0
+
+
+def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
+                    progress: Callable[[int], None] | None = None) -> SlabComponents:
+    """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool."""
+    offsets, sizes, border_ids = [], [], []
+    edges_a, edges_b = [], []
+    total = 0  # global ids used so far, each slab's id 0 included
+    previous_last, previous_offset = None, 0
+    for start, stop in iter_slabs(num_slices, slab):
+        mask = np.asarray(read_mask(start, stop), dtype=bool)
+        labels, count = label_slab(mask)
+        offsets.append(total)
+        sizes.append(np.bincount(labels.ravel(), minlength=count + 1))
+        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+        if start == 0:
+            border.append(labels[0])
+        if stop == num_slices:
+            border.append(labels[-1])
+        border_ids.append(np.unique(np.concatenate([b.ravel() for b in border])) + total)
+        if previous_last is not None:
+            first = labels[0] + total
+            touching = (previous_last > previous_offset) & (first > total)
+            pairs = np.unique(np.stack([previous_last[touching], first[touching]]), axis=1)
+            edges_a.append(pairs[0])
+            edges_b.append(pairs[1])
+        previous_last, previous_offset = labels[-1] + total, total
+        total += count + 1
+        if progress is not None:
+            progress(stop - start)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(total, total))
+    _, component = connected_components(graph, directed=False)
+    # Number the objects 0.. in order of their first piece, leaving out the slabs' id 0 (the outside).
+    piece_sizes = np.concatenate(sizes).astype(np.int64)
+    is_piece = np.ones(total, dtype=bool)
+    is_piece[offsets] = False
+    roots, first_seen = np.unique(component[is_piece], return_index=True)
+    order = np.argsort(first_seen)
+    renumber = np.full(component.max() + 1 if total else 1, -1, dtype=np.int64)
+    renumber[roots[order]] = np.arange(roots.size)
+    obj = renumber[component]
+    obj[~is_piece] = -1
+    object_sizes = np.bincount(obj[is_piece], weights=piece_sizes[is_piece], minlength=roots.size).astype(np.int64)
+    touches = np.zeros(roots.size, dtype=bool)
+    border_pieces = np.concatenate(border_ids) if border_ids else np.zeros(0, np.int64)
+    border_pieces = border_pieces[is_piece[border_pieces]]
+    touches[obj[border_pieces]] = True
+    return SlabComponents(num_slices=num_slices, slab=slab, offsets=offsets, obj=obj, sizes=object_sizes,
+                          touches_border=touches)
