@@ -10,10 +10,12 @@ from monai.losses import DiceCELoss
 
 
 def make_supervised_loss(train_cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``dice_ce``: MONAI's Dice + cross-entropy (EM, no ignore label);
+    """``dice_ce``: MONAI's Dice + cross-entropy, ``train.dice_weight`` * Dice + ``train.ce_weight`` * CE
+    (EM, no ignore label);
     ``ce``: cross-entropy that skips ``train.ignore_index`` (natural images)."""
     if train_cfg.loss == "dice_ce":
-        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+        dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=train_cfg.dice_weight,
+                             lambda_ce=train_cfg.ce_weight)
 
         def loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             return dice_ce(logits.float(), label.unsqueeze(1))

@@ -18,7 +18,7 @@ from conftest import tiny_config_dict
 def test_cutmix_keeps_image_pseudo_label_and_weight_aligned():
     rng = np.random.default_rng(0)
     b, h, w = 4, 24, 24
-    boxes = torch.from_numpy(np.stack([cutmix_box(rng, h, w, prob=1.0) for _ in range(b)]))
+    boxes = torch.from_numpy(np.stack([cutmix_box(rng, (h, w), prob=1.0) for _ in range(b)]))
     assert boxes.sum() > 0
     image_u, image_mix = torch.zeros(b, 1, h, w), torch.ones(b, 1, h, w)
     label_u, label_mix = torch.zeros(b, h, w, dtype=torch.long), torch.ones(b, h, w, dtype=torch.long)
@@ -34,12 +34,12 @@ def test_cutmix_keeps_image_pseudo_label_and_weight_aligned():
 def test_cutmix_box_is_a_single_rectangle_and_respects_its_probability():
     rng = np.random.default_rng(3)
     for _ in range(20):
-        box = cutmix_box(rng, 32, 48, prob=1.0)
+        box = cutmix_box(rng, (32, 48), prob=1.0)
         ys, xs = np.nonzero(box)
         assert box.sum() == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         assert 0.02 * 32 * 48 * 0.5 <= box.sum() <= 0.4 * 32 * 48
-    assert sum(cutmix_box(rng, 16, 16, prob=0.5).any() for _ in range(400)) in range(150, 250)
-    assert not cutmix_box(rng, 16, 16, prob=0.0).any()
+    assert sum(cutmix_box(rng, (16, 16), prob=0.5).any() for _ in range(400)) in range(150, 250)
+    assert not cutmix_box(rng, (16, 16), prob=0.0).any()
 
 
 def test_strong_view_changes_intensities_only():
@@ -169,7 +169,7 @@ def sign_batches(n=2, size=16, seed=0, strong_sign=1.0):
 
     image = away_from_zero(n, 1, size, size)
     weak = away_from_zero(2 * n, 1, size, size)
-    boxes = [torch.from_numpy(np.stack([cutmix_box(rng, size, size, prob=1.0) for _ in range(2 * n)]))
+    boxes = [torch.from_numpy(np.stack([cutmix_box(rng, (size, size), prob=1.0) for _ in range(2 * n)]))
              for _ in range(2)]
     assert not torch.equal(boxes[0], boxes[1])
     unlabeled = {"weak": weak, "strong1": weak * strong_sign, "strong2": weak * strong_sign,

@@ -17,7 +17,7 @@ from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Randomizable, SpatialCropd
 from torch.utils.data import Dataset
 
-from mitoseg.data.readers import open_volume, select_slices
+from mitoseg.data.readers import SliceReader, open_volume, select_slices
 from mitoseg.data.transforms import Normalization, compute_normalization, cutmix_box, sample_for_stats
 from mitoseg.errors import MitosegError
 
@@ -26,7 +26,7 @@ from mitoseg.errors import MitosegError
 class VolumeSlices:
     """Selected slices of one volume (raw dtype), their labels and the volume's normalization."""
 
-    image: np.ndarray  # (n, y, x)
+    image: np.ndarray  # (n, y, x), or (n, 2k+1, y, x) with k neighbouring slices on each side (data.context_slices)
     label: np.ndarray | None  # (n, y, x) int64, or None
     indices: list[int]  # slice numbers in the source volume
     normalization: Normalization
@@ -60,8 +60,10 @@ def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int | 
 
 
 def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require_label: bool,
-                       ignore_index: int | None = None, label_map: dict[int, int] | None = None) -> VolumeSlices:
-    """Read the slices ``vol_cfg.slices`` of ``vol_cfg.image`` (and its label) into memory.
+                       ignore_index: int | None = None, label_map: dict[int, int] | None = None,
+                       context: int = 0) -> VolumeSlices:
+    """Read the slices ``vol_cfg.slices`` of ``vol_cfg.image`` (and its label) into memory; with
+    ``context`` k, each slice with its k neighbours in the volume on each side as channels (2.5-D).
 
     ``key`` is the config key (e.g. ``data.train``) used in error messages.
     """
@@ -70,7 +72,7 @@ def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require
     with open_volume(vol_cfg.image) as volume:
         indices = select_slices(vol_cfg.slices, len(volume), f"{key}.slices")
         normalization = compute_normalization(sample_for_stats(volume), norm_cfg, what=vol_cfg.image)
-        image = volume.read_slices(indices)
+        image = SliceReader(volume, indices, context).read(0, len(indices))
         shape = volume.shape
     label = None
     if vol_cfg.label:
@@ -115,16 +117,28 @@ def seed_transform(transform, rng: np.random.Generator) -> None:
             child.set_random_state(state=state)
 
 
+def consecutive_starts(indices: list[int], depth: int) -> list[int]:
+    """Positions ``i`` in ``indices`` where ``indices[i : i + depth]`` are consecutive slice numbers: where a
+    3-D patch of ``depth`` slices may start (every position for depth 1)."""
+    index = np.asarray(indices, dtype=np.int64)
+    if depth == 1:
+        return list(range(len(index)))
+    ends = np.arange(len(index) - depth + 1)
+    return [int(i) for i in ends if index[i + depth - 1] - index[i] == depth - 1]
+
+
 class PatchDataset(Dataset):
-    """Random 2-D patches from the slices of one or more volumes, with labels when they have them.
+    """Random patches from the slices of one or more volumes, with labels when they have them: 2-D
+    (``patch_size`` (y, x)) or 3-D (``patch_size`` (z, y, x), from runs of consecutive selected slices).
 
     ``index`` selects the random draw, not a fixed patch, so the dataset can be
     read for as many samples as training needs. A patch is drawn from a slice
-    chosen uniformly over all volumes' slices; with labels and
+    (3-D: a first slice) chosen uniformly over all volumes' slices; with labels and
     ``foreground_sampling = p``, a share p of the patches is centred on a random
-    foreground pixel (label > 0), the rest are placed uniformly. The crop is
-    normalized with its volume's statistics, then ``transform`` (MONAI, random
-    state seeded from the same draw) makes the view.
+    foreground pixel (label > 0) of that slice (3-D: of a random slice of the
+    patch), the rest are placed uniformly. The crop is normalized with its volume's
+    statistics, then ``transform`` (MONAI, random state seeded from the same draw)
+    makes the view.
     """
 
     def __init__(self, sources: VolumeSlices | list[VolumeSlices], transform, patch_size, seed: int, length: int,
@@ -132,18 +146,24 @@ class PatchDataset(Dataset):
         self.sources = [sources] if isinstance(sources, VolumeSlices) else list(sources)
         self.transform = transform
         self.patch_size = tuple(int(s) for s in patch_size)
+        self.depth = self.patch_size[0] if len(self.patch_size) == 3 else 1
         self.seed = seed
         self.length = length
         self.with_label = all(src.label is not None for src in self.sources)
         self.foreground_sampling = foreground_sampling if self.with_label else 0.0
         for src in self.sources:
-            _, height, width = src.image.shape
-            if self.patch_size[0] > height or self.patch_size[1] > width:
+            height, width = src.image.shape[-2:]
+            if self.patch_size[-2] > height or self.patch_size[-1] > width:
                 raise MitosegError(f"{src.source}: data.patch_size {list(self.patch_size)} is larger than the "
                                    f"image slices ({height}, {width})")
         self._normalize = [src.normalization.transform("image") for src in self.sources]
-        # (volume, slice) of every slice, so a slice is drawn uniformly across volumes.
-        self._slices = [(v, z) for v, src in enumerate(self.sources) for z in range(src.image.shape[0])]
+        # (volume, first slice) of every patch position, so a slice is drawn uniformly across volumes.
+        self._slices = [(v, z) for v, src in enumerate(self.sources) for z in consecutive_starts(src.indices,
+                                                                                                 self.depth)]
+        if not self._slices:
+            raise MitosegError(f"data.patch_size {list(self.patch_size)}: no run of {self.depth} consecutive slices "
+                               f"in the selected slices of {', '.join(sorted({s.source for s in self.sources}))}; "
+                               "a 3-D patch needs that many neighbouring slices")
         self._foreground = None
         if self.foreground_sampling > 0:
             # Flat indices of foreground pixels per slice (int32: a small fraction of the volume).
@@ -159,11 +179,14 @@ class PatchDataset(Dataset):
         return self.length
 
     def window(self, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """(volume, slice, top, left) of a patch."""
+        """(volume, first slice, top, left) of a patch."""
         v, z = self._slices[int(rng.integers(len(self._slices)))]
-        _, height, width = self.sources[v].image.shape
-        ph, pw = self.patch_size
-        foreground = self._foreground[v, z] if self._foreground is not None else None
+        height, width = self.sources[v].image.shape[-2:]
+        ph, pw = self.patch_size[-2:]
+        foreground = None
+        if self._foreground is not None:
+            centre_slice = z if self.depth == 1 else z + int(rng.integers(self.depth))
+            foreground = self._foreground[v, centre_slice]
         if foreground is not None and rng.random() < self.foreground_sampling and foreground.size:
             cy, cx = divmod(int(foreground[rng.integers(foreground.size)]), width)
             top = int(np.clip(cy - ph // 2, 0, height - ph))
@@ -174,16 +197,25 @@ class PatchDataset(Dataset):
         return v, z, top, left
 
     def crop(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """A normalized patch ``{"image": (1, ph, pw) float32, "label": (1, ph, pw) int64}``: the window
-        drawn by :meth:`window`, cut by MONAI's ``SpatialCropd`` and normalized with the volume's
-        statistics by ``NormalizeIntensityd``."""
+        """A normalized patch ``{"image": (C, ph, pw) float32, "label": (1, ph, pw) int64}`` (3-D: (C, pz, ph,
+        pw) and (1, pz, ph, pw)): the window drawn by :meth:`window`, cut by MONAI's ``SpatialCropd`` and
+        normalized with the volume's statistics by ``NormalizeIntensityd``. C is 1, or 2k + 1 with k
+        neighbouring slices on each side (2.5-D)."""
         v, z, top, left = self.window(rng)
         src = self.sources[v]
-        ph, pw = self.patch_size
-        sample = {"image": src.image[z][None]}
-        if src.label is not None:
-            sample["label"] = src.label[z][None]
-        crop = SpatialCropd(keys=list(sample), roi_start=(top, left), roi_end=(top + ph, left + pw))
+        ph, pw = self.patch_size[-2:]
+        if self.depth == 1 and len(self.patch_size) == 2:
+            image = src.image[z]
+            sample = {"image": image[None] if image.ndim == 2 else image}  # (channels, y, x)
+            if src.label is not None:
+                sample["label"] = src.label[z][None]
+            start, end = (top, left), (top + ph, left + pw)
+        else:
+            sample = {"image": src.image[z:z + self.depth][None]}  # (1, z, y, x)
+            if src.label is not None:
+                sample["label"] = src.label[z:z + self.depth][None]
+            start, end = (0, top, left), (self.depth, top + ph, left + pw)
+        crop = SpatialCropd(keys=list(sample), roi_start=start, roi_end=end)
         return self._normalize[v](crop(sample))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -204,10 +236,11 @@ class PatchDataset(Dataset):
 class UnlabeledViewsDataset(PatchDataset):
     """Unlabeled patches as UniMatch's views: a weak view and two strong views, plus CutMix boxes.
 
-    Keys: ``weak``, ``strong1``, ``strong2`` (1, H, W) float32; ``box1``, ``box2``
+    Keys: ``weak``, ``strong1``, ``strong2`` (C, H, W) float32; ``box1``, ``box2``
     (H, W) uint8 (the region to paste from the mixing batch into each strong
     view); ``valid`` (H, W) bool (False where a pixel is padding and must be
-    ignored); ``label`` (H, W) int64 when the volume has analysis labels.
+    ignored); ``label`` (H, W) int64 when the volume has analysis labels. 3-D
+    patches have a (D, H, W) grid instead of (H, W), and boxes in 3-D.
     """
 
     def __init__(self, sources, weak, strong, patch_size, seed: int, length: int, cutmix_prob: float = 0.5):
@@ -225,10 +258,9 @@ class UnlabeledViewsDataset(PatchDataset):
             seed_transform(self.strong, rng)
             result[name] = torch.as_tensor(self.strong({"image": weak["image"].clone()})["image"],
                                            dtype=torch.float32)
-        height, width = self.patch_size
         for name in ("box1", "box2"):
-            result[name] = torch.from_numpy(cutmix_box(rng, height, width, self.cutmix_prob))
-        result["valid"] = torch.ones(height, width, dtype=torch.bool)
+            result[name] = torch.from_numpy(cutmix_box(rng, self.patch_size, self.cutmix_prob))
+        result["valid"] = torch.ones(self.patch_size, dtype=torch.bool)
         if "label" in weak:
             result["label"] = torch.as_tensor(weak["label"], dtype=torch.int64)[0]
         return result

@@ -352,7 +352,7 @@ class NaturalUnlabeledDataset(NaturalDataset):
         size = self.crop_size
         for v in (1, 2):
             result[f"strong{v}"] = to_tensor(strong_view(image, rng))
-            result[f"box{v}"] = torch.from_numpy(cutmix_box(rng, size, size, self.cutmix_prob))
+            result[f"box{v}"] = torch.from_numpy(cutmix_box(rng, (size, size), self.cutmix_prob))
         result["valid"] = torch.from_numpy(valid)
         return result
 

@@ -369,6 +369,49 @@ def read_volume(spec: str | os.PathLike, slices: Sequence[int] | None = None, *,
         return volume.read(0, len(volume)) if slices is None else volume.read_slices(slices)
 
 
+# ---------------------------------------------------------------------- neighbouring slices (2.5-D)
+
+
+def context_indices(indices: Sequence[int], context: int, num_slices: int) -> np.ndarray:
+    """(n, 2 * context + 1) slice numbers: each of ``indices`` with its ``context`` neighbours on each
+    side, in z order, reflected at the ends of the volume (slice -1 is slice 1, slice z is z - 2, as
+    ``numpy.pad(mode="reflect")``)."""
+    index = np.asarray(indices, dtype=np.int64)[:, None] + np.arange(-context, context + 1)
+    if num_slices == 1:
+        return np.zeros_like(index)
+    period = 2 * (num_slices - 1)
+    index = np.mod(index, period)
+    return np.where(index >= num_slices, period - index, index)
+
+
+class SliceReader:
+    """Chosen slices of a volume as a stack, each with ``context`` neighbours on each side as channels.
+
+    ``read(start, stop)`` returns the stack's slices ``start .. stop-1``: (n, y, x) without context,
+    (n, 2 * context + 1, y, x) with it (the neighbours come from the volume, not from the stack, so
+    a selection of distant slices still sees each slice's true neighbours). ``volume``: a
+    :class:`Volume` or anything with ``read_slices`` and ``len``.
+    """
+
+    def __init__(self, volume, indices: Sequence[int] | None = None, context: int = 0):
+        self.volume = volume
+        self.indices = list(range(len(volume))) if indices is None else [int(i) for i in indices]
+        self.context = context
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        chosen = self.indices[start:stop]
+        if not self.context:
+            if chosen and chosen[-1] - chosen[0] == len(chosen) - 1:  # a run of consecutive slices
+                return self.volume.read(chosen[0], chosen[-1] + 1)
+            return self.volume.read_slices(chosen)
+        stack = context_indices(chosen, self.context, len(self.volume))
+        data = self.volume.read_slices(stack.ravel())
+        return data.reshape(stack.shape[0], stack.shape[1], *data.shape[1:])
+
+
 # ---------------------------------------------------------------------------- slice selections
 
 

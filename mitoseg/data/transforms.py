@@ -15,6 +15,7 @@ from monai.transforms import (
     EnsureTyped,
     NormalizeIntensity,
     NormalizeIntensityd,
+    Rand2DElasticd,
     RandAdjustContrastd,
     RandFlipd,
     RandGaussianSmoothd,
@@ -77,13 +78,20 @@ def compute_normalization(voxels: np.ndarray, cfg, what: str = "volume") -> Norm
     return Normalization(offset=offset, scale=scale)
 
 
-def geometric_transforms(aug, keys):
-    """Flips and 90-degree rotations: applied identically to image and label."""
+def geometric_transforms(aug, keys, spatial_dims: int = 2):
+    """Flips (in 3-D also in z), quarter turns in y-x and elastic deformation (2-D): applied identically
+    to image and label (the label resampled by nearest neighbour)."""
     transforms = []
     if aug.flip:
-        transforms += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1)]
+        transforms += [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
     if aug.rot90:
-        transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3, spatial_axes=(0, 1)))
+        transforms.append(RandRotate90d(keys=keys, prob=0.75, max_k=3,
+                                        spatial_axes=(spatial_dims - 2, spatial_dims - 1)))
+    if aug.elastic_prob > 0:
+        modes = ["bilinear" if key == "image" else "nearest" for key in keys]
+        transforms.append(Rand2DElasticd(keys=keys, spacing=aug.elastic_spacing,
+                                         magnitude_range=tuple(aug.elastic_magnitude), prob=aug.elastic_prob,
+                                         mode=modes, padding_mode="reflection"))
     return transforms
 
 
@@ -94,6 +102,8 @@ def intensity_transforms(aug):
         transforms.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.prob))
     if aug.intensity_shift > 0:
         transforms.append(RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.prob))
+    if aug.gamma != [1.0, 1.0]:
+        transforms.append(RandAdjustContrastd(keys="image", gamma=tuple(aug.gamma), prob=aug.prob))
     if aug.noise_std > 0:
         transforms.append(RandGaussianNoised(keys="image", prob=aug.prob, std=aug.noise_std, sample_std=True))
     return transforms
@@ -105,14 +115,14 @@ def weak_transform(data_cfg, with_label: bool, intensity: bool = True) -> Compos
     keys = ["image", "label"] if with_label else ["image"]
     return Compose(
         [
-            *geometric_transforms(data_cfg.augment, keys),
+            *geometric_transforms(data_cfg.augment, keys, len(data_cfg.patch_size)),
             *(intensity_transforms(data_cfg.augment) if intensity else []),
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )
 
 
-def strong_transform(strong_cfg) -> Compose:
+def strong_transform(strong_cfg, spatial_dims: int = 2) -> Compose:
     """Photometric perturbation of a weak view for EM (image only; geometry unchanged):
     brightness / contrast / gamma jitter, Gaussian blur and noise."""
     transforms = []
@@ -124,26 +134,38 @@ def strong_transform(strong_cfg) -> Compose:
         transforms.append(RandAdjustContrastd(keys="image", gamma=tuple(strong_cfg.gamma), prob=strong_cfg.prob))
     if strong_cfg.blur_sigma[1] > 0:
         sigma = tuple(strong_cfg.blur_sigma)
-        transforms.append(RandGaussianSmoothd(keys="image", sigma_x=sigma, sigma_y=sigma, prob=strong_cfg.blur_prob))
+        sigmas = {"sigma_x": sigma, "sigma_y": sigma, **({"sigma_z": sigma} if spatial_dims == 3 else {})}
+        transforms.append(RandGaussianSmoothd(keys="image", prob=strong_cfg.blur_prob, **sigmas))
     if strong_cfg.noise_std > 0:
         transforms.append(RandGaussianNoised(keys="image", prob=strong_cfg.prob, std=strong_cfg.noise_std,
                                              sample_std=True))
     return Compose([*transforms, EnsureTyped(keys="image", track_meta=False)])
 
 
-def cutmix_box(rng: np.random.Generator, height: int, width: int, prob: float = 0.5,
-               area=(0.02, 0.4), aspect=(0.3, 1 / 0.3)) -> np.ndarray:
-    """A (height, width) uint8 mask with one random box of ones, with probability ``prob``
-    (else all zeros). Box area and aspect ratio as in UniMatch."""
-    mask = np.zeros((height, width), dtype=np.uint8)
+def cutmix_box(rng: np.random.Generator, shape, prob: float = 0.5, area=(0.02, 0.4),
+               aspect=(0.3, 1 / 0.3)) -> np.ndarray:
+    """A uint8 mask of ``shape`` ((height, width), or (depth, height, width) for 3-D patches) with one
+    random box of ones, with probability ``prob`` (else all zeros). Box area (share of the patch) and
+    y-x aspect ratio as in UniMatch; a 3-D box spans the cube root of its share in z and the rest in y-x."""
+    shape = tuple(int(n) for n in shape)
+    mask = np.zeros(shape, dtype=np.uint8)
     if rng.random() >= prob:
         return mask
-    size = rng.uniform(*area) * height * width
+    height, width = shape[-2:]
+    share = rng.uniform(*area)
+    z0, z1 = 0, 1
+    if len(shape) == 3:
+        depth = shape[0]
+        box_d = min(depth, max(1, int(round(depth * share ** (1 / 3)))))
+        share = share * depth / box_d  # what the y-x face must cover for the box's share of the volume
+        z0 = int(rng.integers(0, depth - box_d + 1))
+        z1 = z0 + box_d
+    size = min(share, 1.0) * height * width
     while True:
         ratio = rng.uniform(*aspect)
         box_w, box_h = int(np.sqrt(size / ratio)), int(np.sqrt(size * ratio))
         x, y = int(rng.integers(0, width + 1)), int(rng.integers(0, height + 1))
         if 0 < box_w and 0 < box_h and x + box_w <= width and y + box_h <= height:
             break
-    mask[y:y + box_h, x:x + box_w] = 1
+    mask.reshape(-1, height, width)[z0:z1, y:y + box_h, x:x + box_w] = 1
     return mask

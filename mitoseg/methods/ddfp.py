@@ -52,12 +52,13 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mitoseg.methods.base import StepContext, StepOutput, register_method
 from mitoseg.methods.pseudo_label import (
     PseudoLabelMethod,
+    channel_dropout,
     cutmix,
+    middle_plane,
     weighted_cross_entropy,
 )
 from mitoseg.semi.flow import (
@@ -128,7 +129,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
             caught = []
             hook = teacher.seg_head.block.register_forward_hook(lambda module, args, out: caught.append(out))
             try:
-                probs = teacher.logits(features, images.shape[-2:]).float().softmax(dim=1)
+                probs = teacher.logits(features, images.shape[2:]).float().softmax(dim=1)
             finally:
                 hook.remove()
             penultimate = caught[0]
@@ -151,7 +152,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
 
     def train_flow(self, penultimate: torch.Tensor, label: torch.Tensor, valid_u: torch.Tensor):
         """One flow step on the teacher's features of [labeled batch, unlabeled batch]."""
-        grid = penultimate.shape[-2:]
+        grid = penultimate.shape[2:]
         labeled = labels_to_grid(label, grid, self.ignore_index)
         unlabeled = torch.where(labels_to_grid(valid_u.long(), grid) > 0, UNLABELED, EXCLUDED)
         labels = torch.cat([labeled, unlabeled]).reshape(-1)
@@ -164,7 +165,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         n_x = x.shape[0]
         n_u = unlabeled["weak"].shape[0] // 2  # first half: the batch; second half: the mixing batch
         weak_all, valid_all = unlabeled["weak"], unlabeled["valid"]
-        size = x.shape[-2:]
+        size = x.shape[2:]
         active = ctx.iteration >= self.ddfp.start_iter
         logs: dict[str, torch.Tensor] = {}
 
@@ -197,7 +198,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         else:
             features = student.features(torch.cat([x, weak_all[:n_u]]))
             if self.feature_perturbation:
-                dropped = F.dropout2d(features[n_x:], p=self.cfg.method.fp_dropout, training=True)
+                dropped = channel_dropout(features[n_x:], self.cfg.method.fp_dropout)
                 logits = student.logits(torch.cat([features, dropped]), size)
                 pred_fp = logits[n_x + n_u:]
             else:
@@ -251,8 +252,8 @@ class DensityDescendingMethod(PseudoLabelMethod):
         out = super().inspect(ctx, patches)
         penultimate, _ = self.teacher_pass(ctx, patches["image"], with_probs=False)
         log_p = self.flow.model.log_density(flatten_pixels(penultimate.float()))
-        n, _, h, w = penultimate.shape
-        out["log_density"] = log_p.reshape(n, h, w).cpu().numpy().astype(np.float32)
+        log_p = log_p.reshape(penultimate.shape[0], *penultimate.shape[2:])
+        out["log_density"] = middle_plane(log_p, penultimate.dim() - 2).cpu().numpy().astype(np.float32)
         return out
 
     def state_dict(self) -> dict:

@@ -36,11 +36,26 @@ HISTOGRAM_BINS = 50
 
 
 def cutmix(target: torch.Tensor, source: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """``source`` inside ``box`` (B, H, W), ``target`` elsewhere; for images (B, C, H, W) or maps (B, H, W)."""
+    """``source`` inside ``box`` (B, *spatial), ``target`` elsewhere; for images (B, C, *spatial) or maps
+    (B, *spatial), 2-D or 3-D."""
     mask = box.bool()
-    if target.dim() == 4:
+    if target.dim() == mask.dim() + 1:
         mask = mask.unsqueeze(1)
     return torch.where(mask, source, target)
+
+
+def channel_dropout(features: torch.Tensor, p: float) -> torch.Tensor:
+    """UniMatch's feature perturbation: whole channels dropped, of a 2-D (B, C, H, W) or 3-D map."""
+    dropout = F.dropout3d if features.dim() == 5 else F.dropout2d
+    return dropout(features, p=p, training=True)
+
+
+def middle_plane(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """The y-x plane an inspection file shows: ``t`` itself in 2-D, the middle z plane of a 3-D patch
+    (images (N, C, D, H, W) or maps (N, D, H, W))."""
+    if spatial_dims == 2:
+        return t
+    return t.select(-3, t.shape[-3] // 2)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
@@ -142,9 +157,9 @@ class PseudoLabelMethod(Method):
         probs_all = self.predict_pseudo(ctx, unlabeled["weak"])
 
         features = student.features(torch.cat([x, weak]))
-        size = x.shape[-2:]
+        size = x.shape[2:]
         if self.feature_perturbation:
-            perturbed = F.dropout2d(features[n_x:], p=self.cfg.method.fp_dropout, training=True)
+            perturbed = channel_dropout(features[n_x:], self.cfg.method.fp_dropout)
             logits = student.logits(torch.cat([features, perturbed]), size)
             pred_x, pred_fp = logits[:n_x], logits[n_x + n_u:]
         else:
@@ -202,10 +217,13 @@ class PseudoLabelMethod(Method):
         probs = self.predict_pseudo(ctx, patches["image"])
         if self.daw is not None and self.cfg.method.daw.alignment:
             probs = self.daw.align(probs)
-        confidence, pseudo = max_and_argmax(probs)
+        dims = patches["image"].dim() - 2
+        confidence, pseudo = (middle_plane(t, dims) for t in max_and_argmax(probs))
         weight = (confidence >= self.threshold()).float()
+        image = middle_plane(patches["image"], dims)
         out = {
-            "image": patches["image"][:, 0].cpu().numpy().astype(np.float32),
+            # The middle channel: the slice itself when neighbouring slices come as channels (2.5-D).
+            "image": image[:, image.shape[1] // 2].cpu().numpy().astype(np.float32),
             "confidence": confidence.cpu().numpy().astype(np.float32),
             "pseudo_label": pseudo.cpu().numpy().astype(np.uint8),
             "weight": weight.cpu().numpy().astype(np.uint8),
@@ -224,7 +242,7 @@ class PseudoLabelMethod(Method):
                 "safe_tau": np.float32(self.daw.safe_threshold.item()),
             })
         if "label" in patches:
-            out["label"] = patches["label"].cpu().numpy().astype(np.uint8)
+            out["label"] = middle_plane(patches["label"], dims).cpu().numpy().astype(np.uint8)
         return out
 
     def state_dict(self) -> dict:

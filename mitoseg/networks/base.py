@@ -14,15 +14,16 @@ class SegmentationHead(nn.Module):
     (``perturbed=True``), so their statistics never mix with the clean ones.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, hidden_channels: int, num_classes: int, spatial_dims: int = 2):
         super().__init__()
+        conv, norm = (nn.Conv3d, nn.BatchNorm3d) if spatial_dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
         self.block = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(hidden_channels),
+            conv(in_channels, hidden_channels, 3, padding=1, bias=False),
+            norm(hidden_channels),
             nn.ReLU(inplace=True),
         )
-        self.classifier = nn.Conv2d(hidden_channels, num_classes, 1)
-        self.aux_bn = nn.BatchNorm2d(hidden_channels)
+        self.classifier = conv(hidden_channels, num_classes, 1)
+        self.aux_bn = norm(hidden_channels)
         self.register_load_state_dict_pre_hook(_aux_bn_from_main_bn)
 
     def penultimate(self, features: torch.Tensor, perturbed: bool = False) -> torch.Tensor:
@@ -44,10 +45,13 @@ def _aux_bn_from_main_bn(module, state_dict, prefix, *args) -> None:
 
 
 class SegmentationModel(nn.Module):
-    """Base class: subclasses define ``encoder_decoder`` (x -> features) and ``seg_head``."""
+    """Base class: subclasses define ``encoder_decoder`` (x -> features) and ``seg_head``.
+
+    ``spatial_dims``: 2 for (B, C, H, W) images, 3 for (B, C, D, H, W) volumes."""
 
     num_classes: int
     seg_head: SegmentationHead
+    spatial_dims: int = 2
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -56,11 +60,13 @@ class SegmentationModel(nn.Module):
         return self.seg_head(features, perturbed=perturbed)
 
     def logits(self, features: torch.Tensor, size, perturbed: bool = False) -> torch.Tensor:
-        """``head(features)`` resized to ``size`` (the input's H, W); ``perturbed``: the head's MixBN branch."""
+        """``head(features)`` resized to ``size`` (the input's spatial size); ``perturbed``: the head's MixBN
+        branch."""
         logits = self.head(features, perturbed=perturbed)
-        if tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        if tuple(logits.shape[2:]) != tuple(size):
+            mode = "trilinear" if logits.dim() == 5 else "bilinear"
+            logits = F.interpolate(logits, size=tuple(size), mode=mode, align_corners=False)
         return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.features(x), x.shape[-2:])
+        return self.logits(self.features(x), x.shape[2:])

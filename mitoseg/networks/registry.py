@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from mitoseg.errors import MitosegError
@@ -17,10 +18,13 @@ def register_model(name: str):
     return decorator
 
 
-def build_model(model_cfg, num_classes: int):
-    """Build the network named by ``model_cfg.name`` for ``num_classes`` classes."""
+def build_model(model_cfg, num_classes: int, in_channels: int | None = None):
+    """Build the network named by ``model_cfg.name`` for ``num_classes`` classes and ``in_channels`` input
+    channels (default ``model_cfg.in_channels``; a 2.5-D run passes ``config.input_channels``)."""
     try:
         builder = _BUILDERS[model_cfg.name]
     except KeyError:
         raise MitosegError(f"unknown model '{model_cfg.name}'; available: {', '.join(sorted(_BUILDERS))}") from None
+    if in_channels is not None and in_channels != model_cfg.in_channels:
+        model_cfg = dataclasses.replace(model_cfg, in_channels=in_channels)
     return builder(model_cfg, num_classes)

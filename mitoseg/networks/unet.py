@@ -1,4 +1,4 @@
-"""2-D U-Net for EM slices, built from MONAI's UNet."""
+"""2-D and 3-D U-Nets for EM, built from MONAI's UNet."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ class UNetSegmenter(SegmentationModel):
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels, strides, num_res_units: int,
-                 feature_channels: int, head_channels: int, norm: str = "batch", dropout: float = 0.0):
+                 feature_channels: int, head_channels: int, norm: str = "batch", dropout: float = 0.0,
+                 spatial_dims: int = 2):
         super().__init__()
         self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
         self.encoder_decoder = UNet(
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=feature_channels,
             channels=tuple(channels),
@@ -30,7 +32,7 @@ class UNetSegmenter(SegmentationModel):
             norm=norm,
             dropout=dropout,
         )
-        self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes)
+        self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes, spatial_dims)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_decoder(x)
@@ -48,4 +50,5 @@ def build_unet(cfg, num_classes: int) -> UNetSegmenter:
         head_channels=cfg.head_channels,
         norm=cfg.norm,
         dropout=cfg.dropout,
+        spatial_dims=cfg.spatial_dims,
     )

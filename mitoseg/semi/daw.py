@@ -27,7 +27,7 @@ MIN_SET_SIZE = 10  # a confidence set smaller than this keeps its previous stati
 
 
 def max_and_argmax(probs: torch.Tensor, workspace: torch.Tensor | None = None):
-    """``probs.max(dim=1)`` for (B, K, H, W): (max, first index of the max).
+    """``probs.max(dim=1)`` for (B, K, H, W) (or (B, K, D, H, W)): (max, first index of the max).
 
     On the CPU, ``max``/``argmax`` over a non-innermost dimension are an order of
     magnitude slower than ``amax`` (no vectorised kernel), so the index is read
@@ -48,7 +48,7 @@ def max_and_argmax(probs: torch.Tensor, workspace: torch.Tensor | None = None):
     confidence = probs.amax(dim=1)
     marks = argmax_workspace(probs) if workspace is None else workspace
     torch.ge(probs, confidence.unsqueeze(1), out=marks.view(torch.bool))
-    marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=marks.dtype).view(1, k, 1, 1))
+    marks.mul_(torch.arange(k, 0, -1, device=probs.device, dtype=marks.dtype).view(1, k, *[1] * (probs.dim() - 2)))
     index = (k - marks.amax(dim=1).long()).clamp_(max=k - 1)
     return confidence, index
 
@@ -121,7 +121,7 @@ def align_distribution(probs: torch.Tensor, labeled_mean: torch.Tensor, unlabele
 
     ``out`` may be ``probs`` itself (in place: no second copy of the probabilities).
     """
-    scale = (labeled_mean / unlabeled_mean.clamp_min(1e-8)).view(1, -1, 1, 1)
+    scale = (labeled_mean / unlabeled_mean.clamp_min(1e-8)).view(1, -1, *[1] * (probs.dim() - 2))
     aligned = torch.mul(probs, scale, out=out) if out is not None else probs * scale
     return aligned.div_(aligned.sum(dim=1, keepdim=True).clamp_min_(1e-12))
 

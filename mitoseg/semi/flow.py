@@ -102,13 +102,20 @@ def bits_per_dim(nll: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def flatten_pixels(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B*H*W, C), pixel order b, y, x."""
-    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    """(B, C, H, W) -> (B*H*W, C), pixel order b, y, x (and (B, C, D, H, W) -> (B*D*H*W, C))."""
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+def unflatten_pixels(vectors: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`flatten_pixels`: (N, C) vectors back to the layout of ``like`` (B, C, *spatial)."""
+    b, c, *spatial = like.shape
+    return vectors.reshape(b, *spatial, c).movedim(-1, 1)
 
 
 def labels_to_grid(label: torch.Tensor, size, ignore_index: int | None = None) -> torch.Tensor:
-    """Ground truth (B, H, W) nearest-downsampled to the feature grid ``size``; ignored pixels -> EXCLUDED."""
-    if tuple(label.shape[-2:]) != tuple(size):
+    """Ground truth (B, H, W) (or (B, D, H, W)) nearest-downsampled to the feature grid ``size``; ignored
+    pixels -> EXCLUDED."""
+    if tuple(label.shape[1:]) != tuple(size):
         label = F.interpolate(label[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
     label = label.long()
     if ignore_index is not None:
@@ -155,8 +162,7 @@ def density_descending_perturbation(features: torch.Tensor, penultimate: Callabl
             for block in flatten_pixels(h.detach()).split(chunk):
                 block.requires_grad_(True)
                 blocks.append(torch.autograd.grad(-log_density(block).sum(), block)[0])
-            b, c, height, width = h.shape
-            grad_h = torch.cat(blocks).reshape(b, height, width, c).permute(0, 3, 1, 2)
+            grad_h = unflatten_pixels(torch.cat(blocks), h)
             (grad,) = torch.autograd.grad(h, f, grad_outputs=grad_h)
     return eps * F.normalize(grad, p=2, dim=1)
 

@@ -1,0 +1,173 @@
+"""Sliding-window prediction of whole volumes, slab by slab.
+
+A slab of ``inference.slab`` slices is read, normalized, predicted with MONAI's
+sliding-window inferer (the slices form the batch; with ``inference.tta`` under
+each of the 8 flips / quarter turns) and handed on before the next slab is read:
+memory is bounded by the slab, not the volume. Validation during training,
+``mitoseg predict``, ``mitoseg evaluate --checkpoint`` and the napari Predict
+widget share this code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from tqdm.auto import tqdm
+
+from mitoseg.data.transforms import Normalization
+from mitoseg.inference.precision import autocast
+from mitoseg.inference.tta import predict_with_tta
+from mitoseg.instances.components import iter_slabs
+from mitoseg.instances.postprocess import postprocess_labels
+
+
+def make_inferer(inference_cfg) -> SlidingWindowInferer:
+    return SlidingWindowInferer(
+        roi_size=tuple(inference_cfg.roi_size),
+        sw_batch_size=inference_cfg.sw_batch_size,
+        overlap=inference_cfg.overlap,
+        mode=inference_cfg.blend,
+        progress=False,
+    )
+
+
+def labels_from_probabilities(probs: torch.Tensor, dtype=np.uint8) -> np.ndarray:
+    """Class ids (n, y, x) of probabilities (n, K, y, x), as a host array."""
+    return probs.argmax(1).cpu().numpy().astype(dtype)
+
+
+class VolumePredictor:
+    """Class probabilities of the slices of a volume under a run's inference settings (``cfg.inference``:
+    window, overlap, blending, slab, TTA) with mixed precision where ``train.amp`` allows it."""
+
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, amp: bool | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.inference = cfg.inference
+        self.device = device
+        self.amp = cfg.train.amp if amp is None else amp
+        self.spatial_dims = getattr(model, "spatial_dims", 2)
+        self.inferer = make_inferer(cfg.inference)
+
+    def _softmax(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp):
+            logits = self.inferer(images, self.model)
+        return torch.softmax(logits.float(), dim=1)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, C, y, x) normalized images -> (n, K, y, x) float32 probabilities on the device."""
+        images = images.to(self.device)
+        if self.inference.tta:
+            return predict_with_tta(self._softmax, images, self.spatial_dims)
+        return self._softmax(images)
+
+    def slabs(self, read: Callable[[int, int], np.ndarray], num_slices: int,
+              normalization: Normalization) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, probabilities) per slab of slices ``0 .. num_slices-1`` read by ``read(start, stop)``
+        ((n, y, x) slices, or (n, C, y, x) stacks of channels); the model is in eval mode meanwhile."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start, stop in iter_slabs(num_slices, self.inference.slab):
+                if self.spatial_dims == 3:
+                    yield start, stop, self._volume_slab(read, num_slices, normalization, start, stop)
+                    continue
+                images = torch.from_numpy(normalization(read(start, stop)))
+                if images.dim() == 3:
+                    images = images.unsqueeze(1)
+                yield start, stop, self.probabilities(images)
+        finally:
+            self.model.train(was_training)
+
+    def _volume_slab(self, read, num_slices: int, normalization: Normalization, start: int, stop: int) -> torch.Tensor:
+        """3-D model: slices ``start .. stop-1`` predicted with half a window of neighbouring slices on each
+        side (so windows near the slab's faces still see their context), at least one window deep where the
+        volume allows (a shorter stack would be padded), then cut out: (n, K, y, x)."""
+        depth = self.inference.roi_size[0]
+        halo = depth // 2
+        low, high = max(0, start - halo), min(num_slices, stop + halo)
+        if high - low < depth:  # near a face of the volume: take the missing slices from the other side
+            high = min(num_slices, low + depth)
+            low = max(0, high - depth)
+        images = torch.from_numpy(normalization(read(low, high)))[None, None]  # (1, 1, z, y, x)
+        probs = self.probabilities(images)[0]  # (K, z, y, x)
+        return probs[:, start - low:stop - low].transpose(0, 1)
+
+    @property
+    def postprocessing(self) -> bool:
+        return self.inference.min_object_voxels > 0 or self.inference.fill_holes
+
+    def predict_labels(self, read: Callable[[int, int], np.ndarray], num_slices: int, normalization: Normalization,
+                       write_labels: Callable[[int, np.ndarray], None],
+                       write_probabilities: Callable[[int, torch.Tensor], None] | None = None,
+                       scratch: Callable[[tuple, np.dtype], np.ndarray] | None = None, progress: bool = False,
+                       description: str = "predict") -> None:
+        """Labels (and optionally probabilities) of every slice, post-processed as ``cfg.inference`` says.
+
+        Without post-processing each slab's labels go straight to ``write_labels``. With it they are
+        collected in ``scratch(shape, dtype)`` (default: an array in memory; ``predict`` passes a
+        memory-mapped file, so memory stays bounded), post-processed slab by slab, then written.
+        """
+        dtype = np.uint8 if self.cfg.data.num_classes <= 256 else np.uint16
+        store = None
+        for start, stop, probs in tqdm(self.slabs(read, num_slices, normalization),
+                                       total=-(-num_slices // self.inference.slab), desc=description, unit="slab",
+                                       disable=not progress, leave=False):
+            labels = labels_from_probabilities(probs, dtype)
+            if write_probabilities is not None:
+                write_probabilities(start, probs)
+            if not self.postprocessing:
+                write_labels(start, labels)
+                continue
+            if store is None:
+                shape = (num_slices, *labels.shape[1:])
+                store = scratch(shape, dtype) if scratch is not None else np.empty(shape, dtype)
+            store[start:stop] = labels
+        if store is None:
+            return
+
+        def put(start: int, labels: np.ndarray) -> None:
+            store[start:start + labels.shape[0]] = labels
+
+        postprocess_labels(lambda s, e: store[s:e], put, num_slices, self.inference.min_object_voxels,
+                           self.inference.fill_holes, slab=self.inference.slab, progress=progress)
+        for start, stop in iter_slabs(num_slices, self.inference.slab):
+            write_labels(start, np.asarray(store[start:stop]))
+
+
+def predict_volume(model: torch.nn.Module, read: Callable[[int, int], np.ndarray], num_slices: int,
+                   normalization: Normalization, cfg, device: torch.device,
+                   consume: Callable[[int, torch.Tensor], None], amp: bool | None = None,
+                   progress: bool = True, description: str = "predict") -> None:
+    """Probabilities of slices ``0 .. num_slices-1``: ``consume(start, probs)`` per slab (no post-processing)."""
+    predictor = VolumePredictor(model, cfg, device, amp)
+    with tqdm(total=num_slices, desc=description, unit="slice", disable=not progress, leave=False) as bar:
+        for start, stop, probs in predictor.slabs(read, num_slices, normalization):
+            consume(start, probs)
+            bar.update(stop - start)
+
+
+def score_volume(predictor: VolumePredictor, read_image: Callable[[int, int], np.ndarray],
+                 read_label: Callable[[int, int], np.ndarray], num_slices: int, normalization: Normalization,
+                 ignore_index: int | None = None, scratch: Callable[[tuple, np.dtype], np.ndarray] | None = None,
+                 progress: bool = False, description: str = "evaluate") -> torch.Tensor:
+    """The confusion matrix (K x K, rows: label) of the predicted, post-processed labels of a volume
+    against ``read_label(start, stop)``: validation, ``data.test`` and ``mitoseg evaluate --checkpoint``."""
+    from mitoseg.metrics import confusion_matrix
+
+    k = predictor.cfg.data.num_classes
+    matrix = torch.zeros(k, k, dtype=torch.int64)
+
+    def consume(start: int, labels: np.ndarray) -> None:
+        nonlocal matrix
+        target = np.asarray(read_label(start, start + labels.shape[0]))
+        matrix += confusion_matrix(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(target.astype(np.int64)),
+                                   k, ignore_index)
+
+    predictor.predict_labels(read_image, num_slices, normalization, consume, scratch=scratch, progress=progress,
+                             description=description)
+    return matrix
