@@ -25,7 +25,7 @@ from mitoseg.config import load_config
 from mitoseg.data.readers import open_volume, write_volume
 from mitoseg.data.transforms import compute_normalization, sample_for_stats
 from mitoseg.engine.trainer import Trainer
-from mitoseg.inference import make_inferer, predict_volume
+from mitoseg.inference import autocast, make_inferer, predict_volume
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def bench_predict(model, cfg, volume_spec: str) -> dict:
         z, y, x = volume.shape
         sink = []
         start = time.perf_counter()
-        predict_volume(model, volume.read, z, normalization, cfg.inference, device,
+        predict_volume(model, volume.read, z, normalization, cfg, device,
                        lambda s, p: sink.append(p.argmax(1).numpy().astype(np.uint8)), progress=False)
         predict_s = time.perf_counter() - start
 
@@ -63,7 +63,7 @@ def bench_predict(model, cfg, volume_spec: str) -> dict:
         inferer(torch.zeros(n, 1, y, x), counting)
     model.eval()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, cfg.train.amp):  # the precision predict uses
         for shape in shapes:
             model(torch.randn(shape))
     forward_s = time.perf_counter() - start

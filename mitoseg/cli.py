@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mitoseg import __version__
+from mitoseg.config import config_to_dict, input_channels
 from mitoseg.errors import MitosegError
 
 EXAMPLES = """\
@@ -120,6 +121,12 @@ def cmd_train(args) -> None:
         # with train.eval_model); best.pt's are in summary.json.
         print(f"validation at iteration {summary['iterations']}:")
         print(format_table(summary["final"]))
+    if summary.get("test") is not None:
+        from mitoseg.metrics import format_table
+
+        test = summary["test"]
+        print(f"test ({test['image']}, {test['slices']} slices) with best.pt from iteration {test['iteration']}:")
+        print(format_table(test))
     best = summary["best"]
     line = f"done: {summary['iterations']}/{summary['total_iterations']} iterations in {summary['wall_time_s']:.0f} s"
     if best is not None:
@@ -129,24 +136,29 @@ def cmd_train(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    import tempfile
+
     import numpy as np
 
-    from mitoseg.data.readers import VolumeWriter, open_volume
+    from mitoseg.data.readers import SliceReader, VolumeWriter, open_volume
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
     from mitoseg.engine.checkpoint import model_from_checkpoint
     from mitoseg.engine.trainer import resolve_device
-    from mitoseg.inference import predict_volume
+    from mitoseg.inference import VolumePredictor
 
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
     inference = cfg.inference
-    for key in ("overlap", "slab", "sw_batch_size", "blend"):
+    for key in ("overlap", "slab", "sw_batch_size", "blend", "tta", "min_object_voxels", "fill_holes"):
         value = getattr(args, key)
         if value is not None:
             setattr(inference, key, value)
     if args.roi_size is not None:
         inference.roi_size = list(args.roi_size)
     num_classes = cfg.data.num_classes
+    if (inference.min_object_voxels or inference.fill_holes) and num_classes != 2:
+        raise MitosegError(f"--min-object-voxels and --fill-holes need a two-class model; {args.checkpoint} "
+                           f"predicts {num_classes} classes")
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
     with contextlib.ExitStack() as stack:
         volume = stack.enter_context(open_volume(args.input))
@@ -159,13 +171,18 @@ def cmd_predict(args) -> None:
                 VolumeWriter(args.probabilities, (z, num_classes, y, x), np.float16, overwrite=args.overwrite)
             )
 
-        def consume(start: int, probs) -> None:
-            labels_out.write(start, probs.argmax(1).cpu().numpy().astype(label_dtype))
-            if probs_out is not None:
-                probs_out.write(start, probs.cpu().numpy().astype(np.float16))
+        def scratch(shape, dtype):
+            # Labels waiting for post-processing: a memory-mapped file next to the output (memory stays
+            # bounded by the slab); it has no name on disk, so nothing is left behind even after kill -9.
+            handle = stack.enter_context(tempfile.TemporaryFile(dir=Path(args.output.split(":/", 1)[0]).parent))
+            return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
 
-        predict_volume(model, volume.read, z, normalization, inference, device, consume,
-                       amp=cfg.train.amp and device.type == "cuda", progress=not args.no_progress)
+        predictor = VolumePredictor(model, cfg, device)
+        predictor.predict_labels(
+            SliceReader(volume, context=cfg.data.context_slices).read, z, normalization, labels_out.write,
+            (lambda start, probs: probs_out.write(start, probs.cpu().numpy().astype(np.float16)))
+            if probs_out is not None else None,
+            scratch=scratch, progress=not args.no_progress)
     print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
 
 
@@ -195,10 +212,10 @@ def write_json(json_path: Path, report: dict) -> None:
 
 
 # The options of each evaluate mode; passing one of the other mode's is an error rather than silently ignored.
-VOLUME_ONLY = {"label": "--label", "num_classes": "--num-classes", "ignore_index": "--ignore-index",
-               "slab": "--slab"}
+VOLUME_ONLY = {"num_classes": "--num-classes", "ignore_index": "--ignore-index", "slab": "--slab"}
 CHECKPOINT_ONLY = {"config": "--config", "set": "--set", "eval_mode": "--eval-mode", "weights": "--weights",
-                   "device": "--device"}
+                   "device": "--device", "image": "--image", "slices": "--slices"}
+EM_CHECKPOINT_ONLY = {"image": "--image", "label": "--label", "slices": "--slices"}
 
 
 def cmd_evaluate(args) -> None:
@@ -206,8 +223,8 @@ def cmd_evaluate(args) -> None:
         raise MitosegError("--checkpoint (evaluate a Pascal VOC / Cityscapes model on its validation images) and "
                            "--prediction (score a predicted volume against --label) are two modes: pass only one")
     if args.checkpoint is None and args.prediction is None:
-        raise MitosegError("evaluate needs --checkpoint RUN/best.pt (Pascal VOC / Cityscapes) or "
-                           "--prediction VOLUME --label VOLUME (a predicted volume)")
+        raise MitosegError("evaluate needs --checkpoint RUN/best.pt (with --image VOLUME --label VOLUME for an EM "
+                           "model) or --prediction VOLUME --label VOLUME (a predicted volume)")
     other, mode = ((VOLUME_ONLY, "--checkpoint") if args.checkpoint is not None
                    else (CHECKPOINT_ONLY, "--prediction"))
     given = [flag for key, flag in other.items() if getattr(args, key) not in (None, [])]
@@ -267,9 +284,9 @@ def default_checkpoint_metrics_path(checkpoint: Path, weights: str, mode: str) -
 
 
 def evaluate_checkpoint(args) -> None:
-    """A Pascal VOC / Cityscapes checkpoint on its validation list: the model is the checkpoint's; the data
-    (root, lists, crop size, eval mode) and inference settings are its stored config's, or --config's, with
-    --set applied."""
+    """A checkpoint on labelled data: a Pascal VOC / Cityscapes model on its validation list, an EM model on
+    a volume. The model is the checkpoint's; the data (root, lists, crop size, eval mode) and inference
+    settings are its stored config's, or --config's, with --set applied."""
     from mitoseg.config import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
     from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
     from mitoseg.engine.checkpoint import model_from_checkpoint
@@ -286,14 +303,17 @@ def evaluate_checkpoint(args) -> None:
     weights = args.weights or "ema"
     device = resolve_device(args.device or "auto")
     model, stored = model_from_checkpoint(checkpoint, weights=weights, device=device)
-    if stored.data.kind == "em":
-        raise MitosegError(f"{checkpoint} is an EM volume model: segment a volume with mitoseg predict "
-                           "--checkpoint ... --input VOLUME --output PRED, then score it with mitoseg evaluate "
-                           "--prediction PRED --label VOLUME")
     if args.config is not None:
         cfg = load_config(args.config, args.set)
     else:
         cfg = config_from_dict(apply_overrides(config_to_dict(stored), args.set))
+    if stored.data.kind == "em":
+        evaluate_em_checkpoint(args, checkpoint, weights, model, stored, cfg, device)
+        return
+    given = [flag for key, flag in EM_CHECKPOINT_ONLY.items() if getattr(args, key) is not None]
+    if given:
+        raise MitosegError(f"{', '.join(given)}: only for EM models; {checkpoint} is a {stored.data.kind} model, "
+                           "evaluated on its validation list")
     if cfg.data.kind != stored.data.kind or cfg.data.num_classes != stored.data.num_classes:
         raise MitosegError(f"the evaluation data ({cfg.data.kind}, {cfg.data.num_classes} classes) do not match "
                            f"{checkpoint}'s model ({stored.data.kind}, {stored.data.num_classes} classes)")
@@ -302,7 +322,7 @@ def evaluate_checkpoint(args) -> None:
     check_json_target(json_path, args.overwrite)
     dataset = build_eval_dataset(cfg, mode)
     names = class_names(cfg.data.kind, cfg.data.num_classes)
-    matrix = evaluate(model, dataset, cfg, device, amp=cfg.train.amp and device.type == "cuda", mode=mode,
+    matrix = evaluate(model, dataset, cfg, device, amp=cfg.train.amp, mode=mode,
                       progress=not args.no_progress)
     scores = scores_from_confusion(matrix, names)
     print(format_table(scores))
@@ -315,6 +335,40 @@ def evaluate_checkpoint(args) -> None:
         # rows = label class, columns = predicted class: lets reports be merged or re-scored later.
         "confusion_matrix": matrix.tolist(),
     })
+
+
+def evaluate_em_checkpoint(args, checkpoint: Path, weights: str, model, stored, cfg, device) -> None:
+    """An EM checkpoint on a labelled volume (``--image`` / ``--label``, default the run's ``data.test``),
+    with the run's normalization, context and inference settings (``--set inference.*`` to change them):
+    the numbers of ``data.test`` at the end of training."""
+    from mitoseg.inference.evaluation import score_em_volume
+    from mitoseg.metrics import format_table
+
+    if args.eval_mode is not None:
+        raise MitosegError("--eval-mode is for Pascal VOC / Cityscapes models; an EM model is scored on a volume "
+                           "with sliding windows (inference.* settings)")
+    if cfg.data.kind != "em" or input_channels(cfg) != input_channels(stored) or \
+            cfg.data.num_classes != stored.data.num_classes:
+        raise MitosegError(f"the evaluation config does not match {checkpoint}'s model (data.kind, "
+                           "data.num_classes and data.context_slices must stay the run's)")
+    image, label, slices = args.image, args.label, args.slices
+    if image is None and label is None and cfg.data.test is not None:
+        image, label, slices = cfg.data.test.image, cfg.data.test.label, cfg.data.test.slices
+    if image is None or label is None:
+        raise MitosegError(f"{checkpoint} is an EM model: pass --image VOLUME --label VOLUME (the run has no "
+                           "data.test to default to)")
+    for what, spec in (("--image", image), ("--label", label)):
+        file_part = spec.split(":/", 1)[0] if ":/" in spec else spec
+        if not Path(file_part).exists():
+            raise MitosegError(f"{what}: file not found: {file_part}")
+    stem = Path(image.split(":/", 1)[0]).name.split(".")[0] or "volume"
+    json_path = Path(args.json) if args.json else checkpoint.with_name(f"{checkpoint.stem}_{weights}_{stem}_metrics.json")
+    check_json_target(json_path, args.overwrite)
+    scores = score_em_volume(model, cfg, image, label, slices, device, slices_key="--slices" if args.slices else
+                             "data.test.slices", progress=not args.no_progress, description="evaluate")
+    print(format_table(scores))
+    write_json(json_path, {"checkpoint": str(checkpoint), "weights": weights, **scores,
+                           "inference": config_to_dict(cfg)["inference"]})
 
 
 def cmd_view(args) -> None:
@@ -390,17 +444,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-size", type=positive_int, nargs=2, metavar=("Y", "X"), help="window size")
     p.add_argument("--blend", choices=["gaussian", "constant"], help="window blending (default: gaussian)")
     p.add_argument("--slab", type=positive_int, help="slices processed together (bounds memory)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: average over the 8 flips / quarter turns (default: the run's "
+                        "inference.tta)")
+    p.add_argument("--min-object-voxels", type=int, metavar="N",
+                   help="remove foreground objects smaller than N voxels (3-D; default: the run's "
+                        "inference.min_object_voxels, 0 = off)")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="fill background enclosed by foreground in 3-D (default: the run's inference.fill_holes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="score a predicted volume, or a Pascal VOC / Cityscapes checkpoint",
+    p = sub.add_parser("evaluate", help="score a predicted volume, or a trained checkpoint",
                        description="Two modes, one per call:\n"
                                    "  --prediction VOLUME --label VOLUME   score a predicted label volume against "
                                    "ground truth\n"
-                                   "  --checkpoint PT                      evaluate a Pascal VOC / Cityscapes model "
-                                   "on its\n"
+                                   "  --checkpoint PT                      score a trained model: an EM model on "
+                                   "--image / --label\n"
+                                   "                                       (default: the run's data.test) with "
+                                   "the run's inference\n"
+                                   "                                       settings; a Pascal VOC / Cityscapes "
+                                   "model on its\n"
                                    "                                       validation images (full image, centre "
                                    "crop or\n"
                                    "                                       sliding window)\n"
@@ -408,30 +474,40 @@ def build_parser() -> argparse.ArgumentParser:
                                    "labels)\nand write them as JSON.",
                        epilog="examples:\n"
                               "  mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif\n"
+                              "  mitoseg evaluate --checkpoint runs/sample_daw/best.pt --image "
+                              "sample_data/val_image.tif --label sample_data/val_label.tif\n"
+                              "  mitoseg evaluate --checkpoint runs/lucchi/best.pt --set inference.tta=true\n"
                               "  mitoseg evaluate --checkpoint runs/pascal_daw/best.pt --eval-mode center_crop\n"
                               "  mitoseg evaluate --checkpoint runs/cs/best.pt --set data.root=/data/cityscapes",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     volume = p.add_argument_group("predicted volume")
     volume.add_argument("--prediction", metavar="VOLUME", help="predicted label volume")
-    volume.add_argument("--label", metavar="VOLUME", help="ground-truth label volume")
+    volume.add_argument("--label", metavar="VOLUME", help="ground-truth label volume (also for an EM --checkpoint)")
     volume.add_argument("--num-classes", type=positive_int, help="default: largest class id + 1 (at least 2)")
     volume.add_argument("--ignore-index", type=int, help="label value to leave out (e.g. 255)")
     volume.add_argument("--slab", type=positive_int, help="slices read at a time (default: 16)")
-    natural = p.add_argument_group("Pascal VOC / Cityscapes checkpoint")
-    natural.add_argument("--checkpoint", metavar="PT", help="best.pt or last.pt of a Pascal VOC / Cityscapes run")
+    natural = p.add_argument_group("trained checkpoint")
+    natural.add_argument("--checkpoint", metavar="PT", help="best.pt or last.pt of a run")
+    natural.add_argument("--image", metavar="VOLUME",
+                         help="EM model: the image volume to segment and score against --label "
+                              "(default: the run's data.test)")
+    natural.add_argument("--slices", metavar="SELECTION",
+                         help="EM model: which slices of --image / --label, e.g. '0:10' or '3,7,12' (default: all)")
     natural.add_argument("--config", metavar="YAML",
                          help="take data and inference settings from this config instead of the checkpoint's "
                               "(the model is always the checkpoint's)")
     natural.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                         help="override a data or inference value, e.g. --set data.root=/data/voc (repeatable)")
+                         help="override a data or inference value, e.g. --set inference.tta=true or "
+                              "--set data.root=/data/voc (repeatable)")
     natural.add_argument("--eval-mode", choices=["full", "center_crop", "sliding_window"],
-                         help="default: the config's data.eval_mode (Pascal full, Cityscapes sliding_window); "
-                              "center_crop and sliding_window use data.crop_size")
+                         help="Pascal VOC / Cityscapes: default the config's data.eval_mode (Pascal full, "
+                              "Cityscapes sliding_window); center_crop and sliding_window use data.crop_size")
     natural.add_argument("--weights", choices=["ema", "student"], help="which weights (default: ema)")
     natural.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", metavar="PATH",
-                   help="where to write the scores (default: <prediction>_metrics.json; for a checkpoint "
-                        "<checkpoint>_<weights>_<mode>_metrics.json next to it)")
+                   help="where to write the scores (default: <prediction>_metrics.json; for a checkpoint next to "
+                        "it, <checkpoint>_<weights>_<image>_metrics.json (EM) or "
+                        "<checkpoint>_<weights>_<mode>_metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--checkpoint)")
     p.set_defaults(func=cmd_evaluate)
@@ -452,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict" and args.overlap is not None and not 0 <= args.overlap < 1:
             raise MitosegError(f"--overlap must be in [0, 1), got {args.overlap}")
+        if args.command == "predict" and args.min_object_voxels is not None and args.min_object_voxels < 0:
+            raise MitosegError(f"--min-object-voxels must be at least 0, got {args.min_object_voxels}")
         args.func(args)
     except MitosegError as exc:
         if args.debug:

@@ -82,6 +82,12 @@ class AugmentConfig:
     intensity_shift: float = 0.1  # image + U(-s, s)
     noise_std: float = 0.02  # additive Gaussian noise, std drawn in [0, noise_std]
     prob: float = 0.5  # probability of each intensity augmentation
+    gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])  # contrast gamma range ([1, 1]: off), with prob
+    # Elastic deformation (MONAI Rand2DElasticd / Rand3DElasticd, image bilinear, label nearest): control
+    # points every elastic_spacing pixels, displaced by a magnitude drawn from elastic_magnitude (pixels).
+    elastic_prob: float = 0.0
+    elastic_spacing: int = 32
+    elastic_magnitude: list[float] = field(default_factory=lambda: [1.0, 3.0])
 
 
 @dataclass
@@ -114,6 +120,9 @@ class DataConfig:
     eval_mode: Optional[Literal["full", "center_crop", "sliding_window"]] = None  # natural; default: pascal full, cityscapes sliding_window
     train: VolumeConfig = field(default_factory=VolumeConfig)
     val: Optional[VolumeConfig] = None
+    # An independent volume scored with best.pt when training ends (the run's inference settings), into
+    # summary.json ("test") and the final table; `mitoseg evaluate --checkpoint` gives the same numbers.
+    test: Optional[VolumeConfig] = None
     # Unlabeled volumes for the semi-supervised methods. Default (null): the
     # training volume's slices not selected in data.train.slices. An entry's
     # `label` is read for analysis only (pseudo-label quality), never trained on;
@@ -127,6 +136,9 @@ class DataConfig:
     # the official Lucchi ground truth (0 / 255). Unmapped values stay as they are.
     label_map: Optional[dict[int, int]] = None
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    # 2.5-D: each slice comes with this many neighbouring slices on each side as extra input channels
+    # (reflected at the volume's ends), in training, views, validation and predict.
+    context_slices: int = 0
     batch_size: int = 8
     foreground_sampling: float = 0.5  # share of patches centred on a foreground pixel
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
@@ -137,6 +149,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: Literal["unet", "deeplabv3plus"] = "unet"
+    # unet: 2 (slices) or 3 (volumes: data.patch_size and inference.roi_size are (z, y, x))
+    spatial_dims: Literal[2, 3] = 2
     in_channels: int = 1
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2])
@@ -199,7 +213,10 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    poly_power: float = 0.9  # lr = base_lr * (1 - it / iterations) ** poly_power
+    schedule: Literal["poly", "cosine"] = "poly"  # learning-rate decay over train.iterations
+    poly_power: float = 0.9  # poly: lr = base_lr * (1 - it / iterations) ** poly_power
+    warmup_iters: int = 0  # linear warm-up from warmup_ratio * lr to lr over these first iterations
+    warmup_ratio: float = 0.1
     head_lr_multiplier: float = 1.0  # lr of everything but a pretrained backbone (deeplabv3plus) = lr * this
 
 
@@ -210,13 +227,16 @@ class TrainConfig:
     # (supervised) instead; sets iterations = epochs * (list length // (batch size * ranks)).
     epochs: Optional[int] = None
     loss: Literal["dice_ce", "ce"] = "dice_ce"
+    dice_weight: float = 1.0  # dice_ce: weight of the Dice term (MONAI DiceCELoss lambda_dice)
+    ce_weight: float = 1.0  # dice_ce: weight of the cross-entropy term (lambda_ce)
     ignore_index: int = 255  # label value excluded from the loss ("ce" only)
     ema_decay: float = 0.99
     eval_model: Literal["ema", "student"] = "ema"  # which weights validation and best.pt measure
     val_every: int = 200
     log_every: int = 20
     checkpoint_every: int = 200
-    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    # Mixed precision: float16 on CUDA; bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX); ignored elsewhere.
+    amp: bool = True
     grad_clip: Optional[float] = None
     inspect_every: int = 500  # pseudo-label inspection files (semi-supervised methods)
     inspect_patches: int = 4  # fixed unlabeled patches saved in each inspection file
@@ -229,6 +249,12 @@ class InferenceConfig:
     sw_batch_size: int = 4
     blend: Literal["gaussian", "constant"] = "gaussian"
     slab: int = 8  # slices read, predicted and written together (bounds memory)
+    # Test-time augmentation: the softmax averaged over the 8 flips / quarter turns in y-x.
+    tta: bool = False
+    # Post-processing of the predicted labels (two classes): foreground objects (3-D, face-connected)
+    # smaller than this many voxels become background; 0: off.
+    min_object_voxels: int = 0
+    fill_holes: bool = False  # background enclosed by foreground in 3-D becomes foreground
 
 
 @dataclass
@@ -374,6 +400,7 @@ _RANGES: dict[str, _Range] = {
     "data.cutmix_prob": _PROBABILITY,
     "data.num_classes": _Range(2),
     "data.batch_size": _AT_LEAST_1,
+    "data.context_slices": _AT_LEAST_0,
     "data.foreground_sampling": _PROBABILITY,
     "data.num_workers": _AT_LEAST_0,
     "data.normalize.lower": _Range(0, 100),
@@ -383,6 +410,8 @@ _RANGES: dict[str, _Range] = {
     "data.augment.intensity_shift": _AT_LEAST_0,
     "data.augment.noise_std": _AT_LEAST_0,
     "data.augment.prob": _PROBABILITY,
+    "data.augment.elastic_prob": _PROBABILITY,
+    "data.augment.elastic_spacing": _Range(4),
     "data.strong.brightness": _AT_LEAST_0,
     "data.strong.contrast": _UNIT,
     "data.strong.blur_prob": _PROBABILITY,
@@ -414,10 +443,14 @@ _RANGES: dict[str, _Range] = {
     "optim.weight_decay": _AT_LEAST_0,
     "optim.momentum": _UNIT,
     "optim.poly_power": _AT_LEAST_0,
+    "optim.warmup_iters": _AT_LEAST_0,
+    "optim.warmup_ratio": _Range(0, 1, low_open=True),
     "optim.head_lr_multiplier": _POSITIVE,
     "train.iterations": _AT_LEAST_1,
     "train.epochs": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
+    "train.dice_weight": _AT_LEAST_0,
+    "train.ce_weight": _AT_LEAST_0,
     "train.val_every": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1,
     "train.checkpoint_every": _AT_LEAST_1,
@@ -427,6 +460,7 @@ _RANGES: dict[str, _Range] = {
     "inference.overlap": _UNIT,
     "inference.sw_batch_size": _AT_LEAST_1,
     "inference.slab": _AT_LEAST_1,
+    "inference.min_object_voxels": _AT_LEAST_0,
 }
 
 # Integer lists whose every value has a lower bound (lengths are checked in _check_values).
@@ -483,6 +517,8 @@ def _check_values(cfg: Config) -> None:
          "is only used by model.name deeplabv3plus")
     need(cfg.model.aspp_dilations is None or len(cfg.model.aspp_dilations) == 3, "model.aspp_dilations",
          "must have 3 values")
+    need(not natural or cfg.data.context_slices == 0, "data.context_slices",
+         f"needs EM volumes (neighbouring slices), not data.kind '{cfg.data.kind}'")
     need(not natural or cfg.model.in_channels == 3, "model.in_channels",
          f"must be 3 for the RGB images of data.kind '{cfg.data.kind}'")
     if cfg.data.label_map:
@@ -494,6 +530,26 @@ def _check_values(cfg: Config) -> None:
              f"{cfg.data.num_classes}), got {bad}")
     need(cfg.data.normalize.lower < cfg.data.normalize.upper, "data.normalize.lower",
          f"must be less than data.normalize.upper, got {cfg.data.normalize.lower} >= {cfg.data.normalize.upper}")
+    aug = cfg.data.augment
+    need(len(aug.gamma) == 2 and 0 < aug.gamma[0] <= aug.gamma[1], "data.augment.gamma",
+         f"must be [low, high] with 0 < low <= high, got {aug.gamma}")
+    need(len(aug.elastic_magnitude) == 2 and 0 <= aug.elastic_magnitude[0] <= aug.elastic_magnitude[1],
+         "data.augment.elastic_magnitude", f"must be [low, high] with 0 <= low <= high, got {aug.elastic_magnitude}")
+    need(cfg.train.loss != "dice_ce" or cfg.train.dice_weight + cfg.train.ce_weight > 0, "train.dice_weight",
+         "and train.ce_weight cannot both be 0")
+    need(cfg.optim.warmup_iters == 0 or cfg.train.epochs is not None or cfg.optim.warmup_iters < cfg.train.iterations,
+         "optim.warmup_iters",
+         f"must be less than train.iterations ({cfg.train.iterations}), got {cfg.optim.warmup_iters}")
+    need(cfg.data.test is None or not natural, "data.test",
+         f"is an EM volume; data.kind '{cfg.data.kind}' is scored on its validation list")
+    need(cfg.data.test is None or natural or bool(cfg.data.test.image and cfg.data.test.label), "data.test",
+         "needs both image and label")
+    postprocess = cfg.inference.min_object_voxels > 0 or cfg.inference.fill_holes
+    need(not postprocess or cfg.data.num_classes == 2, "inference.min_object_voxels",
+         f"and inference.fill_holes need two classes (background / foreground), got data.num_classes "
+         f"{cfg.data.num_classes}")
+    need(not postprocess or not natural, "inference.min_object_voxels",
+         f"and inference.fill_holes post-process EM volumes, not data.kind '{cfg.data.kind}'")
     gamma, sigma = cfg.data.strong.gamma, cfg.data.strong.blur_sigma
     need(len(gamma) == 2 and 0 < gamma[0] <= gamma[1], "data.strong.gamma",
          f"must be [low, high] with 0 < low <= high, got {gamma}")
@@ -505,8 +561,16 @@ def _check_values(cfg: Config) -> None:
     need(len(cfg.model.channels) >= 2, "model.channels", f"must have at least 2 values, got {cfg.model.channels}")
     need(len(cfg.model.strides) == len(cfg.model.channels) - 1, "model.strides",
          f"must have one value fewer than model.channels ({len(cfg.model.channels) - 1}), got {cfg.model.strides}")
-    need(len(cfg.data.patch_size) == 2, "data.patch_size", "must have 2 values (y, x)")
-    need(len(cfg.inference.roi_size) == 2, "inference.roi_size", "must have 2 values (y, x)")
+    dims = cfg.model.spatial_dims
+    axes = "(z, y, x)" if dims == 3 else "(y, x)"
+    need(dims == 2 or (not natural and cfg.model.name == "unet"), "model.spatial_dims",
+         "3 needs model.name unet and EM volumes")
+    need(dims == 2 or cfg.data.context_slices == 0, "data.context_slices",
+         "is for 2-D models (a 3-D model sees the neighbouring slices itself); set it to 0")
+    need(dims == 2 or cfg.data.augment.elastic_prob == 0, "data.augment.elastic_prob",
+         "is for 2-D models; set it to 0 for model.spatial_dims 3")
+    need(len(cfg.data.patch_size) == dims, "data.patch_size", f"must have {dims} values {axes}")
+    need(len(cfg.inference.roi_size) == dims, "inference.roi_size", f"must have {dims} values {axes}")
     factor = 1
     for s in cfg.model.strides if cfg.model.name == "unet" else ():
         factor *= s
@@ -514,9 +578,9 @@ def _check_values(cfg: Config) -> None:
         need(all(s > 0 and s % factor == 0 for s in size), key,
              f"must be positive multiples of {factor} (the product of model.strides), got {size}")
     # A quarter turn swaps y and x: patches of one batch would differ in shape and fail to stack.
-    need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[0] == cfg.data.patch_size[1],
+    need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[-2] == cfg.data.patch_size[-1],
          "data.augment.rot90", f"needs a square data.patch_size, got {cfg.data.patch_size}; "
-         "make the patch square or set data.augment.rot90: false")
+         "make the patch square in y-x or set data.augment.rot90: false")
     need(cfg.model.head_channels >= 2 or cfg.method.name not in ("ddfp", "daw_ddfp"), "model.head_channels",
          "must be at least 2 for the ddfp flow (it splits the channels in two)")
 
@@ -548,6 +612,12 @@ def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, _ddfp_teacher_default(_natural_loss_default(data)), "")
     _check_values(cfg)
     return cfg
+
+
+def input_channels(cfg: Config) -> int:
+    """Channels the network reads: the image's (``model.in_channels``) for each of the
+    ``2 * data.context_slices + 1`` slices of a 2.5-D input."""
+    return cfg.model.in_channels * (2 * cfg.data.context_slices + 1)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -610,8 +680,9 @@ def check_paths_exist(cfg: Config) -> None:
         check_natural_paths(cfg)
         return
     volumes = [("data.train", cfg.data.train)]
-    if cfg.data.val is not None:
-        volumes.append(("data.val", cfg.data.val))
+    for key in ("val", "test"):
+        if getattr(cfg.data, key) is not None:
+            volumes.append((f"data.{key}", getattr(cfg.data, key)))
     for i, vol in enumerate(cfg.data.unlabeled or []):
         volumes.append((f"data.unlabeled[{i}]", vol))
     for key, vol in volumes:

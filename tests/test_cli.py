@@ -177,11 +177,66 @@ def test_checkpoint_and_output_errors(trained_run, tiny_volumes, tmp_path, capsy
     assert_one_line_error(code, err, "nine.tif", "9")
 
 
-def test_evaluate_refuses_an_em_checkpoint_and_points_to_predict(trained_run, capsys):
+def test_data_test_scores_best_pt_and_evaluate_checkpoint_gives_the_same_numbers(tmp_path, tiny_volumes, capsys):
+    cfg = tiny_config_dict(tiny_volumes)
+    cfg["data"]["test"] = {"image": str(tiny_volumes["train_image"]), "label": str(tiny_volumes["train_label"]),
+                           "slices": "2:7"}
+    cfg["inference"].update({"tta": True, "min_object_voxels": 20, "fill_holes": True})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--config", config, "--out", run, "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    test = summary["test"]
+    assert test["slices"] == 5 and test["checkpoint"] == "best.pt" and test["weights"] == "ema"
+    assert test["iteration"] == summary["best"]["iteration"]
+    assert test["pixels"] == 5 * 64 * 64
+    assert f"test ({tiny_volumes['train_image']}, 5 slices) with best.pt" in out
+    assert f"fg_iou = {test['fg_iou']:.4f}" in out
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fg_iou"] for r in logged if r["split"] == "test"] == [test["fg_iou"]]
+
+    # The same volume through evaluate --checkpoint: by default the run's data.test, or named explicitly.
+    code, out, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--no-progress"], capsys)
+    assert code == 0, err
+    default = json.loads((run / "best_ema_train_image_metrics.json").read_text())
+    report = tmp_path / "explicit.json"
+    code, out, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--image", tiny_volumes["train_image"],
+                              "--label", tiny_volumes["train_label"], "--slices", "2:7", "--json", report,
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    explicit = json.loads(report.read_text())
+    for scores in (default, explicit):
+        assert scores["per_class"] == test["per_class"] and scores["fg_iou"] == test["fg_iou"]
+        assert scores["inference"]["tta"] is True and scores["inference"]["min_object_voxels"] == 20
+    # Changing the inference settings changes what is measured.
+    code, out, err = run_cli(["evaluate", "--checkpoint", run / "best.pt", "--set", "inference.tta=false",
+                              "--set", "inference.min_object_voxels=0", "--set", "inference.fill_holes=false",
+                              "--json", tmp_path / "plain.json", "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "plain.json").read_text())["inference"]["tta"] is False
+
+
+def test_evaluate_em_checkpoint_bad_input_is_one_line(trained_run, tiny_volumes, capsys):
     before = sorted(p.name for p in trained_run.iterdir())
-    code, out, err = run_cli(["evaluate", "--checkpoint", trained_run / "best.pt", "--no-progress"], capsys)
-    assert_one_line_error(code, err, "best.pt", "EM", "mitoseg predict", "--prediction")
-    assert out == "" and sorted(p.name for p in trained_run.iterdir()) == before
+    checkpoint = trained_run / "best.pt"
+    cases = [
+        ([], ["best.pt", "EM model", "--image", "--label", "data.test"]),
+        (["--image", tiny_volumes["val_image"]], ["--image", "--label"]),
+        (["--image", tiny_volumes["val_image"], "--label", tiny_volumes["val_label"], "--eval-mode", "full"],
+         ["--eval-mode", "Pascal"]),
+        (["--image", tiny_volumes["val_image"], "--label", tiny_volumes["train_label"]],
+         ["label shape", "differs"]),
+        (["--image", tiny_volumes["val_image"], "--label", tiny_volumes["val_label"], "--slices", "9"],
+         ["--slices", "out of range"]),
+        (["--image", trained_run / "missing.tif", "--label", tiny_volumes["val_label"]],
+         ["--image", "file not found", "missing.tif"]),
+    ]
+    for args, needles in cases:
+        code, out, err = run_cli(["evaluate", "--checkpoint", checkpoint, *args, "--no-progress"], capsys)
+        assert_one_line_error(code, err, *needles)
+        assert out == "" and sorted(p.name for p in trained_run.iterdir()) == before
 
 
 def test_errors_have_no_traceback_unless_debug(tmp_path):

@@ -275,7 +275,7 @@ def test_predict_on_the_sample_data_adds_prediction_and_confidence(make_napari_v
     def consume(start, probs):
         expected[start:start + len(probs)] = probs.max(1).values.numpy()
 
-    predict_volume(model, lambda s, e: image[s:e], len(image), norm, cfg.inference, torch.device("cpu"),
+    predict_volume(model, lambda s, e: image[s:e], len(image), norm, cfg, torch.device("cpu"),
                    consume, progress=False)
     np.testing.assert_allclose(confidence.data, expected, atol=1e-5)
     assert 0.5 <= confidence.data.min() and confidence.data.max() <= 1.0
@@ -292,7 +292,7 @@ def test_predict_on_the_sample_data_adds_prediction_and_confidence(make_napari_v
     np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-5)
     expected = np.zeros((1, 2, 256, 256), np.float32)  # the slice is normalized on its own statistics
     predict_volume(model, lambda s, e: image[3:4][s:e], 1, compute_normalization(image[3], cfg.data.normalize),
-                   cfg.inference, torch.device("cpu"), lambda s, p: expected.__setitem__(slice(s, s + 1), p.numpy()),
+                   cfg, torch.device("cpu"), lambda s, p: expected.__setitem__(slice(s, s + 1), p.numpy()),
                    progress=False)
     np.testing.assert_allclose(probabilities, expected[0], atol=1e-5)
     np.testing.assert_array_equal(viewer.layers["one slice prediction"].data, probabilities.argmax(0))

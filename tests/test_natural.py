@@ -278,6 +278,7 @@ def test_cityscapes_layout_trains_and_evaluates_with_sliding_windows(tmp_path):
     cfg = tiny_natural_config(tmp_path / "cs", split, "daw", kind="cityscapes", iterations=1)
     cfg["data"]["batch_size"] = cfg["data"]["unlabeled_batch_size"] = 1
     cfg["data"]["crop_size"] = 24  # windows smaller than the 32 x 64 validation image
+    cfg["train"]["amp"] = False  # full precision: the tiny network's windowed and whole-image predictions differ
     trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
     assert trainer.natural.eval_mode == "sliding_window"
     summary = trainer.fit()
@@ -338,7 +339,8 @@ def direct_scores(checkpoint: Path, dataset_root: Path, split: Path, mode: str, 
     for key, value in data.items():
         setattr(cfg.data, key, value)
     items = natural.read_list(split / "val.txt", dataset_root, need_mask=True)
-    matrix = natural.evaluate(model, natural.NaturalEvalDataset(items, cfg.data, mode), cfg, torch.device("cpu"))
+    matrix = natural.evaluate(model, natural.NaturalEvalDataset(items, cfg.data, mode), cfg, torch.device("cpu"),
+                              amp=cfg.train.amp)  # the precision evaluate uses (bfloat16 on a CPU with it)
     names = natural.class_names(cfg.data.kind, cfg.data.num_classes)
     return json_safe(scores_from_confusion(matrix, names)), matrix.tolist()
 
@@ -399,6 +401,7 @@ def test_cityscapes_checkpoint_evaluates_with_sliding_windows_on_a_moved_data_ro
     split = make_cityscapes(tmp_path / "cs")
     cfg = tiny_natural_config(tmp_path / "cs", split, kind="cityscapes", iterations=1)
     cfg["data"]["crop_size"] = 24  # windows smaller than the 32 x 64 validation image
+    cfg["train"]["amp"] = False  # full precision: the tiny network's windowed and whole-image predictions differ
     Trainer(config_from_dict(cfg), tmp_path / "run", progress=False).fit()
     checkpoint = tmp_path / "run" / "best.pt"
     # The data set moves after training: the stored data.root no longer exists ...
@@ -407,6 +410,9 @@ def test_cityscapes_checkpoint_evaluates_with_sliding_windows_on_a_moved_data_ro
     code, _, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--no-progress"], capsys)
     assert_one_line_error(code, err, "data.root", str(tmp_path / "cs"))
     assert not list((tmp_path / "run").glob("*_metrics.json"))
+    code, _, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--image", tmp_path / "em.tif", "--no-progress"],
+                           capsys)
+    assert_one_line_error(code, err, "--image", "only for EM models", "cityscapes")
     # ... and --set points evaluation at the new place; Cityscapes defaults to sliding windows.
     code, out, err = run_cli(["evaluate", "--checkpoint", checkpoint, "--set", f"data.root={moved}",
                           "--set", f"data.split={moved / 'split'}", "--no-progress"], capsys)
@@ -431,7 +437,6 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         ([], ["--checkpoint", "--prediction"]),
         (["--prediction", tmp_path / "p.tif"], ["--label"]),
         (["--checkpoint", missing, "--slab", "4"], ["--slab", "--checkpoint"]),
-        (["--checkpoint", missing, "--label", tmp_path / "l.tif"], ["--label", "--checkpoint"]),
         (["--prediction", tmp_path / "p.tif", "--label", tmp_path / "l.tif", "--eval-mode", "full"],
          ["--eval-mode", "--prediction"]),
         (["--checkpoint", missing, "--set", "model.width=4"], ["model.width", "checkpoint"]),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mitoseg import __version__
-from mitoseg.config import Config, config_from_dict
+from mitoseg.config import Config, config_from_dict, input_channels
 from mitoseg.errors import MitosegError
 from mitoseg.networks import build_model
 
@@ -89,9 +89,11 @@ def model_from_checkpoint(path: str | Path, weights: str = "ema", device="cpu") 
     key = {"ema": "ema_model", "student": "model"}[weights]
     if key not in state:
         raise MitosegError(f"{path}: checkpoint holds no '{weights}' weights")
-    model = build_model(cfg.model, cfg.data.num_classes)
+    model = build_model(cfg.model, cfg.data.num_classes, input_channels(cfg))
     load_weights(model, state[key], path, what=weights)
-    return model.to(device).eval(), cfg
+    from mitoseg.inference import fast_memory_format
+
+    return fast_memory_format(model.to(device)).eval(), cfg
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict:

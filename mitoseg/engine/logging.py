@@ -50,15 +50,19 @@ class RunLogger:
         for key, value in values.items():
             self._tb.add_scalar(f"train/{key}", value, iteration)
 
-    def log_validation(self, iteration: int, scores: dict) -> None:
+    def log_validation(self, iteration: int, scores: dict, split: str = "val") -> None:
         flat = {k: v for k, v in scores.items() if isinstance(v, float)}
         for metric, values in scores["per_class"].items():
             for name, v in zip(scores["classes"], values):
                 flat[f"{metric}/{name}"] = v
-        self._write({"iter": iteration, "split": "val", **flat})
+        self._write({"iter": iteration, "split": split, **flat})
         for key, value in flat.items():
             if math.isfinite(value):
-                self._tb.add_scalar(f"val/{key}", value, iteration)
+                self._tb.add_scalar(f"{split}/{key}", value, iteration)
+
+    def log_test(self, iteration: int, scores: dict) -> None:
+        """The ``data.test`` scores of best.pt, logged at the iteration training ended."""
+        self.log_validation(iteration, scores, split="test")
 
     def close(self) -> None:
         self._file.close()
@@ -71,7 +75,10 @@ class NullLogger:
     def log_train(self, iteration: int, values: dict[str, float]) -> None:
         pass
 
-    def log_validation(self, iteration: int, scores: dict) -> None:
+    def log_validation(self, iteration: int, scores: dict, split: str = "val") -> None:
+        pass
+
+    def log_test(self, iteration: int, scores: dict) -> None:
         pass
 
     def close(self) -> None:

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mitoseg.config import Config, VolumeConfig, config_to_dict
-from mitoseg.data.readers import open_volume
+from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels
+from mitoseg.data.readers import open_volume, select_slices
 from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
 from mitoseg.data.transforms import strong_transform, weak_transform
 from mitoseg.engine.checkpoint import (
@@ -37,10 +37,10 @@ from mitoseg.engine import distributed
 from mitoseg.engine.ema import ModelEMA
 from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
 from mitoseg.errors import MitosegError
-from mitoseg.inference import autocast, predict_volume
+from mitoseg.inference import VolumePredictor, amp_dtype, autocast, fast_memory_format, score_volume
 from mitoseg.losses import make_supervised_loss
 from mitoseg.methods import StepContext, build_method
-from mitoseg.metrics import confusion_matrix, headline_metric, scores_from_confusion
+from mitoseg.metrics import headline_metric, scores_from_confusion
 from mitoseg.networks import build_model
 
 
@@ -94,10 +94,20 @@ def resolve_epochs(cfg: Config, world_size: int) -> Config:
     return cfg
 
 
-def poly_schedule(optimizer, total_iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: max(0.0, 1.0 - it / total_iterations) ** power
-    )
+def lr_factor(iteration: int, total_iterations: int, optim_cfg) -> float:
+    """The learning rate of ``iteration`` as a fraction of ``optim.lr``: a linear warm-up from
+    ``warmup_ratio`` to 1 over ``warmup_iters``, then poly or cosine decay to 0 at ``total_iterations``
+    (the decay spans the whole run, warm-up included, so a warm-up does not shift the schedule)."""
+    if iteration < optim_cfg.warmup_iters:
+        return optim_cfg.warmup_ratio + (1.0 - optim_cfg.warmup_ratio) * iteration / optim_cfg.warmup_iters
+    progress = min(1.0, iteration / total_iterations)
+    if optim_cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - progress) ** optim_cfg.poly_power
+
+
+def lr_schedule(optimizer, total_iterations: int, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg))
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -111,6 +121,16 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(full)
     return keys
+
+
+def check_test_volume(test: VolumeConfig) -> None:
+    """``data.test`` is read only when training ends: its shapes and slices are checked at the start, so
+    that a mistake there does not surface hours later."""
+    with open_volume(test.image) as image, open_volume(test.label) as label:
+        if image.shape != label.shape:
+            raise MitosegError(f"{test.label}: label shape {label.shape} differs from image {test.image} shape "
+                               f"{image.shape}")
+        select_slices(test.slices, len(image), "data.test.slices")
 
 
 class Trainer:
@@ -138,7 +158,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        # Mixed precision: float16 with a gradient scaler on CUDA, bfloat16 (no scaler) on a CPU with native bf16.
+        self.amp = amp_dtype(self.device, cfg.train.amp) is not None
         self.total_iterations = cfg.train.iterations
         self.stop_iteration = min(max_iters, cfg.train.iterations) if max_iters else cfg.train.iterations
         seed_everything(cfg.seed)
@@ -154,7 +175,7 @@ class Trainer:
             self._build_em_data()
         self.has_validation = self.val_slices is not None or (self.natural is not None and self.natural.val is not None)
 
-        self.model = build_model(cfg.model, num_classes)
+        self.model = build_model(cfg.model, num_classes, input_channels(cfg))
         if cfg.model.name == "deeplabv3plus" and resume_state is None:
             if cfg.model.pretrained:
                 from mitoseg.networks.deeplab import load_pretrained_backbone
@@ -167,12 +188,12 @@ class Trainer:
                               "(the papers start from ImageNet weights)", stacklevel=2)
         if self.dist.enabled and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model = self.model.to(self.device)
+        self.model = fast_memory_format(self.model.to(self.device))
         distributed.broadcast_parameters(self.model)
         self.ema = ModelEMA(self.model, cfg.train.ema_decay)
         self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device, cfg.train.amp) == torch.float16)
 
         self.iteration = 0  # number of completed iterations
         self.best: dict | None = None
@@ -203,14 +224,17 @@ class Trainer:
         """EM volumes: labeled patches, unlabeled views, validation slices."""
         cfg = self.cfg
         num_classes, ignore_index = cfg.data.num_classes, self.ignore_index
+        context = cfg.data.context_slices
         self.train_slices = load_volume_slices(cfg.data.train, "data.train", num_classes, cfg.data.normalize,
                                                require_label=True, ignore_index=ignore_index,
-                                               label_map=cfg.data.label_map)
+                                               label_map=cfg.data.label_map, context=context)
         self.val_slices = None
         if cfg.data.val is not None:
             self.val_slices = load_volume_slices(cfg.data.val, "data.val", num_classes, cfg.data.normalize,
                                                  require_label=True, ignore_index=ignore_index,
-                                                 label_map=cfg.data.label_map)
+                                                 label_map=cfg.data.label_map, context=context)
+        if cfg.data.test is not None:
+            check_test_volume(cfg.data.test)
         self.labeled_dataset = PatchDataset(
             self.train_slices,
             weak_transform(cfg.data, with_label=True),
@@ -230,7 +254,7 @@ class Trainer:
             self.unlabeled_dataset = UnlabeledViewsDataset(
                 sources,
                 weak_transform(cfg.data, with_label=with_label, intensity=False),
-                strong_transform(cfg.data.strong),
+                strong_transform(cfg.data.strong, len(cfg.data.patch_size)),
                 cfg.data.patch_size,
                 seed=cfg.seed + 1,  # a stream of its own, independent of the labeled one
                 length=self.total_iterations * 2 * self.unlabeled_batch_size,
@@ -256,7 +280,8 @@ class Trainer:
         sources = []
         for i, entry in enumerate(entries):
             sources.append(load_volume_slices(entry, f"data.unlabeled[{i}]", k, norm, require_label=False,
-                                              ignore_index=self.ignore_index, label_map=cfg.data.label_map))
+                                              ignore_index=self.ignore_index, label_map=cfg.data.label_map,
+                                              context=cfg.data.context_slices))
         return sources
 
     def _inspection_patches(self, sources: list[VolumeSlices]) -> dict[str, torch.Tensor]:
@@ -369,17 +394,24 @@ class Trainer:
                               rank=self.dist.rank, world_size=self.dist.world_size)
             return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
         val = self.val_slices
-        num_classes = self.cfg.data.num_classes
-        matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-        def consume(start: int, probs: torch.Tensor) -> None:
-            nonlocal matrix
-            target = torch.from_numpy(val.label[start:start + probs.shape[0]])
-            matrix += confusion_matrix(probs.argmax(1).cpu(), target, num_classes, self.ignore_index)
-
-        predict_volume(self.eval_model(), lambda s, e: val.image[s:e], len(val.image), val.normalization,
-                       self.cfg.inference, self.device, consume, amp=self.amp, progress=False)
+        predictor = VolumePredictor(self.eval_model(), self.cfg, self.device)
+        matrix = score_volume(predictor, lambda s, e: val.image[s:e], lambda s, e: val.label[s:e], len(val.image),
+                              val.normalization, self.ignore_index)
         return scores_from_confusion(matrix)
+
+    def test(self) -> dict:
+        """``data.test`` scored with ``best.pt`` (the weights of ``train.eval_model``), exactly as
+        ``mitoseg evaluate --checkpoint RUN/best.pt --image ... --label ...`` scores it."""
+        from mitoseg.engine.checkpoint import model_from_checkpoint
+        from mitoseg.inference.evaluation import score_em_volume
+
+        weights = self.cfg.train.eval_model
+        model, cfg = model_from_checkpoint(self.out_dir / "best.pt", weights=weights, device=self.device)
+        test = self.cfg.data.test
+        scores = score_em_volume(model, cfg, test.image, test.label, test.slices, self.device, progress=self.progress)
+        scores.update({"checkpoint": "best.pt", "weights": weights,
+                       "iteration": self.best["iteration"] if self.best is not None else self.iteration})
+        return scores
 
     def inspect(self) -> None:
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
@@ -467,6 +499,10 @@ class Trainer:
         if not self.has_validation:
             # Without validation data the final weights are the best we know of.
             self.save("best.pt")
+        test = None
+        if self.cfg.data.test is not None and self.is_main:
+            test = self.test()
+            logger.log_test(self.iteration, test)
         summary = {
             "method": self.cfg.method.name,
             "iterations": self.iteration,
@@ -476,6 +512,7 @@ class Trainer:
             "device": str(self.device),
             "final": self.last_scores,
             "best": self.best,
+            "test": test,
         }
         if self.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))

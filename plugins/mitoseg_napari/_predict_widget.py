@@ -1,7 +1,7 @@
 """Predict widget: a checkpoint and an image layer give a prediction and a confidence layer.
 
 Prediction runs in a worker thread, one ``inference.slab`` of slices at a
-time (:func:`mitoseg.inference.predict_volume`, the same code as ``mitoseg
+time (:class:`mitoseg.inference.VolumePredictor`, the same code as ``mitoseg
 predict``): the progress bar advances per slab and "Cancel" stops before the
 next slab. The result is a Labels layer (uint8 classes) and an Image layer,
 either the confidence (max class probability, float32, same shape as the
@@ -35,6 +35,7 @@ from mitoseg_napari._qt_utils import LayerCombo, PathEdit
 OUTPUT_CONFIDENCE = "confidence"
 OUTPUT_PROBABILITIES = "class probabilities"
 DEVICES = ("auto", "cpu", "cuda")
+TTA_CHOICES = {"as trained": None, "on": True, "off": False}
 
 
 class _ArrayVolume:
@@ -70,21 +71,24 @@ def volume_from_layer(layer: Image):
 
 
 def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "auto",
-                  output: str = OUTPUT_CONFIDENCE) -> Generator[tuple[int, int], None, dict]:
+                  output: str = OUTPUT_CONFIDENCE, tta: bool | None = None) -> Generator[tuple[int, int], None, dict]:
     """Predict ``volume`` slab by slab; yields ``(slices done, total)``, returns the arrays.
 
     Returns ``{"labels": uint8 (z, y, x), "image": float32 (z, y, x) confidence or (K, z, y, x)
     probabilities, "num_classes": K, "checkpoint": path}``. Between two yields the caller may stop
-    the generator: that is how "Cancel" works.
+    the generator: that is how "Cancel" works. ``tta``: test-time augmentation on / off (None: the
+    run's ``inference.tta``); the run's 2.5-D context and post-processing apply as in ``mitoseg predict``.
     """
-    import torch
-
+    from mitoseg.data.readers import SliceReader
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
     from mitoseg.engine.checkpoint import model_from_checkpoint
-    from mitoseg.inference import iter_slabs, predict_volume
+    from mitoseg.inference import VolumePredictor
+    from mitoseg.instances import postprocess_labels
 
     torch_device = check_device(device)
     model, cfg = model_from_checkpoint(checkpoint, weights=weights, device=torch_device)
+    if tta is not None:
+        cfg.inference.tta = tta
     num_slices = len(volume)
     yield 0, num_slices
     normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what="image layer")
@@ -95,22 +99,22 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     else:
         image = np.zeros(volume.shape, np.float32)
 
-    for start, stop in iter_slabs(num_slices, cfg.inference.slab):
-        def consume(offset: int, probs: torch.Tensor, base: int = start) -> None:
-            z0 = base + offset
-            z1 = z0 + probs.shape[0]
-            confidence, classes = probs.max(dim=1)
-            labels[z0:z1] = classes.cpu().numpy()
-            if output == OUTPUT_PROBABILITIES:
-                image[:, z0:z1] = probs.transpose(0, 1).cpu().numpy()
-            else:
-                image[z0:z1] = confidence.cpu().numpy()
-
-        # One slab per call, so that the generator can yield (and be cancelled) between slabs.
-        predict_volume(model, lambda s, e, base=start: volume.read(base + s, base + e), stop - start,
-                       normalization, cfg.inference, torch_device, consume,
-                       amp=torch_device.type == "cuda", progress=False)
+    predictor = VolumePredictor(model, cfg, torch_device)
+    reader = SliceReader(volume, context=cfg.data.context_slices)
+    for start, stop, probs in predictor.slabs(reader.read, num_slices, normalization):
+        confidence, classes = probs.max(dim=1)
+        labels[start:stop] = classes.cpu().numpy()
+        if output == OUTPUT_PROBABILITIES:
+            image[:, start:stop] = probs.transpose(0, 1).cpu().numpy()
+        else:
+            image[start:stop] = confidence.cpu().numpy()
         yield stop, num_slices
+    if predictor.postprocessing:
+        def put(start: int, values: np.ndarray) -> None:
+            labels[start:start + values.shape[0]] = values
+
+        postprocess_labels(lambda s, e: labels[s:e], put, num_slices, cfg.inference.min_object_voxels,
+                           cfg.inference.fill_holes, slab=cfg.inference.slab)
     return {"labels": labels, "image": image, "num_classes": k, "checkpoint": str(checkpoint)}
 
 
@@ -134,6 +138,10 @@ class PredictWidget(QWidget):
         self.image_layer = LayerCombo(napari_viewer, (Image,))
         self.output = QComboBox()
         self.output.addItems([OUTPUT_CONFIDENCE, OUTPUT_PROBABILITIES])
+        self.tta = QComboBox()
+        self.tta.addItems(list(TTA_CHOICES))
+        self.tta.setToolTip("test-time augmentation: the mean over the 8 flips / quarter turns (8x the time); "
+                            "'as trained': the run's inference.tta")
         self.device = QComboBox()
         # No probing here: importing torch and asking for CUDA would freeze the interface for seconds
         # while the widget opens. The worker checks the choice (see ``check_device``).
@@ -154,6 +162,7 @@ class PredictWidget(QWidget):
         form.addRow("Weights", self.weights)
         form.addRow("Image layer", self.image_layer)
         form.addRow("Output", self.output)
+        form.addRow("Test-time augmentation", self.tta)
         form.addRow("Device", self.device)
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
@@ -193,7 +202,7 @@ class PredictWidget(QWidget):
                         "is_2d": layer.ndim == 2, "output": self.output.currentText()}
         worker = create_worker(predict_steps, volume, checkpoint, self.weights.currentText(),
                                self.device.currentText(), self.output.currentText(),
-                               _start_thread=False, _ignore_errors=True)
+                               TTA_CHOICES[self.tta.currentText()], _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
