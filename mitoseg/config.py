@@ -88,6 +88,11 @@ class AugmentConfig:
     elastic_prob: float = 0.0
     elastic_spacing: int = 32
     elastic_magnitude: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    # Sectioning artefacts, for 2.5-D (data.context_slices) and 3-D inputs: a blank slice, and a slice
+    # (3-D: the rest of the patch) shifted by up to misalign_max pixels.
+    missing_slice_prob: float = 0.0
+    misalign_prob: float = 0.0
+    misalign_max: int = 8
 
 
 @dataclass
@@ -412,6 +417,9 @@ _RANGES: dict[str, _Range] = {
     "data.augment.prob": _PROBABILITY,
     "data.augment.elastic_prob": _PROBABILITY,
     "data.augment.elastic_spacing": _Range(4),
+    "data.augment.missing_slice_prob": _PROBABILITY,
+    "data.augment.misalign_prob": _PROBABILITY,
+    "data.augment.misalign_max": _AT_LEAST_0,
     "data.strong.brightness": _AT_LEAST_0,
     "data.strong.contrast": _UNIT,
     "data.strong.blur_prob": _PROBABILITY,
@@ -569,6 +577,10 @@ def _check_values(cfg: Config) -> None:
          "is for 2-D models (a 3-D model sees the neighbouring slices itself); set it to 0")
     need(dims == 2 or cfg.data.augment.elastic_prob == 0, "data.augment.elastic_prob",
          "is for 2-D models; set it to 0 for model.spatial_dims 3")
+    artefacts = cfg.data.augment.missing_slice_prob > 0 or cfg.data.augment.misalign_prob > 0
+    need(not artefacts or dims == 3 or cfg.data.context_slices > 0, "data.augment.missing_slice_prob",
+         "and data.augment.misalign_prob need several slices per input: data.context_slices > 0 or "
+         "model.spatial_dims 3")
     need(len(cfg.data.patch_size) == dims, "data.patch_size", f"must have {dims} values {axes}")
     need(len(cfg.inference.roi_size) == dims, "inference.roi_size", f"must have {dims} values {axes}")
     factor = 1

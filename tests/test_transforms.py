@@ -256,3 +256,68 @@ def test_unlabeled_views_have_the_documented_keys_shapes_and_dtypes():
     np.testing.assert_array_equal(sample["weak"][0].numpy() > threshold, sample["label"].numpy() == 1)
     again = dataset[0]
     assert all(torch.equal(sample[k], again[k]) for k in sample)
+
+
+def test_slice_artefacts_blank_or_shift_a_neighbouring_slice_and_never_the_labeled_one():
+    from mitoseg.data.transforms import RandSliceArtefactsd
+
+    image = torch.arange(5 * 16 * 16, dtype=torch.float32).reshape(5, 16, 16) + 1
+    label = torch.zeros(1, 16, 16)
+    blanked, shifted = set(), set()
+    for seed in range(40):
+        t = RandSliceArtefactsd(["image", "label"], missing_prob=0.5, misalign_prob=0.5, misalign_max=3)
+        t.set_random_state(seed)
+        out = t({"image": image.clone(), "label": label.clone()})
+        assert torch.equal(out["image"][2], image[2]) and torch.equal(out["label"], label)  # centre, label intact
+        for c in (0, 1, 3, 4):
+            if torch.equal(out["image"][c], image[c]):
+                continue
+            if not out["image"][c].any():
+                blanked.add(c)
+            else:  # a shift: the interior is the original moved by at most 3 pixels
+                shifted.add(c)
+                inner = out["image"][c][3:-3, 3:-3]
+                assert any(torch.equal(inner, image[c][3 - dy:13 - dy, 3 - dx:13 - dx])
+                           for dy in range(-3, 4) for dx in range(-3, 4))
+    assert blanked == {0, 1, 3, 4} and shifted == {0, 1, 3, 4}
+    # One-channel 2-D images have no neighbouring slice: unchanged.
+    t = RandSliceArtefactsd(["image"], 1.0, 1.0, 3)
+    single = torch.rand(1, 8, 8)
+    assert torch.equal(t({"image": single.clone()})["image"], single)
+
+
+def test_3d_misalignment_moves_image_and_label_together_from_one_plane_on():
+    from mitoseg.data.transforms import RandSliceArtefactsd
+
+    image = torch.rand(1, 6, 16, 16)
+    label = (image > 0.5).float()
+    for seed in range(20):
+        t = RandSliceArtefactsd(["image", "label"], missing_prob=0.0, misalign_prob=1.0, misalign_max=2,
+                                spatial_dims=3)
+        t.set_random_state(seed)
+        out = t({"image": image.clone(), "label": label.clone()})
+        assert torch.equal(out["label"], (out["image"] > 0.5).float())  # still aligned with each other
+        changed = [z for z in range(6) if not torch.equal(out["image"][0, z], image[0, z])]
+        assert changed == list(range(changed[0], 6)) if changed else True
+
+
+def test_elastic_deformation_moves_image_and_label_alike():
+    from monai.transforms import Rand2DElasticd
+
+    from mitoseg.config import config_from_dict
+
+    cfg = config_from_dict({"data": {"train": {"image": "x"}, "augment": {
+        "elastic_prob": 1.0, "flip": False, "rot90": False, "intensity_scale": 0.0, "intensity_shift": 0.0,
+        "noise_std": 0.0}}})
+    transform = weak_transform(cfg.data, with_label=True)
+    assert any(isinstance(t, Rand2DElasticd) for t in transform.transforms)
+    yy, xx = np.mgrid[:64, :64]
+    label = ((yy // 8 + xx // 8) % 2).astype(np.int64)[None]
+    image = torch.as_tensor(label, dtype=torch.float32)
+    seed_transform(transform, np.random.default_rng(0))
+    out = transform({"image": image, "label": torch.as_tensor(label)})
+    warped = out["label"].long()
+    assert not torch.equal(warped, torch.as_tensor(label))  # it moved
+    assert set(torch.unique(warped).tolist()) <= {0, 1}  # labels resampled by nearest neighbour
+    agree = ((out["image"] > 0.5).long() == warped).float().mean()
+    assert agree > 0.97  # the image moved with its label (bilinear edges aside)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
+    MapTransform,
     EnsureTyped,
     NormalizeIntensity,
     NormalizeIntensityd,
@@ -23,6 +25,7 @@ from monai.transforms import (
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandomizableTransform,
 )
 
 from mitoseg.errors import MitosegError
@@ -78,6 +81,68 @@ def compute_normalization(voxels: np.ndarray, cfg, what: str = "volume") -> Norm
     return Normalization(offset=offset, scale=scale)
 
 
+class RandSliceArtefactsd(RandomizableTransform, MapTransform):
+    """Sectioning artefacts of serial EM, for inputs that see several slices: 2.5-D stacks (C = 2k + 1
+    slices as channels of a (C, H, W) image) and 3-D patches ((1, D, H, W)).
+
+    - a missing slice (probability ``missing_prob``): one slice other than the labeled centre slice of a
+      2.5-D stack, or any z plane of a 3-D patch, becomes 0 (the normalized intensity of a blank section);
+    - a misalignment (probability ``misalign_prob``): one neighbouring slice of a 2.5-D stack, or every z
+      plane from a random one on of a 3-D patch (image and label alike), is shifted by up to
+      ``misalign_max`` pixels in y and x, the uncovered border repeating the edge.
+
+    Plain 2-D images (one channel) are returned unchanged.
+    """
+
+    def __init__(self, keys, missing_prob: float, misalign_prob: float, misalign_max: int, spatial_dims: int = 2):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.missing_prob, self.misalign_prob, self.misalign_max = missing_prob, misalign_prob, misalign_max
+        self.spatial_dims = spatial_dims
+
+    @staticmethod
+    def _shift(plane: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        """``plane`` (..., H, W) moved by (dy, dx) pixels, the uncovered border repeating the edge."""
+        h, w = plane.shape[-2:]
+        y = (torch.arange(h) - dy).clamp_(0, h - 1)
+        x = (torch.arange(w) - dx).clamp_(0, w - 1)
+        return plane[..., y[:, None], x[None, :]]
+
+    def __call__(self, data):
+        d = dict(data)
+        image = torch.as_tensor(d["image"])
+        if self.spatial_dims == 3:
+            planes, centre = image.shape[1], None
+        else:
+            planes, centre = image.shape[0], image.shape[0] // 2
+        if planes < 2:
+            return d
+        candidates = [i for i in range(planes) if i != centre]
+        missing = self.R.random() < self.missing_prob
+        missing_plane = candidates[self.R.randint(len(candidates))]
+        misalign = self.R.random() < self.misalign_prob
+        moved_plane = candidates[self.R.randint(len(candidates))]
+        dy, dx = (int(v) for v in self.R.randint(-self.misalign_max, self.misalign_max + 1, size=2))
+        if misalign and (dy or dx):
+            image = image.clone()
+            if self.spatial_dims == 3:
+                image[:, moved_plane:] = self._shift(image[:, moved_plane:], dy, dx)
+                if "label" in d:
+                    label = torch.as_tensor(d["label"]).clone()
+                    label[:, moved_plane:] = self._shift(label[:, moved_plane:], dy, dx)
+                    d["label"] = label
+            else:
+                image[moved_plane] = self._shift(image[moved_plane], dy, dx)
+        if missing:
+            image = image.clone()
+            if self.spatial_dims == 3:
+                image[:, missing_plane] = 0
+            else:
+                image[missing_plane] = 0
+        d["image"] = image
+        return d
+
+
 def geometric_transforms(aug, keys, spatial_dims: int = 2):
     """Flips (in 3-D also in z), quarter turns in y-x and elastic deformation (2-D): applied identically
     to image and label (the label resampled by nearest neighbour)."""
@@ -113,10 +178,15 @@ def weak_transform(data_cfg, with_label: bool, intensity: bool = True) -> Compos
     """Weak view of a normalized, cropped patch: flips/rot90 and (for the labeled stream)
     mild intensity jitter, as plain tensors."""
     keys = ["image", "label"] if with_label else ["image"]
+    aug, dims = data_cfg.augment, len(data_cfg.patch_size)
+    artefacts = []
+    if aug.missing_slice_prob > 0 or aug.misalign_prob > 0:
+        artefacts.append(RandSliceArtefactsd(keys, aug.missing_slice_prob, aug.misalign_prob, aug.misalign_max, dims))
     return Compose(
         [
-            *geometric_transforms(data_cfg.augment, keys, len(data_cfg.patch_size)),
-            *(intensity_transforms(data_cfg.augment) if intensity else []),
+            *geometric_transforms(aug, keys, dims),
+            *artefacts,
+            *(intensity_transforms(aug) if intensity else []),
             EnsureTyped(keys=keys, track_meta=False),
         ]
     )
