@@ -78,7 +78,7 @@ BASE = {
 }
 RECIPES = {
     "baseline": {},
-    "baseline_long": {"train.iterations": 4000},
+    "baseline_long": {"train.iterations": 3000},
     "cpu": {"data.patch_size": [256, 256], "model.channels": [16, 32, 64, 128, 256], "model.strides": [2, 2, 2, 2],
             "data.foreground_sampling": 0.1, "optim.warmup_iters": 200, "optim.schedule": "cosine",
             "data.augment.elastic_prob": 0.5, "data.augment.gamma": [0.7, 1.4], "train.iterations": 3000},

@@ -154,6 +154,10 @@ def cmd_predict(args) -> None:
         if value is not None:
             setattr(inference, key, value)
     if args.roi_size is not None:
+        if len(args.roi_size) != cfg.model.spatial_dims:
+            axes = "Z Y X" if cfg.model.spatial_dims == 3 else "Y X"
+            raise MitosegError(f"--roi-size needs {cfg.model.spatial_dims} values ({axes}) for {args.checkpoint}'s "
+                               f"{cfg.model.spatial_dims}-D model, got {args.roi_size}")
         inference.roi_size = list(args.roi_size)
     num_classes = cfg.data.num_classes
     if (inference.min_object_voxels or inference.fill_holes) and num_classes != 2:
@@ -441,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the run's inference.overlap)")
     p.add_argument("--batch-size", dest="sw_batch_size", type=positive_int,
                    help="windows per forward pass (default: the run's inference.sw_batch_size)")
-    p.add_argument("--roi-size", type=positive_int, nargs=2, metavar=("Y", "X"), help="window size")
+    p.add_argument("--roi-size", type=positive_int, nargs="+", metavar="N",
+                   help="window size: Y X (Z Y X for a 3-D model)")
     p.add_argument("--blend", choices=["gaussian", "constant"], help="window blending (default: gaussian)")
     p.add_argument("--slab", type=positive_int, help="slices processed together (bounds memory)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -183,3 +183,20 @@ def test_3d_config_checks():
             cfg[section].update(values)
         with pytest.raises(MitosegError, match=message):
             config_from_dict(cfg)
+
+
+def test_predict_a_volume_with_a_3d_checkpoint(tmp_path, volume, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    from mitoseg.data.readers import read_volume
+
+    Trainer(config_from_dict(config_3d(volume, "supervised", iterations=2)), tmp_path / "run", progress=False).fit()
+    out = tmp_path / "pred.tif"
+    code, _, err = run_cli(["predict", "--checkpoint", tmp_path / "run" / "best.pt", "--input", volume / "image.tif",
+                            "--output", out, "--slab", "3", "--tta", "--no-progress"], capsys)
+    assert code == 0, err
+    labels = read_volume(out)
+    assert labels.shape == (10, 48, 48) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    code, _, err = run_cli(["predict", "--checkpoint", tmp_path / "run" / "best.pt", "--input", volume / "image.tif",
+                            "--output", tmp_path / "x.tif", "--roi-size", "16", "16"], capsys)
+    assert_one_line_error(code, err, "--roi-size", "3 values", "Z Y X")
