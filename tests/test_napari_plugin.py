@@ -310,6 +310,37 @@ def test_predict_on_the_sample_data_adds_prediction_and_confidence(make_napari_v
     assert int((errors == 2).sum()) == int((~pred & truth).sum())  # false negatives
 
 
+def test_predict_widget_applies_test_time_augmentation_when_asked(make_napari_viewer, qtbot, daw_run):
+    import torch
+
+    from mitoseg.data.transforms import compute_normalization
+    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.inference import VolumePredictor
+
+    image = np.random.default_rng(1).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="em")
+    _, widget = viewer.window.add_plugin_dock_widget("mitoseg", "Predict")
+    widget.checkpoint.setText(str(daw_run / "last.pt"))
+    widget.image_layer.setCurrentText("em")
+    widget.output.setCurrentText("class probabilities")
+    model, cfg = model_from_checkpoint(daw_run / "last.pt")
+    assert cfg.inference.tta is False and widget.tta.currentText() == "as trained"
+    norm = compute_normalization(image, cfg.data.normalize)
+    results = {}
+    for choice in ("on", "as trained"):
+        widget.tta.setCurrentText(choice)
+        with qtbot.waitSignal(widget.prediction_done, timeout=WAIT_MS) as done:
+            widget.predict()
+        assert done.args == ["done"]
+        results[choice] = viewer.layers["em probabilities"].data.copy()
+    cfg.inference.tta = True
+    expected = VolumePredictor(model, cfg, torch.device("cpu")).probabilities(
+        torch.from_numpy(norm(image))[:, None]).transpose(0, 1).numpy()
+    np.testing.assert_allclose(results["on"], expected, atol=1e-5)
+    assert not np.allclose(results["on"], results["as trained"], atol=1e-4)  # the run's setting: no TTA
+
+
 def test_predict_cancel_stops_between_slabs_and_adds_nothing(make_napari_viewer, qtbot, daw_run, monkeypatch,
                                                             notifications):
     from mitoseg_napari import _predict_widget
