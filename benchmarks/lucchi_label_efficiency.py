@@ -30,9 +30,9 @@ validation slices by ``mitoseg evaluate --checkpoint`` three ways: plain, with
 test-time augmentation, and with TTA + post-processing. A finished run is read back,
 an interrupted one resumes from its ``last.pt``.
 
-Output: ``OUT/RECIPE/results.json``, a Markdown table on stdout (and in
-``OUT/RECIPE/table.md``) and the curves, mean and spread over seeds of every method
-and variant, in ``OUT/RECIPE/curves.png``.
+Output, in ``OUT/RECIPE/`` (``methods_*`` or, with ``--ablation``, ``ablation_*``):
+``*_results.json``, a Markdown table on stdout and in ``*_table.md``, and the curves,
+mean and spread over seeds of every method and variant, in ``*_curves.png``.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def mitoseg(*argv, threads: int, log) -> None:
         raise RuntimeError(f"mitoseg {' '.join(map(str, argv[:1]))} failed ({result.returncode}); see {log.name}")
 
 
-def score_ways(run_dir: Path, subset: Path) -> dict[str, list[str]]:
+def score_ways() -> dict[str, list[str]]:
     """``mitoseg evaluate`` settings of the final-weights scores: plain, TTA, TTA + post-processing."""
     post = [f"--set=inference.{k.split('.')[1]}={str(v).lower()}" for k, v in POSTPROCESS.items()]
     return {"plain": ["--set=inference.tta=false"], "tta": ["--set=inference.tta=true"],
@@ -177,7 +177,7 @@ def run_one(run: dict, args) -> dict:
         if not (out / "summary.json").is_file() or not json.loads((out / "summary.json").read_text())["completed"]:
             resume = ["--resume"] if (out / "last.pt").is_file() else ["--overwrite"]
             mitoseg("train", "--config", config, "--out", out, "--no-progress", *resume, threads=args.threads, log=log)
-        for way, settings in score_ways(out, args.subset).items():
+        for way, settings in score_ways().items():
             target = out / f"final_{way}.json"
             if not target.is_file():
                 mitoseg("evaluate", "--checkpoint", out / "last.pt", "--image", args.subset / "train_image.tif",
@@ -186,12 +186,13 @@ def run_one(run: dict, args) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     curve = [(r["iter"], r["fg_iou"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r.get("split") == "val"]
-    finals = {way: json.loads((out / f"final_{way}.json").read_text()) for way in score_ways(out, args.subset)}
+    finals = {way: json.loads((out / f"final_{way}.json").read_text()) for way in score_ways()}
     return {"variant": run["variant"], "seed": run["seed"], "method": run["method"],
             "iterations": summary["iterations"], "minutes": summary["wall_time_s"] / 60,
             "final": summary["final"]["fg_iou"], "best": summary["best"]["value"],
             "best_iteration": summary["best"]["iteration"],
             **{f"final_{way}": scores["fg_iou"] for way, scores in finals.items()},
+            "plateau": float(np.mean([v for _, v in curve[-5:]])),
             "precision": finals["plain"]["per_class"]["precision"][1],
             "recall": finals["plain"]["per_class"]["recall"][1], "curve": curve}
 
@@ -203,17 +204,20 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(rows: list[dict], args) -> str:
-    lines = [f"recipe `{args.recipe}`, seeds {args.seeds}: fg IoU on the validation slices (subset 22-26) of the "
-             "final EMA weights (last.pt); mean ± std over seeds", "",
-             "| variant | method | iterations | final | + TTA | + TTA + post | precision | recall "
+    lines = [f"recipe `{args.recipe}`, seeds {args.seeds}: fg IoU on the validation slices (subset 22-26), mean ± "
+             "std over seeds. plateau: mean of the last 5 validations (EMA model); final: the final EMA weights "
+             "(last.pt), plain, with TTA, with TTA + post-processing; precision / recall: final, plain; best: the "
+             "highest validation (selected on these slices, so optimistic)", "",
+             "| variant | method | iterations | plateau | final | + TTA | + TTA + post | precision | recall "
              "| best (iteration) | minutes per run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["variant"], row["method"]), []).append(row)
     for (variant, method), mine in groups.items():
         best_iters = ", ".join(str(r["best_iteration"]) for r in mine)
-        lines.append(f"| {variant} | {method} | {mine[0]['iterations']} | {mean_std([r['final'] for r in mine])} "
+        lines.append(f"| {variant} | {method} | {mine[0]['iterations']} | {mean_std([r['plateau'] for r in mine])} "
+                     f"| {mean_std([r['final'] for r in mine])} "
                      f"| {mean_std([r['final_tta'] for r in mine])} | {mean_std([r['final_tta_post'] for r in mine])} "
                      f"| {mean_std([r['precision'] for r in mine])} | {mean_std([r['recall'] for r in mine])} "
                      f"| {mean_std([r['best'] for r in mine])} ({best_iters}) "
@@ -274,13 +278,15 @@ def main() -> None:
             brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "curve"}
             print(json.dumps(brief), flush=True)
     folder = args.out / args.recipe
-    (folder / "results.json").write_text(json.dumps(rows, indent=1))
+    stem = "ablation" if args.ablation else "methods"
+    (folder / f"{stem}_results.json").write_text(json.dumps(rows, indent=1))
     text = table(rows, args)
-    (folder / "table.md").write_text(text + "\n")
+    (folder / f"{stem}_table.md").write_text(text + "\n")
     print("\n" + text)
-    plot(rows, folder / "curves.png", f"Lucchi subset, recipe '{args.recipe}': validation fg IoU, mean ± std over "
-                                      f"seeds {args.seeds}")
-    print(f"\ncurves: {folder / 'curves.png'}; {len(runs)} runs in {(time.perf_counter() - started) / 60:.1f} min")
+    plot(rows, folder / f"{stem}_curves.png", f"Lucchi subset, recipe '{args.recipe}': validation fg IoU, mean ± std "
+                                              f"over seeds {args.seeds}")
+    print(f"\ncurves: {folder / f'{stem}_curves.png'}; {len(runs)} runs in "
+          f"{(time.perf_counter() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

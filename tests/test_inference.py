@@ -217,3 +217,22 @@ def test_dice_and_cross_entropy_weights():
     assert loss(0.0, 1.0).item() == pytest.approx(ce.item(), rel=1e-5)
     assert loss(1.0, 1.0).item() == pytest.approx(loss(1.0, 0.0).item() + ce.item(), rel=1e-5)
     assert loss(0.5, 2.0).item() == pytest.approx(0.5 * loss(1.0, 0.0).item() + 2 * ce.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["daw", "daw_ddfp"])
+def test_semi_supervised_methods_train_on_2_5d_stacks(tmp_path, tiny_volumes, method):
+    from conftest import tiny_config_dict
+
+    from mitoseg.engine.trainer import Trainer
+
+    cfg = tiny_config_dict(tiny_volumes, iterations=2, inspect_every=2)
+    cfg["data"].update({"context_slices": 1, "train": {**cfg["data"]["train"], "slices": "0:3"},
+                        "augment": {"missing_slice_prob": 0.5, "misalign_prob": 0.5}})
+    cfg["method"] = {"name": method, "ddfp": {"start_iter": 0, "hidden": 8, "max_pixels": 256}}
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    _, unlabeled = next(trainer.batches(0))
+    assert unlabeled["weak"].shape[1] == unlabeled["strong1"].shape[1] == 3
+    summary = trainer.fit()
+    assert summary["completed"] and 0.0 <= summary["final"]["fg_iou"] <= 1.0
+    arrays = np.load(tmp_path / "run" / "inspect" / "iter_000002.npz")
+    assert arrays["image"].shape == (4, 32, 32)  # the centre slice of each stack
