@@ -205,8 +205,11 @@ class DDFPConfig:
 class MethodConfig:
     name: Literal["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"] = "supervised"
     threshold: float = 0.95  # fixed confidence threshold of fixmatch / unimatch
-    # The student in eval mode, or the EMA teacher; ddfp defaults to the teacher (_ddfp_teacher_default).
-    pseudo_labels: Literal["student", "teacher"] = "student"
+    # Where the weak views' pseudo-labels come from: "student_train" the student's train-mode forward of the
+    # labeled + weak batch (detached; the CutMix partner batch in eval mode), as UniMatch's and DAW's code
+    # (the default of fixmatch, unimatch, daw, daw_ddfp); "student" the student in eval mode; "teacher" the
+    # EMA teacher (ddfp's default, the paper's mean teacher). See _pseudo_label_default.
+    pseudo_labels: Literal["student_train", "student", "teacher"] = "student_train"
     fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
     daw: DAWConfig = field(default_factory=DAWConfig)
     ddfp: DDFPConfig = field(default_factory=DDFPConfig)
@@ -593,6 +596,9 @@ def _check_values(cfg: Config) -> None:
     need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[-2] == cfg.data.patch_size[-1],
          "data.augment.rot90", f"needs a square data.patch_size, got {cfg.data.patch_size}; "
          "make the patch square in y-x or set data.augment.rot90: false")
+    need(cfg.method.pseudo_labels != "student_train" or cfg.method.name != "ddfp", "method.pseudo_labels",
+         "student_train needs the weak view in the student's forward, which ddfp (one strong view perturbed) "
+         "does not make; use teacher (the paper's) or student")
     need(cfg.model.head_channels >= 2 or cfg.method.name not in ("ddfp", "daw_ddfp"), "model.head_channels",
          "must be at least 2 for the ddfp flow (it splits the channels in two)")
 
@@ -610,10 +616,11 @@ def _natural_loss_default(data: dict) -> dict:
     return data
 
 
-def _ddfp_teacher_default(data: dict) -> dict:
+def _pseudo_label_default(data: dict) -> dict:
     """``method.name: ddfp`` defaults to ``method.pseudo_labels: teacher``: DDFP is a mean-teacher
-    method (the paper's teacher predicts the unlabeled images); every other method defaults to the
-    student in eval mode. An explicit ``pseudo_labels`` is kept. Returns a new mapping."""
+    method (the paper's teacher predicts the unlabeled images); every other method defaults to
+    ``student_train``, the student's train-mode forward, as UniMatch's and DAW's code. An explicit
+    ``pseudo_labels`` is kept. Returns a new mapping."""
     method = data.get("method")
     if isinstance(method, dict) and method.get("name") == "ddfp" and "pseudo_labels" not in method:
         return {**data, "method": {**method, "pseudo_labels": "teacher"}}
@@ -621,7 +628,7 @@ def _ddfp_teacher_default(data: dict) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, _ddfp_teacher_default(_natural_loss_default(data)), "")
+    cfg = _build(Config, _pseudo_label_default(_natural_loss_default(data)), "")
     _check_values(cfg)
     return cfg
 

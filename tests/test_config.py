@@ -275,12 +275,12 @@ def test_natural_images_refuse_dice_ce_and_default_to_ce():
     assert config_from_dict(minimal()).train.loss == "dice_ce"
 
 
-def test_ddfp_defaults_to_the_mean_teacher_and_other_methods_to_the_student():
+def test_ddfp_defaults_to_the_mean_teacher_and_other_methods_to_the_students_train_forward():
     from mitoseg.config import config_from_dict
 
     base = {"data": {"train": {"image": "a.tif", "label": "b.tif"}}}
     assert config_from_dict({**base, "method": {"name": "ddfp"}}).method.pseudo_labels == "teacher"
-    assert config_from_dict({**base, "method": {"name": "daw_ddfp"}}).method.pseudo_labels == "student"
-    assert config_from_dict({**base, "method": {"name": "daw"}}).method.pseudo_labels == "student"
+    assert config_from_dict({**base, "method": {"name": "daw_ddfp"}}).method.pseudo_labels == "student_train"
+    assert config_from_dict({**base, "method": {"name": "daw"}}).method.pseudo_labels == "student_train"
     explicit = {**base, "method": {"name": "ddfp", "pseudo_labels": "student"}}
     assert config_from_dict(explicit).method.pseudo_labels == "student"

@@ -154,8 +154,8 @@ def test_ddfp_reads_pseudo_labels_from_the_teacher(tiny_volumes):
 
 
 def test_shipped_ddfp_configs_use_the_teacher_for_ddfp_and_daw_for_daw_ddfp():
-    for name, method, source in (("sample_daw_ddfp", "daw_ddfp", "student"), ("lucchi_ddfp", "ddfp", "teacher"),
-                                 ("lucchi_daw_ddfp", "daw_ddfp", "student")):
+    for name, method, source in (("sample_daw_ddfp", "daw_ddfp", "student_train"), ("lucchi_ddfp", "ddfp", "teacher"),
+                                 ("lucchi_daw_ddfp", "daw_ddfp", "student_train")):
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.method.name == method and cfg.method.pseudo_labels == source, name
 

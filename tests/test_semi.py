@@ -246,6 +246,50 @@ def test_pseudo_labels_come_from_the_student_in_eval_mode_or_from_the_teacher(so
         assert len(teacher.modes) == 1
 
 
+class ModeModel(SignModel):
+    """The sign model in train mode, its opposite in eval mode: which forward gave a pseudo-label shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def features(self, x):
+        self.batch_sizes.append(x.shape[0])
+        return super().features(x) * (1.0 if self.training else -1.0)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch", "daw"])
+def test_student_train_takes_the_batch_pseudo_labels_from_the_train_mode_forward(name):
+    from mitoseg.methods import StepContext
+
+    losses = {}
+    for source in ("student_train", "student"):
+        student = ModeModel()
+        student.train()
+        ctx = StepContext(student=student, teacher=SignModel(), iteration=0, total_iterations=10)
+        labeled, unlabeled = sign_batches()
+        out = sign_method(name, pseudo_labels=source).training_step(ctx, labeled, unlabeled)
+        losses[source] = float(out.logs["loss_s"])
+        if source == "student_train":
+            # Without gradient only the mixing batch, in eval mode; the weak batch rides with the labeled one.
+            assert student.modes[0] is False and student.batch_sizes[0] == 2
+            assert all(student.modes[1:]) and student.batch_sizes[1] == 2 + 2
+        else:
+            assert student.modes[0] is False and student.batch_sizes[0] == 4  # both halves in eval mode
+    # The strong views equal the weak ones: train-mode pseudo-labels are what the student predicts on them
+    # outside the CutMix boxes, eval-mode ones are the opposite everywhere.
+    assert losses["student_train"] < 0.6 * losses["student"]
+
+
+def test_student_train_is_the_default_except_for_ddfp_which_cannot_use_it():
+    base = {"data": {"train": {"image": "x"}}}
+    for name in ("fixmatch", "unimatch", "daw", "daw_ddfp"):
+        assert config_from_dict({**base, "method": {"name": name}}).method.pseudo_labels == "student_train"
+    assert config_from_dict({**base, "method": {"name": "ddfp"}}).method.pseudo_labels == "teacher"
+    with pytest.raises(MitosegError, match="student_train"):
+        config_from_dict({**base, "method": {"name": "ddfp", "pseudo_labels": "student_train"}})
+
+
 def test_daw_threshold_and_gaussians_move_during_training_steps():
     from mitoseg.methods import StepContext
 

@@ -169,13 +169,15 @@ class DensityDescendingMethod(PseudoLabelMethod):
         active = ctx.iteration >= self.ddfp.start_iter
         logs: dict[str, torch.Tensor] = {}
 
-        # 1. pseudo-label probabilities; the teacher's penultimate features for the flow
+        # 1. pseudo-label probabilities (student_train: the mixing batch's now, the batch's from the student's
+        # train-mode forward in 3.); the teacher's penultimate features for the flow
         teacher_features = None
+        train_forward = self.cfg.method.pseudo_labels == "student_train"
         if self.cfg.method.pseudo_labels == "teacher" and active:
             penultimate, probs = self.teacher_pass(ctx, torch.cat([x, weak_all]))
             teacher_features, probs_all = penultimate[:n_x + n_u], probs[n_x:]
         else:
-            probs_all = self.predict_pseudo(ctx, weak_all)
+            probs_all = self.predict_pseudo(ctx, weak_all[n_u:] if train_forward else weak_all)
             if active:
                 teacher_features, _ = self.teacher_pass(ctx, torch.cat([x, weak_all[:n_u]]), with_probs=False)
 
@@ -206,6 +208,8 @@ class DensityDescendingMethod(PseudoLabelMethod):
             pred_x, clean = logits[:n_x], logits[n_x:n_x + n_u]
             pred_strong = list(student(torch.cat(strong)).chunk(self.strong_views))
         perturbed_features = features[n_x:]
+        if train_forward:  # only with perturb_view 'weak' (config check): ``clean`` is the weak batch's
+            probs_all = torch.cat([clean.detach().float().softmax(dim=1), probs_all])
 
         labeled_probs = pred_x.detach().float().softmax(dim=1)
         pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)

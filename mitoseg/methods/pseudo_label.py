@@ -3,8 +3,11 @@
 One step (UniMatch's recipe, with the pseudo-label source a config choice):
 
 1. Pseudo-labels for the unlabeled batch and for the mixing batch come from
-   their weak views, predicted without gradient by the student in eval mode or
-   by the EMA teacher.
+   their weak views (``method.pseudo_labels``): by default, as UniMatch's and
+   DAW's code, the unlabeled batch's from the student's train-mode forward of
+   step 2 (detached) and the mixing batch's from the student in eval mode
+   (``student_train``); or both from the student in eval mode (``student``) or
+   from the EMA teacher (``teacher``), without gradient.
 2. The student predicts the labeled batch and the weak views together; with
    feature perturbation, the weak views' features also pass the head after
    channel dropout (the ``fp`` branch).
@@ -154,17 +157,21 @@ class PseudoLabelMethod(Method):
         weak = unlabeled["weak"][:n_u]
         valid_all = unlabeled["valid"]
 
-        probs_all = self.predict_pseudo(ctx, unlabeled["weak"])
+        train_forward = self.cfg.method.pseudo_labels == "student_train"
+        # Without gradient: the partner batch (student_train), or both halves (student in eval mode, teacher).
+        probs_pseudo = self.predict_pseudo(ctx, unlabeled["weak"][n_u:] if train_forward else unlabeled["weak"])
 
         features = student.features(torch.cat([x, weak]))
         size = x.shape[2:]
         if self.feature_perturbation:
             perturbed = channel_dropout(features[n_x:], self.cfg.method.fp_dropout)
             logits = student.logits(torch.cat([features, perturbed]), size)
-            pred_x, pred_fp = logits[:n_x], logits[n_x + n_u:]
+            pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:n_x + n_u], logits[n_x + n_u:]
         else:
-            pred_x = student.logits(features[:n_x], size)
-            pred_fp = None
+            logits = student.logits(features, size)
+            pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:], None
+        probs_all = (torch.cat([pred_u.detach().float().softmax(dim=1), probs_pseudo]) if train_forward
+                     else probs_pseudo)
 
         strong = [cutmix(unlabeled[f"strong{v}"][:n_u], unlabeled[f"strong{v}"][n_u:], unlabeled[f"box{v}"][:n_u])
                   for v in range(1, self.strong_views + 1)]
