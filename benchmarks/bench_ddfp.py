@@ -180,7 +180,7 @@ def bench_mixture(args) -> None:
 
 
 def flow_setup(n: int, d: int, k: int, hidden: int, blocks: int):
-    model = DensityModel(d, k, blocks=blocks, hidden=hidden, seed=0, zero_init=False)
+    model = DensityModel(d, k, blocks=blocks, hidden=hidden, seed=0, init="default")
     trainer = FlowTrainer(model, total_steps=1000, max_pixels=n)
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(n, d, generator=generator)

@@ -50,19 +50,20 @@ class _StepOnly:
     def __init__(self, cfg, device: torch.device):
         from mitoseg.engine import distributed
         from mitoseg.engine.ema import ModelEMA
-        from mitoseg.engine.trainer import Trainer, make_optimizer, poly_schedule
+        from mitoseg.engine.trainer import Trainer, lr_schedule, make_optimizer
+        from mitoseg.inference import amp_dtype
         from mitoseg.networks import build_model
 
         self.cfg, self.device = cfg, device
-        self.amp = cfg.train.amp and device.type == "cuda"
+        self.amp = amp_dtype(device, cfg.train.amp) is not None
         self.iteration, self.total_iterations = 0, cfg.train.iterations
         self.dist = distributed.DistInfo()
         self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(device)
         self.model = build_model(cfg.model, cfg.data.num_classes).to(device)
-        self.ema = ModelEMA(self.model, cfg.train.ema_decay)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.optimizer = make_optimizer(self.model, cfg.optim)
-        self.scheduler = poly_schedule(self.optimizer, self.total_iterations, cfg.optim.poly_power)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.train.amp) == torch.float16)
         self.train_step = Trainer.train_step.__get__(self)
 
 

@@ -136,7 +136,8 @@ def runs_of(args) -> list[dict]:
     if args.ablation:
         chosen = args.variants or list(VARIANTS)
         variants.update({name: VARIANTS[name] for name in chosen})
-        variants["all"] = {k: v for name in chosen for k, v in VARIANTS[name].items()}
+        if len(chosen) > 1:
+            variants["all"] = {k: v for name in chosen for k, v in VARIANTS[name].items()}
     runs = []
     for variant, changes in variants.items():
         for seed in args.seeds:

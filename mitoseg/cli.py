@@ -293,7 +293,7 @@ def evaluate_checkpoint(args) -> None:
     settings are its stored config's, or --config's, with --set applied."""
     from mitoseg.config import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
     from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state, validated_weights
     from mitoseg.engine.trainer import resolve_device
     from mitoseg.metrics import format_table, scores_from_confusion
 
@@ -304,9 +304,10 @@ def evaluate_checkpoint(args) -> None:
             raise MitosegError(f"--set {text}: the model is rebuilt from the checkpoint; only data, inference "
                                "and train.amp settings apply to evaluate")
     checkpoint = Path(args.checkpoint)
-    weights = args.weights or "ema"
     device = resolve_device(args.device or "auto")
-    model, stored = model_from_checkpoint(checkpoint, weights=weights, device=device)
+    state = load_checkpoint(checkpoint)
+    weights = args.weights or validated_weights(state)
+    model, stored = model_from_state(state, checkpoint, weights, device)
     if args.config is not None:
         cfg = load_config(args.config, args.set)
     else:
@@ -441,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="VOLUME", help="image volume (z, y, x)")
     p.add_argument("--output", required=True, metavar="VOLUME", help="label volume to write")
     p.add_argument("--probabilities", metavar="VOLUME", help="also write per-class probabilities here")
-    p.add_argument("--weights", choices=["ema", "student"], default="ema", help="which weights (default: ema)")
+    p.add_argument("--weights", choices=["ema", "student"],
+                   help="which weights (default: those the run validated, usually ema)")
     p.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default: the run's inference.overlap)")
     p.add_argument("--batch-size", dest="sw_batch_size", type=positive_int,
                    help="windows per forward pass (default: the run's inference.sw_batch_size)")
@@ -507,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     natural.add_argument("--eval-mode", choices=["full", "center_crop", "sliding_window"],
                          help="Pascal VOC / Cityscapes: default the config's data.eval_mode (Pascal full, "
                               "Cityscapes sliding_window); center_crop and sliding_window use data.crop_size")
-    natural.add_argument("--weights", choices=["ema", "student"], help="which weights (default: ema)")
+    natural.add_argument("--weights", choices=["ema", "student"],
+                         help="which weights (default: those the run validated, usually ema)")
     natural.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", metavar="PATH",
                    help="where to write the scores (default: <prediction>_metrics.json; for a checkpoint next to "

@@ -167,6 +167,11 @@ class ModelConfig:
     # deeplabv3plus only
     backbone: Literal["resnet50", "resnet101"] = "resnet101"
     output_stride: Literal[8, 16] = 16  # 16: dilation in the last ResNet stage; 8: in the last two
+    # "unimatch": UniMatch's decoder (features = the first fuse conv, feature_channels 256; head = the second
+    # fuse conv + classifier); "u2pl": U2PL's / DDFP's dec_deeplabv3_plus (features = the 48 low-level
+    # channels + the ASPP head's, feature_channels 304; head = two 3x3 conv blocks with bias and
+    # Dropout2d(0.1), head_channels 256, + classifier).
+    decoder: Literal["unimatch", "u2pl"] = "unimatch"
     aspp_dilations: Optional[list[int]] = None  # default: [6, 12, 18] at output stride 16, [12, 24, 36] at 8
     deep_stem: bool = False  # ResNet-v1c stem (three 3x3 convs, 128 channels), as UniMatch's pretrained files
     width: int = 64  # ResNet base width: 64 is the standard ResNet (smaller: tiny test networks only)
@@ -199,6 +204,19 @@ class DDFPConfig:
     # The perturbation's flow pass runs on blocks of this many pixels: bounds its memory and, on
     # the CPU, keeps the activations in cache; on a GPU larger blocks (e.g. 65536) launch fewer kernels.
     chunk_pixels: int = 4096
+    # Faithful to DDFP's code by default; each key restores mitoseg's earlier choice.
+    flow_init: Literal["official", "identity"] = "official"  # 3-layer subnets, 0.05 N(0,1) | identity start
+    # official: ddfp trains supervised only before start_iter, then the flow trains and L = L_x + L_u, and
+    # from perturb_iter on L = L_x + 0.5 L_u + 0.5 L_p (the teacher restarts from the student at start_iter);
+    # joint: flow and perturbation start together at start_iter, L = L_x + 0.5 L_u + 0.5 L_p throughout.
+    schedule: Literal["official", "joint"] = "official"
+    perturb_iter: Optional[int] = None  # default: 2 * start_iter (official), start_iter (joint)
+    perturb_pixels: Literal["confident", "all"] = "confident"  # delta only where the pseudo-label is used
+    # The perturbation's direction through the head with its auxiliary BatchNorm in train mode (as DDFP's
+    # attack.py), or with the main BatchNorm in eval mode (running statistics, nothing updated).
+    perturb_bn: Literal["aux_train", "main_eval"] = "aux_train"
+    mixbn_warmup: bool = True  # ddfp: between start_iter and perturb_iter the strong view uses the auxiliary BN
+    teacher_mode: Literal["train", "eval"] = "train"  # the teacher's forward for the flow features (and pseudo-labels)
 
 
 @dataclass
@@ -208,9 +226,20 @@ class MethodConfig:
     # Where the weak views' pseudo-labels come from: "student_train" the student's train-mode forward of the
     # labeled + weak batch (detached; the CutMix partner batch in eval mode), as UniMatch's and DAW's code
     # (the default of fixmatch, unimatch, daw, daw_ddfp); "student" the student in eval mode; "teacher" the
-    # EMA teacher (ddfp's default, the paper's mean teacher). See _pseudo_label_default.
+    # EMA teacher (ddfp's default, the paper's mean teacher). See _method_defaults.
     pseudo_labels: Literal["student_train", "student", "teacher"] = "student_train"
     fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
+    # Where the fp branch drops channels: "backbone" the DeepLabV3+ backbone features c1 and c4 of the whole
+    # [labeled, weak] batch, decoded again (UniMatch's model/semseg/deeplabv3plus.py, need_fp; the default of
+    # deeplabv3plus), or "head_input" the weak view's features(x) (unet's default). See _fp_placement_default.
+    fp_placement: Literal["head_input", "backbone"] = "head_input"
+    # Each unsupervised cross-entropy divided by the valid pixels (UniMatch's and DAW's code) or averaged
+    # over the pixels whose pseudo-label is used (DDFP's code; ddfp's default, see _method_defaults).
+    unsup_normalize: Literal["valid", "confident"] = "valid"
+    # CutMix of the strong views: UniMatch's (a 2-40 % box per view with probability data.cutmix_prob, from a
+    # second unlabeled batch) or DDFP's (with probability data.cutmix_prob for the whole batch, a box of half
+    # the area from the next sample of the same batch; ddfp's default).
+    cutmix: Literal["unimatch", "ddfp"] = "unimatch"
     daw: DAWConfig = field(default_factory=DAWConfig)
     ddfp: DDFPConfig = field(default_factory=DDFPConfig)
 
@@ -234,12 +263,20 @@ class TrainConfig:
     # Natural data: train this many passes over the unlabeled list (semi-supervised) or the labeled list
     # (supervised) instead; sets iterations = epochs * (list length // (batch size * ranks)).
     epochs: Optional[int] = None
-    loss: Literal["dice_ce", "ce"] = "dice_ce"
+    # "ohem" (natural images): cross-entropy over the hard pixels, the official UniMatch / DAW Cityscapes criterion
+    # (ProbOhemCrossEntropy2d): pixels whose true-class probability is <= ohem_thresh, at least ohem_min_kept of them.
+    loss: Literal["dice_ce", "ce", "ohem"] = "dice_ce"
     dice_weight: float = 1.0  # dice_ce: weight of the Dice term (MONAI DiceCELoss lambda_dice)
     ce_weight: float = 1.0  # dice_ce: weight of the cross-entropy term (lambda_ce)
-    ignore_index: int = 255  # label value excluded from the loss ("ce" only)
+    ignore_index: int = 255  # label value excluded from the loss ("ce" and "ohem" only)
+    ohem_thresh: float = 0.7  # ohem: keep pixels whose true-class probability is at most this ...
+    ohem_min_kept: int = 200000  # ... but at least this many (the hardest) per batch; 0: no mining (plain CE)
     ema_decay: float = 0.99
-    eval_model: Literal["ema", "student"] = "ema"  # which weights validation and best.pt measure
+    # EMA warm-up of DAW's and DDFP's code: the decay of update n (0-based) is min(ema_decay, 1 - 1 / (n + 1)).
+    ema_warmup: bool = False
+    # Which weights validation and best.pt measure: the EMA teacher, the student, or both, keeping the better
+    # (DAW's code evaluates both every epoch); predict / evaluate then default to the weights that won.
+    eval_model: Literal["ema", "student", "best_of"] = "ema"
     val_every: int = 200
     log_every: int = 20
     checkpoint_every: int = 200
@@ -450,6 +487,7 @@ _RANGES: dict[str, _Range] = {
     "method.ddfp.max_pixels": _AT_LEAST_1,
     "method.ddfp.noise": _AT_LEAST_0,
     "method.ddfp.chunk_pixels": _AT_LEAST_1,
+    "method.ddfp.perturb_iter": _AT_LEAST_0,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _AT_LEAST_0,
     "optim.momentum": _UNIT,
@@ -462,6 +500,8 @@ _RANGES: dict[str, _Range] = {
     "train.ema_decay": _UNIT,
     "train.dice_weight": _AT_LEAST_0,
     "train.ce_weight": _AT_LEAST_0,
+    "train.ohem_thresh": _PROBABILITY,
+    "train.ohem_min_kept": _AT_LEAST_0,  # 0: no mining, as the official ProbOhemCrossEntropy2d
     "train.val_every": _AT_LEAST_1,
     "train.log_every": _AT_LEAST_1,
     "train.checkpoint_every": _AT_LEAST_1,
@@ -514,9 +554,12 @@ def _check_values(cfg: Config) -> None:
          "is required for natural images (or data.labeled_list)")
     # Natural images mark ignored and padded pixels 255 (mitoseg/data/natural.py): only the
     # 'ce' loss skips them; Dice + CE would read 255 as a class id and fail in the middle of training.
-    need(not natural or cfg.train.loss == "ce", "train.loss",
-         f"must be 'ce' for data.kind '{cfg.data.kind}' (natural images mark ignored pixels 255: "
-         "use train.loss: ce with train.ignore_index: 255)")
+    need(not natural or cfg.train.loss in ("ce", "ohem"), "train.loss",
+         f"must be 'ce' or 'ohem' for data.kind '{cfg.data.kind}' (natural images mark ignored pixels 255: "
+         "use train.loss: ce or ohem with train.ignore_index: 255)")
+    # ohem is the natural-image criterion; the EM code paths know only ce's ignore label.
+    need(natural or cfg.train.loss != "ohem", "train.loss",
+         "ohem is for natural images (data.kind pascal or cityscapes); use dice_ce or ce for EM volumes")
     need(not natural or cfg.train.ignore_index == 255, "train.ignore_index",
          f"must be 255 for data.kind '{cfg.data.kind}' (the value natural images mark ignored pixels with), "
          f"got {cfg.train.ignore_index}")
@@ -533,7 +576,7 @@ def _check_values(cfg: Config) -> None:
     need(not natural or cfg.model.in_channels == 3, "model.in_channels",
          f"must be 3 for the RGB images of data.kind '{cfg.data.kind}'")
     if cfg.data.label_map:
-        ignore = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        ignore = cfg.train.ignore_index if cfg.train.loss in ("ce", "ohem") else None
         bad = {raw: cls for raw, cls in cfg.data.label_map.items()
                if not (0 <= cls < cfg.data.num_classes or cls == ignore)}
         allowed = f"0..{cfg.data.num_classes - 1}" + (f" or train.ignore_index {ignore}" if ignore is not None else "")
@@ -596,11 +639,26 @@ def _check_values(cfg: Config) -> None:
     need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[-2] == cfg.data.patch_size[-1],
          "data.augment.rot90", f"needs a square data.patch_size, got {cfg.data.patch_size}; "
          "make the patch square in y-x or set data.augment.rot90: false")
+    need(cfg.method.cutmix == "unimatch" or cfg.method.name == "ddfp", "method.cutmix",
+         f"ddfp (DDFP's one strong view) is for method ddfp; {cfg.method.name} mixes with a second batch (unimatch)")
     need(cfg.method.pseudo_labels != "student_train" or cfg.method.name != "ddfp", "method.pseudo_labels",
          "student_train needs the weak view in the student's forward, which ddfp (one strong view perturbed) "
          "does not make; use teacher (the paper's) or student")
+    d = cfg.method.ddfp
+    need(d.perturb_iter is None or d.perturb_iter >= d.start_iter, "method.ddfp.perturb_iter",
+         f"must be at least method.ddfp.start_iter ({d.start_iter}): the flow must train before it perturbs, "
+         f"got {d.perturb_iter}")
     need(cfg.model.head_channels >= 2 or cfg.method.name not in ("ddfp", "daw_ddfp"), "model.head_channels",
          "must be at least 2 for the ddfp flow (it splits the channels in two)")
+    deeplab = cfg.model.name == "deeplabv3plus"
+    need(deeplab or cfg.model.decoder == "unimatch", "model.decoder",
+         f"is a deeplabv3plus option; remove it for model.name {cfg.model.name}")
+    need(cfg.model.decoder != "u2pl" or cfg.model.feature_channels > 48, "model.feature_channels",
+         f"must be more than 48 for model.decoder u2pl (48 low-level channels + the ASPP head's; DDFP: 304), "
+         f"got {cfg.model.feature_channels}")
+    need(deeplab or cfg.method.fp_placement != "backbone", "method.fp_placement",
+         f"backbone drops channels of the DeepLabV3+ backbone features; use head_input for model.name "
+         f"{cfg.model.name}")
 
 
 def _natural_loss_default(data: dict) -> dict:
@@ -616,27 +674,64 @@ def _natural_loss_default(data: dict) -> dict:
     return data
 
 
-def _pseudo_label_default(data: dict) -> dict:
-    """``method.name: ddfp`` defaults to ``method.pseudo_labels: teacher``: DDFP is a mean-teacher
-    method (the paper's teacher predicts the unlabeled images); every other method defaults to
-    ``student_train``, the student's train-mode forward, as UniMatch's and DAW's code. An explicit
-    ``pseudo_labels`` is kept. Returns a new mapping."""
+# Method-dependent defaults: DDFP is a mean-teacher method (the paper's teacher predicts the unlabeled
+# images) whose code averages each unsupervised loss over the confident pixels; the other methods take the
+# pseudo-labels from the student's train-mode forward and divide by the valid pixels, as UniMatch's and
+# DAW's code (the dataclass defaults).
+_METHOD_DEFAULTS = {"ddfp": {"pseudo_labels": "teacher", "unsup_normalize": "confident", "cutmix": "ddfp"}}
+
+
+def _method_defaults(data: dict) -> dict:
+    """``_METHOD_DEFAULTS`` of ``method.name``, applied to the raw mapping so explicit values are kept.
+    Returns a new mapping."""
     method = data.get("method")
-    if isinstance(method, dict) and method.get("name") == "ddfp" and "pseudo_labels" not in method:
-        return {**data, "method": {**method, "pseudo_labels": "teacher"}}
-    return data
+    if not isinstance(method, dict):
+        return data
+    defaults = _METHOD_DEFAULTS.get(method.get("name"), {})
+    missing = {key: value for key, value in defaults.items() if key not in method}
+    return {**data, "method": {**method, **missing}} if missing else data
+
+
+def _fp_placement_default(data: dict) -> dict:
+    """``model.name: deeplabv3plus`` defaults to ``method.fp_placement: backbone`` (UniMatch's dropout of the
+    backbone features c1 and c4); unet keeps the dataclass default ``head_input``. Applied to the raw
+    mapping, so an explicit value is kept (and ``backbone`` for unet refused by :func:`_check_values`).
+    Returns a new mapping."""
+    model, method = data.get("model"), data.get("method")
+    if not (isinstance(model, dict) and model.get("name") == "deeplabv3plus"):
+        return data
+    if method is not None and not isinstance(method, dict):
+        return data  # a type error, reported by _build
+    method = method or {}
+    if "fp_placement" in method:
+        return data
+    return {**data, "method": {**method, "fp_placement": "backbone"}}
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, _pseudo_label_default(_natural_loss_default(data)), "")
+    cfg = _build(Config, _fp_placement_default(_method_defaults(_natural_loss_default(data))), "")
     _check_values(cfg)
     return cfg
+
+
+def loss_ignore_index(train_cfg) -> int | None:
+    """The label value the supervised loss skips: ``train.ignore_index`` for the ``ce`` and ``ohem`` losses,
+    None for ``dice_ce`` (every label value is a class)."""
+    return train_cfg.ignore_index if train_cfg.loss in ("ce", "ohem") else None
 
 
 def input_channels(cfg: Config) -> int:
     """Channels the network reads: the image's (``model.in_channels``) for each of the
     ``2 * data.context_slices + 1`` slices of a 2.5-D input."""
     return cfg.model.in_channels * (2 * cfg.data.context_slices + 1)
+
+
+def perturb_start(ddfp_cfg) -> int:
+    """The iteration from which the density-descending term counts (``method.ddfp.perturb_iter``, by
+    default one flow warm-up after start_iter under the official schedule, start_iter under joint)."""
+    if ddfp_cfg.perturb_iter is not None:
+        return ddfp_cfg.perturb_iter
+    return 2 * ddfp_cfg.start_iter if ddfp_cfg.schedule == "official" else ddfp_cfg.start_iter
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -176,6 +176,9 @@ RANGE_CASES = [
     ("train.iterations", "0", "1", "at least 1"),
     ("train.ema_decay", "1.0", "0.0", "in [0, 1)"),
     ("train.ema_decay", "-0.1", "0.999", "in [0, 1)"),
+    ("train.ohem_thresh", "1.1", "1.0", "in [0, 1]"),
+    ("train.ohem_thresh", "-0.1", "0", "in [0, 1]"),
+    ("train.ohem_min_kept", "-1", "0", "at least 0"),
     ("train.val_every", "0", "1", "at least 1"),
     ("train.log_every", "0", "1", "at least 1"),
     ("train.checkpoint_every", "0", "1", "at least 1"),
@@ -265,7 +268,7 @@ def test_natural_images_refuse_dice_ce_and_default_to_ce():
     with pytest.raises(MitosegError) as info:
         config_from_dict(natural_config(loss="dice_ce"))
     message = str(info.value)
-    assert "'train.loss' must be 'ce' for data.kind 'pascal'" in message and "ignore_index: 255" in message
+    assert "'train.loss' must be 'ce' or 'ohem' for data.kind 'pascal'" in message and "ignore_index: 255" in message
     assert config_from_dict(natural_config()).train.loss == "ce"
     assert config_from_dict(natural_config(iterations=5)).train.loss == "ce"
     assert config_from_dict(natural_config(loss="ce")).train.loss == "ce"
@@ -273,6 +276,54 @@ def test_natural_images_refuse_dice_ce_and_default_to_ce():
         config_from_dict(natural_config(loss="ce", ignore_index=0))
     # EM keeps dice_ce as its default.
     assert config_from_dict(minimal()).train.loss == "dice_ce"
+
+
+def test_ohem_is_an_ignore_aware_loss_for_natural_images_only():
+    cfg = config_from_dict(natural_config(loss="ohem"))
+    assert (cfg.train.loss, cfg.train.ohem_thresh, cfg.train.ohem_min_kept) == ("ohem", 0.7, 200000)
+    cfg = config_from_dict(natural_config(loss="ohem", ohem_thresh=0.5, ohem_min_kept=1000))
+    assert (cfg.train.ohem_thresh, cfg.train.ohem_min_kept) == (0.5, 1000)
+    with pytest.raises(MitosegError, match="'train.ignore_index' must be 255"):
+        config_from_dict(natural_config(loss="ohem", ignore_index=0))
+    with pytest.raises(MitosegError) as info:
+        config_from_dict({**minimal(), "train": {"loss": "ohem"}})
+    assert "config key 'train.loss' ohem is for natural images" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def deeplab_config(model=None, method=None):
+    cfg = natural_config()
+    cfg["model"] = {"in_channels": 3, "name": "deeplabv3plus", **(model or {})}
+    if method is not None:
+        cfg["method"] = method
+    return cfg
+
+
+def test_fp_placement_defaults_to_the_backbone_for_deeplab_and_to_the_head_input_for_unet():
+    for name in ("unimatch", "daw", "fixmatch", "supervised", "daw_ddfp"):
+        assert config_from_dict(deeplab_config(method={"name": name})).method.fp_placement == "backbone"
+    assert config_from_dict(deeplab_config()).method.fp_placement == "backbone"  # no method section
+    explicit = deeplab_config(method={"name": "unimatch", "fp_placement": "head_input"})
+    assert config_from_dict(explicit).method.fp_placement == "head_input"
+    unet = {**minimal(), "method": {"name": "unimatch"}}
+    assert config_from_dict(unet).method.fp_placement == "head_input"
+    for bad in ({**minimal(), "method": {"name": "unimatch", "fp_placement": "backbone"}},
+                {**minimal(), "method": {"name": "daw_ddfp", "fp_placement": "backbone"}}):
+        with pytest.raises(MitosegError) as info:
+            config_from_dict(bad)
+        assert "config key 'method.fp_placement' backbone" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_decoder_is_a_deeplab_option_and_u2pl_needs_the_low_level_channels_plus_more():
+    cfg = config_from_dict(deeplab_config({"decoder": "u2pl", "feature_channels": 304, "head_channels": 256}))
+    assert cfg.model.decoder == "u2pl"
+    assert config_from_dict(deeplab_config()).model.decoder == "unimatch"
+    with pytest.raises(MitosegError) as info:
+        config_from_dict({**minimal(), "model": {"decoder": "u2pl"}})
+    assert "config key 'model.decoder' is a deeplabv3plus option" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MitosegError, match="'model.feature_channels' must be more than 48 for model.decoder u2pl"):
+        config_from_dict(deeplab_config({"decoder": "u2pl", "feature_channels": 48}))
 
 
 def test_ddfp_defaults_to_the_mean_teacher_and_other_methods_to_the_students_train_forward():

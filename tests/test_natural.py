@@ -248,6 +248,94 @@ def test_center_crop_evaluation_crops_image_and_label(pascal):
     assert torch.equal(label, full_label[4:44, 12:52])
 
 
+# ------------------------------------------------------------------------------ OHEM
+
+
+def logits_with_true_class_probs(probs, labels, num_classes=3):
+    """(1, K, 1, N) logits whose softmax gives each pixel's true class ``probs[i]`` (the rest shared equally
+    by the other classes), and the (1, 1, N) labels; an ignored pixel (255) gets class 0's layout."""
+    columns = []
+    for p, label in zip(probs, labels):
+        cls = 0 if label == 255 else label
+        column = [(1 - p) / (num_classes - 1)] * num_classes
+        column[cls] = p
+        columns.append(column)
+    logits = torch.tensor(columns, dtype=torch.float64).log().T.reshape(1, num_classes, 1, -1)
+    return logits.float(), torch.tensor(labels).reshape(1, 1, -1)
+
+
+def mean_nll(probs):
+    return float(-np.log(np.array(probs)).mean())
+
+
+# True-class probabilities of 6 valid pixels (classes 0, 1, 2) and one ignored pixel.
+OHEM_P = [0.9, 0.1, 0.6, 0.95, 0.3, 0.8, 0.5]
+OHEM_LABELS = [0, 1, 2, 1, 0, 2, 255]
+
+
+@pytest.mark.parametrize("thresh, min_kept, kept", [
+    # the 2nd / 3rd smallest p (0.3 / 0.6) is below 0.7: the threshold stays 0.7 (3 valid pixels below it)
+    (0.7, 2, [0.1, 0.6, 0.3]),
+    (0.7, 3, [0.1, 0.6, 0.3]),
+    # min_kept 5: the 5th smallest p (0.9; the ignored pixel counts as p = 1) is above 0.7: threshold 0.9
+    (0.7, 5, [0.9, 0.1, 0.6, 0.3, 0.8]),
+    (0.7, 4, [0.1, 0.6, 0.3, 0.8]),
+    # min_kept = number of valid pixels: the 6th smallest is 0.95, every valid pixel is kept
+    (0.7, 6, [0.9, 0.1, 0.6, 0.95, 0.3, 0.8]),
+    # more than the valid pixels (7 <= all pixels, 1000 > all pixels): no mining, plain CE over the valid ones
+    (0.7, 7, [0.9, 0.1, 0.6, 0.95, 0.3, 0.8]),
+    (0.7, 1000, [0.9, 0.1, 0.6, 0.95, 0.3, 0.8]),
+    # min_kept 0: the official code skips the mining altogether
+    (0.7, 0, [0.9, 0.1, 0.6, 0.95, 0.3, 0.8]),
+    # a low threshold with min_kept 1: only p <= 0.2
+    (0.2, 1, [0.1]),
+])
+def test_ohem_keeps_the_hard_pixels_as_the_official_prob_ohem_cross_entropy(thresh, min_kept, kept):
+    # UniMatch / DAW util/ohem.py ProbOhemCrossEntropy2d: threshold = max(thresh, min_kept-th smallest true-class
+    # probability) unless min_kept exceeds the valid pixels; mean CE over the valid pixels with p <= threshold.
+    from mitoseg.losses import ohem_cross_entropy
+
+    logits, labels = logits_with_true_class_probs(OHEM_P, OHEM_LABELS)
+    loss = ohem_cross_entropy(logits, labels, 255, thresh, min_kept)
+    assert float(loss) == pytest.approx(mean_nll(kept), rel=1e-5)
+
+
+def test_ohem_keeps_ties_at_the_raised_threshold_and_gives_gradients_to_kept_pixels_only():
+    from mitoseg.losses import ohem_cross_entropy
+
+    # The two 0.8 pixels have the same class and logits: bitwise the same p.
+    logits, labels = logits_with_true_class_probs([0.1, 0.8, 0.8, 0.9, 0.4], [1, 2, 2, 0, 255])
+    logits.requires_grad_(True)
+    loss = ohem_cross_entropy(logits, labels, 255, 0.7, 2)  # 2nd smallest p = 0.8: both 0.8 pixels are kept
+    assert float(loss.detach()) == pytest.approx(mean_nll([0.1, 0.8, 0.8]), rel=1e-5)
+    loss.backward()
+    touched = logits.grad.abs().sum(dim=(0, 1, 2))
+    assert [bool(t > 0) for t in touched] == [True, True, True, False, False]
+    # Every pixel ignored: NaN, as cross-entropy with ignore_index.
+    logits, labels = logits_with_true_class_probs([0.5, 0.5], [255, 255])
+    assert torch.isnan(ohem_cross_entropy(logits, labels, 255, 0.7, 1))
+
+
+def test_ohem_loss_from_the_config_on_a_batch_of_images():
+    from mitoseg.losses import make_supervised_loss
+
+    # Two 2 x 3 images, two classes; the true-class probability of each pixel is sigmoid(+-z).
+    z = torch.tensor([[[2.0, -1.0, 0.5], [3.0, 0.0, -2.0]], [[1.0, 4.0, -0.5], [0.2, 2.5, 1.5]]])
+    labels = torch.tensor([[[0, 1, 0], [1, 255, 0]], [[1, 1, 0], [0, 255, 1]]])
+    logits = torch.stack([z, torch.zeros_like(z)], dim=1)  # class 0 logit z, class 1 logit 0
+    p_true = torch.where(labels == 0, torch.sigmoid(z), torch.sigmoid(-z))
+    valid = labels != 255
+    cfg = config_from_dict({"data": {"kind": "cityscapes", "root": "cs", "split": "1_16", "num_classes": 19},
+                            "model": {"in_channels": 3},
+                            "train": {"loss": "ohem", "ohem_thresh": 0.5, "ohem_min_kept": 6}})
+    loss = make_supervised_loss(cfg.train)(logits, labels)
+    p = sorted(float(v) for v in p_true[valid])  # 10 valid pixels
+    threshold = max(0.5, p[5])  # the 6th smallest
+    assert float(loss) == pytest.approx(mean_nll([v for v in p if v <= threshold]), rel=1e-5)
+    cfg.train.ohem_min_kept = 11  # more than the valid pixels: every valid pixel
+    assert float(make_supervised_loss(cfg.train)(logits, labels)) == pytest.approx(mean_nll(p), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -273,14 +361,31 @@ def test_one_training_iteration_per_method_on_pascal_layout(method, tmp_path, pa
         assert (out / "inspect" / "iter_000001.npz").is_file()
 
 
+def test_ddfp_trains_with_the_u2pl_decoder(tmp_path, pascal):
+    # DDFP's network: the flow models the 2-block classifier's penultimate features, the perturbation moves the
+    # 304-channel (here 48 + 8) decoder features.
+    root, split = pascal
+    cfg = tiny_natural_config(root, split, "ddfp", val_every=10, inspect_every=10)
+    cfg["model"].update(decoder="u2pl", feature_channels=56, head_channels=16)
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    assert trainer.model.seg_head.block[0].in_channels == 56 and len(trainer.model.seg_head.aux_bn) == 2
+    summary = trainer.fit()
+    assert summary["completed"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"][0]
+    assert np.isfinite(train["loss"])
+
+
 def test_cityscapes_layout_trains_and_evaluates_with_sliding_windows(tmp_path):
     split = make_cityscapes(tmp_path / "cs")
     cfg = tiny_natural_config(tmp_path / "cs", split, "daw", kind="cityscapes", iterations=1)
     cfg["data"]["batch_size"] = cfg["data"]["unlabeled_batch_size"] = 1
     cfg["data"]["crop_size"] = 24  # windows smaller than the 32 x 64 validation image
     cfg["train"]["amp"] = False  # full precision: the tiny network's windowed and whole-image predictions differ
+    cfg["train"].update(loss="ohem", ohem_min_kept=100)  # the Cityscapes recipe's supervised loss
     trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
     assert trainer.natural.eval_mode == "sliding_window"
+    assert trainer.method.ignore_index == 255  # DAW's labeled statistics skip the ignored pixels under ohem too
     summary = trainer.fit()
     assert summary["final"]["classes"][13] == "car" and summary["final"]["pixels"] == 32 * 64 - 8 * 64
 
@@ -317,12 +422,26 @@ def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
         assert cfg.method.name == method and cfg.data.kind == dataset
         assert cfg.model.name == "deeplabv3plus" and cfg.model.backbone == "resnet101"
         assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
-        assert cfg.data.scale_range == [0.5, 2.0] and cfg.train.loss == "ce"
+        assert cfg.data.scale_range == [0.5, 2.0]
+        # UniMatch's / DAW's configs/cityscapes.yaml: OHEM (thresh 0.7, min_kept 200000), also in supervised.py;
+        # DDFP ships no Cityscapes config (its Pascal one: CELoss); Pascal: CELoss everywhere.
+        ohem = dataset == "cityscapes" and method != "ddfp"
+        assert cfg.train.loss == ("ohem" if ohem else "ce"), method
+        assert (cfg.train.ohem_thresh, cfg.train.ohem_min_kept) == (0.7, 200000)
+        # DDFP's decoder (model/model/decoder.py): 304-channel features, 256-channel classifier blocks.
+        assert cfg.model.decoder == ("u2pl" if method == "ddfp" else "unimatch"), method
+        if method == "ddfp":
+            assert (cfg.model.feature_channels, cfg.model.head_channels) == (304, 256)
+        # UniMatch's / DAW's fp branch drops the backbone features (daw_ddfp too, on the weak view).
+        assert cfg.method.fp_placement == "backbone", method
         if dataset == "pascal":
             assert cfg.optim.head_lr_multiplier == 10.0 and cfg.data.crop_size in (321, 513)
             assert cfg.data.split in natural.SHIPPED_SPLITS["pascal"]
         else:
             assert cfg.data.crop_size == 801 and natural.eval_mode(cfg.data) == "sliding_window"
+    if dataset == "pascal":  # DAW's configs/pascal.yaml: crop_size 513 (UniMatch's: 321)
+        assert load_config(configs / "pascal_daw.yaml").data.crop_size == 513
+        assert load_config(configs / "pascal_unimatch.yaml").data.crop_size == 321
 
 
 # ------------------------------------------------------------- mitoseg evaluate --checkpoint

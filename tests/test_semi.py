@@ -281,6 +281,58 @@ def test_student_train_takes_the_batch_pseudo_labels_from_the_train_mode_forward
     assert losses["student_train"] < 0.6 * losses["student"]
 
 
+class BackboneFPModel(SignModel):
+    """The sign model with UniMatch's ``features_with_fp``: the perturbed features of row i are the clean ones
+    of row i negated and scaled by ``1 + i`` (every row its own), so which rows became the fp prediction shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.fp_calls = []
+
+    def features_with_fp(self, x, p):
+        self.fp_calls.append((x.shape[0], p))
+        features = self.features(x)
+        scale = torch.arange(1, x.shape[0] + 1, dtype=features.dtype).reshape(-1, 1, 1, 1)
+        return features, -features * scale
+
+
+@pytest.mark.parametrize("name", ["unimatch", "daw"])
+def test_backbone_fp_placement_takes_the_weak_views_part_of_the_dropped_whole_batch(name):
+    # UniMatch (unimatch.py): preds, preds_fp = model(cat(img_x, img_u_w), need_fp=True); pred_u_w_fp =
+    # preds_fp[num_lb:]. With the model above the fp logits of weak image j are -(1 + n_x + j) * clean logits.
+    import torch.nn.functional as F
+
+    from mitoseg.losses import make_supervised_loss
+    from mitoseg.methods import StepContext, build_method
+
+    cfg = config_from_dict({"data": {"kind": "pascal", "root": "voc", "split": "92", "num_classes": 2},
+                            "model": {"name": "deeplabv3plus", "in_channels": 3},
+                            "method": {"name": name, "threshold": 0.5, "fp_dropout": 0.3}})
+    assert cfg.method.fp_placement == "backbone"  # the default for deeplabv3plus
+    method = build_method(cfg, make_supervised_loss(cfg.train))
+    student = BackboneFPModel()
+    ctx = StepContext(student=student, teacher=SignModel(), iteration=0, total_iterations=10)
+    labeled, unlabeled = sign_batches()
+    n_x, n_u = 2, 2
+    out = method.training_step(ctx, labeled, unlabeled)
+    assert student.fp_calls == [(n_x + n_u, 0.3)]  # one call on [labeled, weak]
+    weak = unlabeled["weak"][:n_u]
+    clean = student.features(weak)
+    scale = torch.arange(n_x + 1, n_x + n_u + 1, dtype=clean.dtype).reshape(-1, 1, 1, 1)
+    # The sign model is certain everywhere: every pseudo-label is its clean argmax, used with weight 1 (DAW's
+    # threshold starts at 0.95, below the model's confidence; alignment keeps the argmax of a near one-hot).
+    expected = F.cross_entropy(-clean * scale, clean.argmax(dim=1))
+    torch.testing.assert_close(out.logs["loss_fp"], expected)
+    # head_input keeps the old branch: the weak view's features(x) after channel dropout, no features_with_fp.
+    cfg.method.fp_placement = "head_input"
+    student = BackboneFPModel()
+    ctx = StepContext(student=student, teacher=SignModel(), iteration=0, total_iterations=10)
+    method = build_method(cfg, make_supervised_loss(cfg.train))
+    out = method.training_step(ctx, labeled, unlabeled)
+    # Dropout keeps the signs or zeroes a sample's logits: at most log 2 per pixel (the backbone branch: > 100).
+    assert student.fp_calls == [] and float(out.logs["loss_fp"]) <= np.log(2) + 1e-6
+
+
 def test_student_train_is_the_default_except_for_ddfp_which_cannot_use_it():
     base = {"data": {"train": {"image": "x"}}}
     for name in ("fixmatch", "unimatch", "daw", "daw_ddfp"):

@@ -73,3 +73,27 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, tiny
     cfg_dict["optim"]["lr"] = 0.1
     with pytest.raises(MitosegError, match="optim.lr"):
         Trainer(config_from_dict(cfg_dict), out, resume=True, progress=False)
+
+
+def test_best_of_validates_student_and_teacher_and_keeps_the_better(tmp_path, tiny_volumes):
+    from mitoseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, validated_weights
+
+    cfg = tiny_config_dict(tiny_volumes, eval_model="best_of", ema_decay=0.9)
+    Trainer(config_from_dict(cfg), tmp_path / "run", progress=False).fit()
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in (r for r in records if r["split"] == "val"):
+        student, ema = record["fg_iou_student"], record["fg_iou_ema"]
+        assert record["fg_iou"] == max(student, ema)
+    state = load_checkpoint(tmp_path / "run" / "best.pt")
+    best = state["best"]["scores"]
+    chosen = best["weights"]
+    assert best["fg_iou"] == best[f"fg_iou_{chosen}"] >= best[f"fg_iou_{'ema' if chosen == 'student' else 'student'}"]
+    assert validated_weights(state) == chosen
+    # predict / evaluate default to the weights that won
+    model, _ = model_from_checkpoint(tmp_path / "run" / "best.pt")
+    key = {"ema": "ema_model", "student": "model"}[chosen]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.cpu(), state[key][name]), name
+    # a plain run validates its eval_model
+    assert validated_weights({"config": {"train": {"eval_model": "student"}}}) == "student"
+    assert validated_weights({}) == "ema"

@@ -18,7 +18,7 @@ from monai.transforms import Randomizable, SpatialCropd
 from torch.utils.data import Dataset
 
 from mitoseg.data.readers import SliceReader, open_volume, select_slices
-from mitoseg.data.transforms import Normalization, compute_normalization, cutmix_box, sample_for_stats
+from mitoseg.data.transforms import CutMixBoxes, Normalization, compute_normalization, sample_for_stats
 from mitoseg.errors import MitosegError
 
 
@@ -243,10 +243,11 @@ class UnlabeledViewsDataset(PatchDataset):
     patches have a (D, H, W) grid instead of (H, W), and boxes in 3-D.
     """
 
-    def __init__(self, sources, weak, strong, patch_size, seed: int, length: int, cutmix_prob: float = 0.5):
+    def __init__(self, sources, weak, strong, patch_size, seed: int, length: int, cutmix_prob: float = 0.5,
+                 boxes: CutMixBoxes | None = None):
         super().__init__(sources, weak, patch_size, seed, length, foreground_sampling=0.0)
         self.strong = strong
-        self.cutmix_prob = cutmix_prob
+        self.boxes = boxes or CutMixBoxes("unimatch", cutmix_prob, seed)
 
     def make_sample(self, index: int) -> dict[str, torch.Tensor]:
         rng = sample_rng(self.seed, index)
@@ -259,7 +260,7 @@ class UnlabeledViewsDataset(PatchDataset):
             result[name] = torch.as_tensor(self.strong({"image": weak["image"].clone()})["image"],
                                            dtype=torch.float32)
         for name in ("box1", "box2"):
-            result[name] = torch.from_numpy(cutmix_box(rng, self.patch_size, self.cutmix_prob))
+            result[name] = torch.from_numpy(self.boxes(rng, index, self.patch_size))
         result["valid"] = torch.ones(self.patch_size, dtype=torch.bool)
         if "label" in weak:
             result["label"] = torch.as_tensor(weak["label"], dtype=torch.int64)[0]

@@ -38,7 +38,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import Dataset
 
 from mitoseg.data.datasets import sample_rng
-from mitoseg.data.transforms import cutmix_box
+from mitoseg.data.transforms import CutMixBoxes
 from mitoseg.errors import MitosegError
 
 IGNORE = 255
@@ -291,13 +291,13 @@ def strong_view(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 class NaturalDataset(Dataset):
     """Training samples from a list; ``index`` selects a draw (epoch permutation + augmentation)."""
 
-    def __init__(self, items, data_cfg, seed: int, length: int):
+    def __init__(self, items, data_cfg, seed: int, length: int, boxes: CutMixBoxes | None = None):
         self.items = list(items)
         self.kind = data_cfg.kind
         self.num_classes = data_cfg.num_classes
         self.crop_size = data_cfg.crop_size
         self.scale_range = tuple(data_cfg.scale_range)
-        self.cutmix_prob = data_cfg.cutmix_prob
+        self.boxes = boxes or CutMixBoxes("unimatch", data_cfg.cutmix_prob, seed)
         self.seed = seed
         self.length = length
         self._permutation: tuple[int, np.ndarray] | None = None
@@ -352,7 +352,7 @@ class NaturalUnlabeledDataset(NaturalDataset):
         size = self.crop_size
         for v in (1, 2):
             result[f"strong{v}"] = to_tensor(strong_view(image, rng))
-            result[f"box{v}"] = torch.from_numpy(cutmix_box(rng, (size, size), self.cutmix_prob))
+            result[f"box{v}"] = torch.from_numpy(self.boxes(rng, index, (size, size)))
         result["valid"] = torch.from_numpy(valid)
         return result
 
@@ -423,7 +423,9 @@ def build_datasets(cfg, uses_unlabeled: bool, length_labeled: int, length_unlabe
             raise MitosegError(f"method '{cfg.method.name}' needs unlabeled images: data.split "
                                f"{data.split!r} has no unlabeled.txt and data.unlabeled_list is not set")
         items = read_list(lists.unlabeled, root, need_mask=False)
-        unlabeled = NaturalUnlabeledDataset(items, data, cfg.seed + 1, length_unlabeled)
+        boxes = CutMixBoxes(cfg.method.cutmix, data.cutmix_prob, cfg.seed + 1,
+                            group=data.unlabeled_batch_size or data.batch_size)
+        unlabeled = NaturalUnlabeledDataset(items, data, cfg.seed + 1, length_unlabeled, boxes)
         inspection = NaturalUnlabeledDataset(items, data, cfg.seed + 2, cfg.train.inspect_patches)
     mode = eval_mode(data)
     val = None

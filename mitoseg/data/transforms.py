@@ -239,3 +239,38 @@ def cutmix_box(rng: np.random.Generator, shape, prob: float = 0.5, area=(0.02, 0
             break
     mask.reshape(-1, height, width)[z0:z1, y:y + box_h, x:x + box_w] = 1
     return mask
+
+
+def half_area_box(rng: np.random.Generator, shape) -> np.ndarray:
+    """DDFP's CutMix region (its dataset/transform.py, generate_cutout_mask): a box of half the y-x area,
+    width drawn from W/2 + 1 .. W - 1, height round(H W / 2 / width), at a random place; in 3-D it spans
+    every slice. A uint8 mask of ``shape``."""
+    shape = tuple(int(n) for n in shape)
+    height, width = shape[-2:]
+    box_w = int(rng.integers(int(width / 2 + 1), width)) if width > 2 else width
+    box_h = min(height, int(round(height * width / 2 / box_w)))
+    x, y = int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1))
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[..., y:y + box_h, x:x + box_w] = 1
+    return mask
+
+
+class CutMixBoxes:
+    """The CutMix regions of the unlabeled samples (``method.cutmix``):
+
+    - ``unimatch``: each strong view of each sample, with probability ``prob``, a box of 2-40 % of the patch
+      (:func:`cutmix_box`), pasted from the mixing batch;
+    - ``ddfp``: with probability ``prob`` for a whole batch (one draw per ``group`` consecutive samples, the
+      batch of one iteration on one process), every sample a box of half the area (:func:`half_area_box`),
+      pasted from the next sample of the same batch (DDFP's train_ddfp_pascal.py).
+    """
+
+    def __init__(self, mode: str, prob: float, seed: int, group: int = 1):
+        self.mode, self.prob, self.seed, self.group = mode, prob, seed, max(1, group)
+
+    def __call__(self, rng: np.random.Generator, index: int, shape) -> np.ndarray:
+        if self.mode == "unimatch":
+            return cutmix_box(rng, shape, self.prob)
+        batch_draw = np.random.default_rng([self.seed, 2**31 + index // self.group]).random()
+        box = half_area_box(rng, shape)  # drawn either way, so the sample's other draws do not depend on it
+        return box if batch_draw < self.prob else np.zeros_like(box)

@@ -82,10 +82,28 @@ def load_weights(model: torch.nn.Module, weights: dict, path: str | Path, what: 
         raise MitosegError(f"{path}: {what} weights do not match the architecture: {detail}") from exc
 
 
-def model_from_checkpoint(path: str | Path, weights: str = "ema", device="cpu") -> tuple[torch.nn.Module, Config]:
-    """Rebuild the network of a checkpoint and load its student or EMA weights, in eval mode."""
-    state = load_checkpoint(path)
+def validated_weights(state: dict) -> str:
+    """The weights (``ema`` or ``student``) a checkpoint's run validated: those of its best score
+    (``train.eval_model: best_of`` keeps the better one), else its ``train.eval_model``, else ``ema``."""
+    best = state.get("best") or {}
+    weights = (best.get("scores") or {}).get("weights")
+    if weights in ("ema", "student"):
+        return weights
+    chosen = (state.get("config") or {}).get("train", {}).get("eval_model")
+    return chosen if chosen in ("ema", "student") else "ema"
+
+
+def model_from_checkpoint(path: str | Path, weights: str | None = None, device="cpu") -> tuple[torch.nn.Module, Config]:
+    """Rebuild the network of a checkpoint and load its student or EMA weights (None: the weights its run
+    validated, :func:`validated_weights`), in eval mode."""
+    return model_from_state(load_checkpoint(path), path, weights, device)
+
+
+def model_from_state(state: dict, path: str | Path, weights: str | None = None,
+                     device="cpu") -> tuple[torch.nn.Module, Config]:
+    """:func:`model_from_checkpoint` of a checkpoint already read with :func:`load_checkpoint`."""
     cfg = checkpoint_config(state, path)
+    weights = weights or validated_weights(state)
     key = {"ema": "ema_model", "student": "model"}[weights]
     if key not in state:
         raise MitosegError(f"{path}: checkpoint holds no '{weights}' weights")

@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels
+from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels, loss_ignore_index
 from mitoseg.data.readers import open_volume, select_slices
 from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
-from mitoseg.data.transforms import strong_transform, weak_transform
+from mitoseg.data.transforms import CutMixBoxes, strong_transform, weak_transform
 from mitoseg.engine.checkpoint import (
     capture_rng_state,
     checkpoint_config,
@@ -32,6 +32,7 @@ from mitoseg.engine.checkpoint import (
     load_weights,
     restore_rng_state,
     save_checkpoint,
+    validated_weights,
 )
 from mitoseg.engine import distributed
 from mitoseg.engine.ema import ModelEMA
@@ -165,7 +166,7 @@ class Trainer:
         seed_everything(cfg.seed)
 
         num_classes = cfg.data.num_classes
-        ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        ignore_index = loss_ignore_index(cfg.train)
         self.ignore_index = ignore_index
         self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
         self.natural = None
@@ -190,7 +191,7 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model = fast_memory_format(self.model.to(self.device))
         distributed.broadcast_parameters(self.model)
-        self.ema = ModelEMA(self.model, cfg.train.ema_decay)
+        self.ema = ModelEMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device, cfg.train.amp) == torch.float16)
@@ -212,7 +213,8 @@ class Trainer:
         self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
         self.natural = build_datasets(cfg, self.method.uses_unlabeled,
                                       self.total_iterations * cfg.data.batch_size * world,
-                                      self.total_iterations * 2 * self.unlabeled_batch_size * world)
+                                      self.total_iterations * self.method.unlabeled_per_batch
+                                      * self.unlabeled_batch_size * world)
         self.labeled_dataset = self.natural.labeled
         self.unlabeled_dataset = self.natural.unlabeled
         self.inspection_patches = None
@@ -257,8 +259,9 @@ class Trainer:
                 strong_transform(cfg.data.strong, len(cfg.data.patch_size)),
                 cfg.data.patch_size,
                 seed=cfg.seed + 1,  # a stream of its own, independent of the labeled one
-                length=self.total_iterations * 2 * self.unlabeled_batch_size,
-                cutmix_prob=cfg.data.cutmix_prob,
+                length=self.total_iterations * self.method.unlabeled_per_batch * self.unlabeled_batch_size,
+                boxes=CutMixBoxes(cfg.method.cutmix, cfg.data.cutmix_prob, cfg.seed + 1,
+                                  group=self.unlabeled_batch_size),
             )
             self.inspection_patches = self._inspection_patches(sources)
 
@@ -376,37 +379,58 @@ class Trainer:
         labeled = self.stream(self.labeled_dataset, self.cfg.data.batch_size, start_iteration, self.cfg.seed)
         if self.unlabeled_dataset is None:
             return ((batch, None) for batch in labeled)
-        # Per iteration 2 x unlabeled_batch_size samples: the batch, then its CutMix partners.
-        unlabeled = self.stream(self.unlabeled_dataset, 2 * self.unlabeled_batch_size, start_iteration,
-                                self.cfg.seed + 1)
+        # Per iteration unlabeled_batch_size samples, and as many CutMix partners after them unless the
+        # method mixes within the batch (method.unlabeled_per_batch).
+        unlabeled = self.stream(self.unlabeled_dataset, self.method.unlabeled_per_batch * self.unlabeled_batch_size,
+                                start_iteration, self.cfg.seed + 1)
         return zip(labeled, unlabeled)
 
     # ------------------------------------------------------------- validation
 
-    def eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.cfg.train.eval_model == "ema" else self.model
+    def eval_models(self) -> dict[str, torch.nn.Module]:
+        """The weights validation measures (``train.eval_model``): the EMA teacher, the student, or both."""
+        both = {"student": self.model, "ema": self.ema.module}
+        choice = self.cfg.train.eval_model
+        return both if choice == "best_of" else {choice: both[choice]}
 
-    def validate(self) -> dict:
+    def validate_model(self, model: torch.nn.Module) -> dict:
         if self.natural is not None:
             from mitoseg.data.natural import evaluate
 
-            matrix = evaluate(self.eval_model(), self.natural.val, self.cfg, self.device, amp=self.amp,
+            matrix = evaluate(model, self.natural.val, self.cfg, self.device, amp=self.amp,
                               rank=self.dist.rank, world_size=self.dist.world_size)
             return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
         val = self.val_slices
-        predictor = VolumePredictor(self.eval_model(), self.cfg, self.device)
+        predictor = VolumePredictor(model, self.cfg, self.device)
         matrix = score_volume(predictor, lambda s, e: val.image[s:e], lambda s, e: val.label[s:e], len(val.image),
                               val.normalization, self.ignore_index)
         return scores_from_confusion(matrix)
 
+    def validate(self) -> dict:
+        """The validation scores of the weights ``train.eval_model`` names (with ``best_of``, of the better of
+        student and EMA teacher, and each one's headline score), with ``weights``: which ones they are."""
+        by_weights = {name: self.validate_model(model) for name, model in self.eval_models().items()}
+
+        def rank(name: str) -> tuple[float, bool]:
+            value = headline_metric(by_weights[name])[1]
+            return (-math.inf if math.isnan(value) else value, name == "ema")  # a tie goes to the teacher
+
+        weights = max(by_weights, key=rank)
+        scores = {**by_weights[weights], "weights": weights}
+        if len(by_weights) > 1:
+            metric = headline_metric(scores)[0]
+            scores.update({f"{metric}_{name}": headline_metric(s)[1] for name, s in by_weights.items()})
+        return scores
+
     def test(self) -> dict:
-        """``data.test`` scored with ``best.pt`` (the weights of ``train.eval_model``), exactly as
+        """``data.test`` scored with ``best.pt`` (the weights validation chose, ``train.eval_model``), exactly as
         ``mitoseg evaluate --checkpoint RUN/best.pt --image ... --label ...`` scores it."""
-        from mitoseg.engine.checkpoint import model_from_checkpoint
+        from mitoseg.engine.checkpoint import model_from_state
         from mitoseg.inference.evaluation import score_em_volume
 
-        weights = self.cfg.train.eval_model
-        model, cfg = model_from_checkpoint(self.out_dir / "best.pt", weights=weights, device=self.device)
+        state = load_checkpoint(self.out_dir / "best.pt")
+        weights = validated_weights(state)
+        model, cfg = model_from_state(state, self.out_dir / "best.pt", weights, self.device)
         test = self.cfg.data.test
         scores = score_em_volume(model, cfg, test.image, test.label, test.slices, self.device, progress=self.progress)
         scores.update({"checkpoint": "best.pt", "weights": weights,
@@ -423,6 +447,8 @@ class Trainer:
     # ------------------------------------------------------------------- loop
 
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        if self.iteration == self.method.teacher_restart_iteration():
+            self.ema.restart(self.model)
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
                           total_iterations=self.total_iterations)
         self.model.train()

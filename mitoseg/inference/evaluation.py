@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mitoseg.config import loss_ignore_index
 from mitoseg.data.datasets import apply_label_map, check_label_values
 from mitoseg.data.readers import SliceReader, open_volume, select_slices
 from mitoseg.data.transforms import compute_normalization, sample_for_stats
@@ -23,7 +24,7 @@ def score_em_volume(model: torch.nn.Module, cfg, image: str, label: str, slices,
     Both volumes are read slab by slab; the normalization statistics are the image volume's own, as
     ``mitoseg predict`` computes them. ``slices_key`` names the slice selection in error messages.
     """
-    ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+    ignore_index = loss_ignore_index(cfg.train)
     k = cfg.data.num_classes
     with open_volume(image) as image_volume, open_volume(label) as label_volume:
         if label_volume.shape != image_volume.shape:

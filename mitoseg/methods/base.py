@@ -32,6 +32,9 @@ class Method:
 
     name = "base"
     uses_unlabeled = False
+    # Unlabeled samples per iteration, in units of data.unlabeled_batch_size: 2 = the batch and its CutMix
+    # partners (UniMatch), 1 = the batch alone (DDFP's CutMix mixes within it).
+    unlabeled_per_batch = 2
 
     def __init__(self, cfg, supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.cfg = cfg
@@ -39,6 +42,11 @@ class Method:
 
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
         raise NotImplementedError
+
+    def teacher_restart_iteration(self) -> int | None:
+        """The iteration at whose start the EMA teacher becomes a copy of the student and averaging starts
+        over (None: never); DDFP's schedule restarts it when its unsupervised phase begins."""
+        return None
 
     def to(self, device) -> "Method":
         """Move tensors the method keeps (running statistics) to ``device``."""

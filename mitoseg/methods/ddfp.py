@@ -7,12 +7,22 @@ lower density), pass the head with its auxiliary BatchNorm (MixBN,
 ``perturbed=True``), and are trained toward the pseudo-label: the decision
 boundary is pushed into the low-density gaps between feature clusters.
 
-``ddfp`` (Wang et al., CVPR 2024, as the paper): pseudo-labels of the EMA
-teacher (``method.pseudo_labels: teacher``, the default for ddfp),
-fixed threshold ``method.threshold``, one CutMix strong view whose features are
-also perturbed::
+``ddfp`` (Wang et al., CVPR 2024), by default as the authors' code
+(github Gavinwxy/DDFP, train_ddfp_pascal.py; each choice is a ``method.ddfp``
+key): pseudo-labels of the EMA teacher (``method.pseudo_labels: teacher``), whose
+forward runs in train mode (``teacher_mode``), fixed threshold ``method.threshold``,
+one CutMix strong view whose features are also perturbed, each unsupervised
+cross-entropy averaged over the confident pixels (``method.unsup_normalize``).
+The schedule (``schedule: official``) has three phases::
 
-    L = L_x + 0.5 L_u + 0.5 L_u,perturbed
+    iteration < start_iter:                L = L_x                        (the teacher restarts from the
+    start_iter <= iteration < perturb_iter: L = L_x + L_u                  student at start_iter; the flow
+    perturb_iter <= iteration:              L = L_x + 0.5 L_u + 0.5 L_p    trains from start_iter on)
+
+and between start_iter and perturb_iter the strong view passes the head's
+auxiliary BatchNorm (``mixbn_warmup``), which so learns before it is used.
+``schedule: joint`` is mitoseg's earlier form: L = L_x + 0.5 L_u + 0.5 L_p
+throughout, L_p = 0 before start_iter, where flow and perturbation both start.
 
 ``daw_ddfp`` (ours): DAW, i.e. UniMatch's two CutMix strong views and dropout
 feature-perturbation branch on the weak view, DAW weights and distribution
@@ -22,14 +32,13 @@ weights::
 
     L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_ddfp) / 2
 
-Before ``method.ddfp.start_iter`` the flow is not trained and L_u,perturbed /
-L_ddfp is 0 (the other terms keep their weights).
+with L_ddfp = 0 before perturb_iter; the flow trains from start_iter on.
 
-One step, from ``ddfp.start_iter`` on:
+One step, once the flow trains:
 
-1. The EMA teacher (eval mode, no gradient) gives the penultimate features of
-   the labeled batch and the unlabeled batch (and, for ``pseudo_labels:
-   teacher``, the pseudo-labels from the same forward pass).
+1. The EMA teacher (no gradient) gives the penultimate features of the
+   labeled batch and the unlabeled batch (and, for ``pseudo_labels: teacher``,
+   the pseudo-labels from the same forward pass).
 2. The flow takes one Adam step on at most ``ddfp.max_pixels`` of these feature
    vectors: labeled pixels under their ground-truth class (nearest-downsampled
    to the feature grid, ``ignore_index`` excluded), unlabeled pixels under the
@@ -37,14 +46,17 @@ One step, from ``ddfp.start_iter`` on:
 3. The student predicts: ``ddfp`` the labeled batch and the CutMix strong view
    in one forward pass (as the paper), ``daw_ddfp`` as DAW does (labeled batch +
    weak view with its dropout branch, then the two strong views).
-4. delta = eps * normalised gradient of the flow's NLL w.r.t. the perturbed
-   view's features, through the student's head block in eval mode (running
-   statistics: the same kind of features the flow was trained on, and no
-   BatchNorm statistics are touched); ``f + delta`` (delta detached) goes through
-   the head with MixBN; its weighted cross-entropy to the pseudo-label is the
-   density-descending term.
+4. From perturb_iter: delta = eps * normalised gradient, w.r.t. the perturbed
+   view's features, of the flow's NLL summed over the pixels whose pseudo-label
+   is used (``perturb_pixels: confident``), through the student's head with its
+   auxiliary BatchNorm in train mode (``perturb_bn: aux_train``, as DDFP's
+   attack.py: its batch statistics tie every pixel to the used ones, so the
+   other pixels move too, in the direction that lowers the used pixels'
+   density) or its main BatchNorm in eval mode (``main_eval``: pixels beyond the
+   head's receptive field of a used pixel are not moved);
+   ``f + delta`` (delta detached) goes through the head with MixBN; its
+   cross-entropy to the pseudo-label is the density-descending term.
 """
-
 from __future__ import annotations
 
 import time
@@ -53,13 +65,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from mitoseg.config import perturb_start
 from mitoseg.methods.base import StepContext, StepOutput, register_method
 from mitoseg.methods.pseudo_label import (
     PseudoLabelMethod,
-    channel_dropout,
     cutmix,
+    features_and_fp,
     middle_plane,
-    weighted_cross_entropy,
 )
 from mitoseg.semi.flow import (
     EXCLUDED,
@@ -80,16 +92,22 @@ def _synchronize(device: torch.device) -> None:
 
 
 class DensityDescendingMethod(PseudoLabelMethod):
-    """Pseudo-label method + flow + density-descending term. ``perturb_view``: 'strong' or 'weak'."""
+    """Pseudo-label method + flow + density-descending term. ``perturb_view``: 'strong' or 'weak';
+    ``supervised_warmup``: the official schedule's supervised-only phase before start_iter (ddfp)."""
 
     perturb_view = "strong"
+    supervised_warmup = False
 
     def __init__(self, cfg, supervised_loss):
         super().__init__(cfg, supervised_loss)
         d = cfg.method.ddfp
         self.ddfp = d
+        self.flow_start, self.perturb_start = d.start_iter, perturb_start(d)
+        # DDFP's CutMix pastes from the next sample of the batch: no second unlabeled batch is needed.
+        self.unlabeled_per_batch = 1 if cfg.method.cutmix == "ddfp" else 2
+        self.official = d.schedule == "official"
         density = DensityModel(cfg.model.head_channels, self.num_classes, blocks=d.blocks, hidden=d.hidden,
-                               clamp=d.clamp, seed=cfg.seed)
+                               clamp=d.clamp, seed=cfg.seed, init=d.flow_init)
         self.flow = FlowTrainer(density, lr=d.lr, betas=d.betas, grad_clip=d.grad_clip,
                                 final_lr_ratio=d.final_lr_ratio, total_steps=cfg.train.iterations - d.start_iter,
                                 noise=d.noise, max_pixels=d.max_pixels)
@@ -98,9 +116,20 @@ class DensityDescendingMethod(PseudoLabelMethod):
         self.timings: dict[str, float] | None = None
         self.clock = time.perf_counter
 
-    # The loss of each configuration.
-    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+    # The loss of each configuration, given whether the density-descending term counts yet.
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p, perturbing: bool):
         raise NotImplementedError
+
+    def partner(self, t: torch.Tensor, n_u: int) -> torch.Tensor:
+        """What CutMix pastes into each of the batch's first ``n_u`` samples: the mixing batch's sample
+        (UniMatch) or the next sample of the batch itself, cyclically (DDFP)."""
+        return t[n_u:] if self.unlabeled_per_batch == 2 else t[:n_u].roll(-1, dims=0)
+
+    def supervised_only(self, iteration: int) -> bool:
+        return self.supervised_warmup and self.official and iteration < self.flow_start
+
+    def teacher_restart_iteration(self) -> int | None:
+        return self.flow_start if self.supervised_warmup and self.official and self.flow_start > 0 else None
 
     @contextmanager
     def _timed(self, name: str, device: torch.device):
@@ -117,11 +146,12 @@ class DensityDescendingMethod(PseudoLabelMethod):
 
     @torch.no_grad()
     def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_probs: bool = True):
-        """The EMA teacher in eval mode: penultimate features (B, C, h, w) and, optionally, the
-        class probabilities at the images' size."""
+        """The EMA teacher (in train mode with ``method.ddfp.teacher_mode: train``, as DDFP's code, else in
+        eval mode): penultimate features (B, C, *grid) and, optionally, the class probabilities at the
+        images' size."""
         teacher = ctx.teacher
         was_training = teacher.training
-        teacher.eval()
+        teacher.train(self.ddfp.teacher_mode == "train")
         features = teacher.features(images)
         probs = None
         if with_probs:
@@ -138,15 +168,24 @@ class DensityDescendingMethod(PseudoLabelMethod):
         teacher.train(was_training)
         return penultimate, probs
 
-    def perturbation(self, student, features: torch.Tensor) -> torch.Tensor:
-        """delta for ``features`` (the head's input), through the student's head block in eval mode."""
+    def perturbation(self, student, features: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+        """delta for ``features`` (the head's input). ``used``: (B, *spatial) weight of each pixel's pseudo-label
+        (with ``perturb_pixels: confident`` only their pixels pull the direction); the head runs with its
+        auxiliary BatchNorm in train mode (``perturb_bn: aux_train``) or its main BatchNorm in eval mode."""
         head = student.seg_head
+        mask = None
+        if used is not None and self.ddfp.perturb_pixels == "confident":
+            mask = labels_to_grid((used > 0).long(), features.shape[2:]) > 0  # the head keeps the grid
+        if self.ddfp.perturb_bn == "aux_train":
+            return density_descending_perturbation(
+                features.float(), lambda f: head.penultimate(f, perturbed=True), self.flow.model.log_density,
+                self.ddfp.eps, chunk=self.ddfp.chunk_pixels, mask=mask)
         block = head.block
         was_training = block.training
         block.eval()
         try:
             return density_descending_perturbation(features.float(), head.penultimate, self.flow.model.log_density,
-                                                   self.ddfp.eps, chunk=self.ddfp.chunk_pixels)
+                                                   self.ddfp.eps, chunk=self.ddfp.chunk_pixels, mask=mask)
         finally:
             block.train(was_training)
 
@@ -158,52 +197,71 @@ class DensityDescendingMethod(PseudoLabelMethod):
         labels = torch.cat([labeled, unlabeled]).reshape(-1)
         return self.flow.step(flatten_pixels(penultimate.float()), labels)
 
+    def supervised_step(self, ctx: StepContext, labeled: dict) -> StepOutput:
+        """The official schedule's first phase: the labeled loss alone (unsupervised logs are NaN)."""
+        loss_x = self.supervised_loss(ctx.student(labeled["image"]), labeled["label"])
+        nan = torch.full((), float("nan"), device=loss_x.device)
+        logs = {"loss_x": loss_x.detach(), "loss_s": nan, "mask_ratio": nan,
+                "tau": self.threshold_tensor(loss_x.device), "loss_ddfp": loss_x.new_zeros(())}
+        logs.update({key: nan for key in DDFP_LOGS[1:]})
+        return StepOutput(loss=loss_x, logs=logs)
+
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        if self.supervised_only(ctx.iteration):
+            return self.supervised_step(ctx, labeled)
         student = ctx.student
         x, y = labeled["image"], labeled["label"]
         device = x.device
         n_x = x.shape[0]
-        n_u = unlabeled["weak"].shape[0] // 2  # first half: the batch; second half: the mixing batch
+        # The batch, then (UniMatch's CutMix) its mixing batch.
+        n_u = unlabeled["weak"].shape[0] // self.unlabeled_per_batch
         weak_all, valid_all = unlabeled["weak"], unlabeled["valid"]
         size = x.shape[2:]
-        active = ctx.iteration >= self.ddfp.start_iter
+        flow_active = ctx.iteration >= self.flow_start
+        perturbing = ctx.iteration >= self.perturb_start
         logs: dict[str, torch.Tensor] = {}
 
         # 1. pseudo-label probabilities (student_train: the mixing batch's now, the batch's from the student's
         # train-mode forward in 3.); the teacher's penultimate features for the flow
         teacher_features = None
         train_forward = self.cfg.method.pseudo_labels == "student_train"
-        if self.cfg.method.pseudo_labels == "teacher" and active:
+        if self.cfg.method.pseudo_labels == "teacher" and flow_active:
             penultimate, probs = self.teacher_pass(ctx, torch.cat([x, weak_all]))
             teacher_features, probs_all = penultimate[:n_x + n_u], probs[n_x:]
         else:
             probs_all = self.predict_pseudo(ctx, weak_all[n_u:] if train_forward else weak_all)
-            if active:
+            if flow_active:
                 teacher_features, _ = self.teacher_pass(ctx, torch.cat([x, weak_all[:n_u]]), with_probs=False)
 
         # 2. one online step of the flow
-        if active:
+        if flow_active:
             with self._timed("flow_training", device), torch.autocast(device.type, enabled=False):
                 logs.update(self.train_flow(teacher_features, y, valid_all[:n_u]))
 
         # 3. the student: labeled batch, views, (dropout branch)
-        strong = [cutmix(unlabeled[f"strong{v}"][:n_u], unlabeled[f"strong{v}"][n_u:], unlabeled[f"box{v}"][:n_u])
-                  for v in range(1, self.strong_views + 1)]
+        strong = [cutmix(unlabeled[f"strong{v}"][:n_u], self.partner(unlabeled[f"strong{v}"], n_u),
+                         unlabeled[f"box{v}"][:n_u]) for v in range(1, self.strong_views + 1)]
         pred_fp = None
         if self.perturb_view == "strong":
             features = student.features(torch.cat([x, strong[0]]))
-            logits = student.logits(features, size)
-            pred_x, clean = logits[:n_x], logits[n_x:]
+            if self.ddfp.mixbn_warmup and self.official and flow_active and not perturbing:
+                # DDFP's 'warm_up' MixBN status: the strong view through the auxiliary BatchNorm.
+                pred_x = student.logits(features[:n_x], size)
+                clean = student.logits(features[n_x:], size, perturbed=True)
+            else:
+                logits = student.logits(features, size)
+                pred_x, clean = logits[:n_x], logits[n_x:]
             pred_strong = [clean]
             if self.strong_views > 1:
                 pred_strong += list(student(torch.cat(strong[1:])).chunk(self.strong_views - 1))
         else:
-            features = student.features(torch.cat([x, weak_all[:n_u]]))
             if self.feature_perturbation:
-                dropped = channel_dropout(features[n_x:], self.cfg.method.fp_dropout)
+                features, dropped = features_and_fp(student, torch.cat([x, weak_all[:n_u]]), n_x,
+                                                    self.cfg.method.fp_placement, self.cfg.method.fp_dropout)
                 logits = student.logits(torch.cat([features, dropped]), size)
-                pred_fp = logits[n_x + n_u:]
+                pred_fp = logits[-n_u:]  # the perturbed batch ends with the weak view's rows
             else:
+                features = student.features(torch.cat([x, weak_all[:n_u]]))
                 logits = student.logits(features, size)
             pred_x, clean = logits[:n_x], logits[n_x:n_x + n_u]
             pred_strong = list(student(torch.cat(strong)).chunk(self.strong_views))
@@ -218,32 +276,32 @@ class DensityDescendingMethod(PseudoLabelMethod):
         losses_s, targets_s = [], []
         for v, pred in enumerate(pred_strong, start=1):
             box = unlabeled[f"box{v}"][:n_u]
-            targets_s.append([cutmix(t[:n_u], t[n_u:], box) for t in (pl.label, pl.weight, valid_all)])
-            losses_s.append(weighted_cross_entropy(pred, *targets_s[-1]))
+            targets_s.append([cutmix(t[:n_u], self.partner(t, n_u), box) for t in (pl.label, pl.weight, valid_all)])
+            losses_s.append(self.unsupervised_loss(pred, *targets_s[-1]))
         weak_target = (pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
         zero = loss_x.new_zeros(())
-        loss_fp = weighted_cross_entropy(pred_fp, *weak_target) if pred_fp is not None else zero
+        loss_fp = self.unsupervised_loss(pred_fp, *weak_target) if pred_fp is not None else zero
 
         # 4. the density-descending term
         loss_p = zero
-        if active:
-            with self._timed("perturbation", device), torch.autocast(device.type, enabled=False):
-                delta = self.perturbation(student, perturbed_features)
-            pred_p = student.logits(perturbed_features + delta.to(perturbed_features.dtype), size, perturbed=True)
+        if perturbing:
             target = targets_s[0] if self.perturb_view == "strong" else weak_target
-            loss_p = weighted_cross_entropy(pred_p, *target)
+            with self._timed("perturbation", device), torch.autocast(device.type, enabled=False):
+                delta = self.perturbation(student, perturbed_features, target[1] * target[2])
+            pred_p = student.logits(perturbed_features + delta.to(perturbed_features.dtype), size, perturbed=True)
+            loss_p = self.unsupervised_loss(pred_p, *target)
             with torch.no_grad():
                 valid_p = target[2]
                 flipped = (pred_p.argmax(dim=1) != clean.argmax(dim=1)) & valid_p
                 logs["delta_norm"] = delta.norm(dim=1).mean()
                 logs["flip_ratio"] = flipped.sum() / valid_p.sum().clamp_min(1)
-        else:
-            nan = torch.full((), float("nan"), device=device)
-            logs.update({key: nan for key in DDFP_LOGS[1:]})
+        nan = torch.full((), float("nan"), device=device)
+        for key in DDFP_LOGS[1:]:
+            logs.setdefault(key, nan)
         logs["loss_ddfp"] = loss_p.detach()
 
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
-        loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p)
+        loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p, perturbing)
 
         logs.update(self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
                                            loss_fp if pred_fp is not None else None))
@@ -275,25 +333,28 @@ class DensityDescendingMethod(PseudoLabelMethod):
 
 @register_method("ddfp")
 class DDFP(DensityDescendingMethod):
-    """The paper's DDFP: one strong view (its features perturbed), fixed threshold;
-    L = L_x + 0.5 L_u + 0.5 L_u,perturbed; pseudo-labels from the EMA teacher unless
-    ``method.pseudo_labels`` says otherwise (the config default for ddfp)."""
+    """The paper's DDFP: one strong view (its features perturbed), fixed threshold, pseudo-labels from the
+    EMA teacher unless ``method.pseudo_labels`` says otherwise (the config default for ddfp). Official
+    schedule: L_x, then L_x + L_u, then L_x + 0.5 L_u + 0.5 L_p; joint: L_x + 0.5 L_u + 0.5 L_p."""
 
     strong_views = 1
     feature_perturbation = False
     perturb_view = "strong"
+    supervised_warmup = True
 
-    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p, perturbing: bool):
+        if self.official and not perturbing:
+            return loss_x + loss_s1
         return loss_x + 0.5 * loss_s1 + 0.5 * loss_p
 
 
 @register_method("daw_ddfp")
 class DAWDDFP(DensityDescendingMethod):
     """DAW (UniMatch terms, DAW weights and alignment) + the density-descending term on the weak view:
-    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_ddfp) / 2."""
+    L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_ddfp) / 2, L_ddfp = 0 before perturb_iter."""
 
     weighting = "daw"
     perturb_view = "weak"
 
-    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p):
+    def combine_ddfp(self, loss_x, loss_s1, loss_s2, loss_fp, loss_p, perturbing: bool):
         return (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.25 * loss_fp + 0.25 * loss_p) / 2

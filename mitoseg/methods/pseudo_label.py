@@ -10,7 +10,8 @@ One step (UniMatch's recipe, with the pseudo-label source a config choice):
    from the EMA teacher (``teacher``), without gradient.
 2. The student predicts the labeled batch and the weak views together; with
    feature perturbation, the weak views' features also pass the head after
-   channel dropout (the ``fp`` branch).
+   channel dropout (the ``fp`` branch; ``method.fp_placement``: of the head
+   input, or of DeepLabV3+'s backbone features decoded again, as UniMatch).
 3. Each strong view gets a CutMix box pasted from the mixing batch's strong
    view; pseudo-labels, weights and ignore masks are mixed with the same box.
 4. DAW only: the labeled batch updates the alignment means and the Gaussians
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mitoseg.config import loss_ignore_index
 from mitoseg.methods.base import Method, StepContext, StepOutput, register_method
 from mitoseg.semi.daw import DAWState, correct_and_wrong, max_and_argmax
 
@@ -53,6 +55,19 @@ def channel_dropout(features: torch.Tensor, p: float) -> torch.Tensor:
     return dropout(features, p=p, training=True)
 
 
+def features_and_fp(student, images: torch.Tensor, n_x: int, placement: str,
+                    p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's features of ``images`` ([labeled, weak]) and the perturbed features whose head output
+    is the fp branch (``method.fp_placement``): ``head_input`` the weak view's features after channel
+    dropout (B_u rows); ``backbone`` UniMatch's dropout of the backbone features c1 and c4 of the whole
+    batch, decoded together with the clean ones (``features_with_fp``; B_x + B_u rows, of which UniMatch
+    keeps the weak view's). Either way the weak view's perturbed features are the last rows."""
+    if placement == "backbone":
+        return student.features_with_fp(images, p)
+    features = student.features(images)
+    return features, channel_dropout(features[n_x:], p)
+
+
 def middle_plane(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """The y-x plane an inspection file shows: ``t`` itself in 2-D, the middle z plane of a 3-D patch
     (images (N, C, D, H, W) or maps (N, D, H, W))."""
@@ -62,11 +77,16 @@ def middle_plane(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                           valid: torch.Tensor) -> torch.Tensor:
-    """sum(CE * weight) over valid pixels / number of valid pixels."""
+                           valid: torch.Tensor, normalize: str = "valid") -> torch.Tensor:
+    """sum(CE * weight) over valid pixels, divided by the number of valid pixels (``valid``: UniMatch's and
+    DAW's code) or by the summed weight of the valid pixels (``confident``: the mean over the pixels whose
+    pseudo-label is used, as DDFP's code, which ignores the others)."""
     loss = F.cross_entropy(logits.float(), target, reduction="none")
     valid = valid.to(loss.dtype)
-    return (loss * weight * valid).sum() / valid.sum().clamp_min(1.0)
+    total = (loss * weight * valid).sum()
+    if normalize == "confident":
+        return total / (weight * valid).sum().clamp_min(1.0)
+    return total / valid.sum().clamp_min(1.0)
 
 
 def pseudo_label_quality(used: torch.Tensor, pseudo_label: torch.Tensor, truth: torch.Tensor,
@@ -102,7 +122,7 @@ class PseudoLabelMethod(Method):
     def __init__(self, cfg, supervised_loss):
         super().__init__(cfg, supervised_loss)
         self.num_classes = cfg.data.num_classes
-        self.ignore_index = cfg.train.ignore_index if cfg.train.loss == "ce" else None
+        self.ignore_index = loss_ignore_index(cfg.train)
         self.daw = None
         if self.weighting == "daw":
             d = cfg.method.daw
@@ -113,6 +133,11 @@ class PseudoLabelMethod(Method):
     # The loss of each configuration.
     def combine(self, loss_x, loss_s1, loss_s2, loss_fp):
         return (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
+
+    def unsupervised_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+        """An unsupervised cross-entropy term, normalised as ``method.unsup_normalize`` says."""
+        return weighted_cross_entropy(logits, target, weight, valid, self.cfg.method.unsup_normalize)
 
     def threshold(self) -> torch.Tensor | float:
         return self.daw.threshold if self.daw is not None else self.cfg.method.threshold
@@ -161,13 +186,15 @@ class PseudoLabelMethod(Method):
         # Without gradient: the partner batch (student_train), or both halves (student in eval mode, teacher).
         probs_pseudo = self.predict_pseudo(ctx, unlabeled["weak"][n_u:] if train_forward else unlabeled["weak"])
 
-        features = student.features(torch.cat([x, weak]))
         size = x.shape[2:]
         if self.feature_perturbation:
-            perturbed = channel_dropout(features[n_x:], self.cfg.method.fp_dropout)
+            features, perturbed = features_and_fp(student, torch.cat([x, weak]), n_x, self.cfg.method.fp_placement,
+                                                  self.cfg.method.fp_dropout)
             logits = student.logits(torch.cat([features, perturbed]), size)
-            pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:n_x + n_u], logits[n_x + n_u:]
+            # The perturbed batch ends with the weak view's: its last n_u rows are the fp branch.
+            pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:n_x + n_u], logits[-n_u:]
         else:
+            features = student.features(torch.cat([x, weak]))
             logits = student.logits(features, size)
             pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:], None
         probs_all = (torch.cat([pred_u.detach().float().softmax(dim=1), probs_pseudo]) if train_forward
@@ -185,11 +212,11 @@ class PseudoLabelMethod(Method):
         for v, pred in enumerate(pred_strong, start=1):
             box = unlabeled[f"box{v}"][:n_u]
             mixed = [cutmix(t[:n_u], t[n_u:], box) for t in (pl.label, pl.weight, valid_all)]
-            losses_s.append(weighted_cross_entropy(pred, *mixed))
+            losses_s.append(self.unsupervised_loss(pred, *mixed))
         zero = loss_x.new_zeros(())
         loss_fp = zero
         if pred_fp is not None:
-            loss_fp = weighted_cross_entropy(pred_fp, pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
+            loss_fp = self.unsupervised_loss(pred_fp, pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
         loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
 

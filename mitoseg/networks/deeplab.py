@@ -14,6 +14,19 @@ The ResNet is written here with torchvision's module names (``conv1``, ``bn1``,
 ``layer1`` .. ``layer4``, ``downsample.0/1``), so the papers' ImageNet files load with
 :func:`load_pretrained_backbone`. ``deep_stem`` selects the ResNet-v1c stem (three
 3x3 convolutions, 128 channels: ``conv1.0/1/3/4/6``) of UniMatch's and DDFP's files.
+
+``decoder="u2pl"`` is the decoder of U2PL and DDFP (DDFP ``model/model/decoder.py``,
+``dec_deeplabv3_plus``): an ASPP of five ``high // 8`` (256) channel branches concatenated
+without projection (1280 channels), a head (3x3 conv 256, BN, ReLU, Dropout2d(0.1)) upsampled to
+the stride-4 grid, the low-level projection (1x1 conv 256 -> 48 with bias, BN, ReLU) and their
+concatenation (304 channels): that is :meth:`features`, the point where DDFP perturbs. Its
+classifier (two 3x3 conv blocks of 256 channels with bias, BN, ReLU, Dropout2d(0.1), then the
+1x1 conv) is the :class:`SegmentationHead`; DDFP's MixBN (``MixSyncBatchNorm``) is in both
+classifier blocks, as ``aux_bn`` here.
+
+:meth:`DeepLabV3Plus.features_with_fp` is UniMatch's feature perturbation (``forward(x,
+need_fp=True)``): the backbone runs once, and the clean (c1, c4) and the channel-dropped
+(dropout2d(c1), dropout2d(c4)) features are decoded together as one batch.
 """
 
 from __future__ import annotations
@@ -153,28 +166,84 @@ class ASPP(nn.Module):
         return self.project(torch.cat([self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x)], dim=1))
 
 
+class ASPPConcat(nn.Module):
+    """U2PL's / DDFP's ASPP: image pooling, a 1x1 branch and three dilated 3x3 branches, each
+    ``out_channels``, concatenated in that order (5 * ``out_channels``), without projection."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilations: list[int]):
+        super().__init__()
+        self.pool = ASPPPooling(in_channels, out_channels)
+        self.b0 = _conv_bn_relu(in_channels, out_channels)
+        self.b1, self.b2, self.b3 = (_conv_bn_relu(in_channels, out_channels, 3, d) for d in dilations)
+        self.out_channels = 5 * out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.pool(x), self.b0(x), self.b1(x), self.b2(x), self.b3(x)], dim=1)
+
+
+LOW_LEVEL_CHANNELS = 48  # the low-level projection of both decoders
+DECODERS = ("unimatch", "u2pl")
+
+
 class DeepLabV3Plus(SegmentationModel):
-    """``features(x)``: the first fuse convolution's output (``feature_channels``, 256 in the paper,
-    at 1/4 resolution); ``seg_head``: the second fuse convolution (its block) + the 1x1 classifier."""
+    """``decoder="unimatch"``: ``features(x)`` is the first fuse convolution's output (``feature_channels``,
+    256 in the paper, at 1/4 resolution); ``seg_head``: the second fuse convolution (its block) + the 1x1
+    classifier. ``decoder="u2pl"``: ``features(x)`` is the concatenation of the low-level projection (48
+    channels) and the upsampled ASPP head (``feature_channels - 48``: 304 = 48 + 256 in DDFP); ``seg_head``:
+    DDFP's classifier, two conv blocks of ``head_channels`` (256) with bias and Dropout2d(0.1) + the 1x1 conv."""
 
     align_corners = True  # UniMatch upsamples with align_corners=True
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 16,
                  dilations: list[int] | None = None, feature_channels: int = 256, head_channels: int = 256,
-                 deep_stem: bool = False, in_channels: int = 3, width: int = 64):
+                 deep_stem: bool = False, in_channels: int = 3, width: int = 64, decoder: str = "unimatch"):
         super().__init__()
+        if decoder not in DECODERS:
+            raise MitosegError(f"model.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         self.num_classes = num_classes
+        self.decoder_name = decoder
         self.backbone = ResNet(LAYERS[backbone], output_stride, deep_stem, in_channels, width)
         high, low = self.backbone.high_channels, self.backbone.low_channels  # 2048, 256 at width 64
-        self.aspp = ASPP(high, list(dilations or DEFAULT_DILATIONS[output_stride]))
-        self.reduce = _conv_bn_relu(low, 48)
-        self.fuse = _conv_bn_relu(high // 8 + 48, feature_channels, kernel=3)
-        self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes)
+        dilations = list(dilations or DEFAULT_DILATIONS[output_stride])
+        if decoder == "unimatch":
+            self.aspp = ASPP(high, dilations)
+            self.reduce = _conv_bn_relu(low, LOW_LEVEL_CHANNELS)
+            self.fuse = _conv_bn_relu(high // 8 + LOW_LEVEL_CHANNELS, feature_channels, kernel=3)
+            self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes)
+        else:
+            if feature_channels <= LOW_LEVEL_CHANNELS:
+                raise MitosegError(f"model.feature_channels must be more than {LOW_LEVEL_CHANNELS} for "
+                                   f"model.decoder u2pl, got {feature_channels}")
+            self.aspp = ASPPConcat(high, high // 8, dilations)  # DDFP: inner_planes 256
+            self.aspp_head = nn.Sequential(
+                nn.Conv2d(self.aspp.out_channels, feature_channels - LOW_LEVEL_CHANNELS, 3, padding=1, bias=False),
+                nn.BatchNorm2d(feature_channels - LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True), nn.Dropout2d(0.1))
+            self.reduce = nn.Sequential(nn.Conv2d(low, LOW_LEVEL_CHANNELS, 1, bias=True),
+                                        nn.BatchNorm2d(LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True))
+            self.seg_head = SegmentationHead(feature_channels, head_channels, num_classes, num_blocks=2,
+                                             dropout=0.1, conv_bias=True)
+
+    def _decode(self, c1: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
+        """Backbone features (layer1, layer4) -> :meth:`features`."""
+        if self.decoder_name == "unimatch":
+            c4 = F.interpolate(self.aspp(c4), size=c1.shape[-2:], mode="bilinear", align_corners=True)
+            return self.fuse(torch.cat([self.reduce(c1), c4], dim=1))
+        c4 = F.interpolate(self.aspp_head(self.aspp(c4)), size=c1.shape[-2:], mode="bilinear", align_corners=True)
+        return torch.cat([self.reduce(c1), c4], dim=1)  # DDFP: cat((low_feat, aspp_out))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._decode(*self.backbone(x))
+
+    def features_with_fp(self, x: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """UniMatch's feature perturbation (``forward(x, need_fp=True)``): the backbone once, then the clean
+        (c1, c4) and the dropped (dropout2d(c1, p), dropout2d(c4, p); always on, as UniMatch's fresh
+        ``nn.Dropout2d(0.5)`` modules) features decoded as one batch of 2B, so the decoder's BatchNorms see
+        both. Returns (features, perturbed features), each (B, feature_channels, H/4, W/4)."""
         c1, c4 = self.backbone(x)
-        c4 = F.interpolate(self.aspp(c4), size=c1.shape[-2:], mode="bilinear", align_corners=True)
-        return self.fuse(torch.cat([self.reduce(c1), c4], dim=1))
+        both = self._decode(torch.cat([c1, F.dropout2d(c1, p, training=True)]),
+                            torch.cat([c4, F.dropout2d(c4, p, training=True)]))
+        features, perturbed = both.chunk(2)
+        return features, perturbed
 
     def logits(self, features: torch.Tensor, size, perturbed: bool = False) -> torch.Tensor:
         logits = self.head(features, perturbed=perturbed)
@@ -192,7 +261,7 @@ def build_deeplab(cfg, num_classes: int) -> DeepLabV3Plus:
     return DeepLabV3Plus(num_classes, backbone=cfg.backbone, output_stride=cfg.output_stride,
                          dilations=cfg.aspp_dilations, feature_channels=cfg.feature_channels,
                          head_channels=cfg.head_channels, deep_stem=cfg.deep_stem, in_channels=cfg.in_channels,
-                         width=cfg.width)
+                         width=cfg.width, decoder=cfg.decoder)
 
 
 # ------------------------------------------------------------------ pretrained weights

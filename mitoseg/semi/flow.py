@@ -16,6 +16,7 @@ training step); ``mitoseg/methods/ddfp.py`` composes them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -139,13 +140,16 @@ def sample_pixels(features: torch.Tensor, labels: torch.Tensor, max_pixels: int)
 
 def density_descending_perturbation(features: torch.Tensor, penultimate: Callable[[torch.Tensor], torch.Tensor],
                                     log_density: Callable[[torch.Tensor], torch.Tensor], eps: float,
-                                    chunk: int | None = None) -> torch.Tensor:
+                                    chunk: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """delta = eps * grad_f NLL / |grad_f NLL|, the L2 norm taken over channels per pixel.
 
-    features: (B, F, H, W), the head's input; ``penultimate`` maps them to the (B, C, h, w)
-    features the flow reads; ``log_density`` maps (N, C) vectors to (N,) log-densities. The
-    gradient of the summed NLL is taken w.r.t. ``features`` only (no parameter gradients are
-    accumulated); the result is detached, so no gradient flows through delta.
+    features: (B, F, *spatial), the head's input; ``penultimate`` maps them to the (B, C, *grid)
+    features the flow reads; ``log_density`` maps (N, C) vectors to (N,) log-densities. The NLL is
+    summed over the pixels of ``mask`` ((B, *grid) bool; None: every pixel), so, as DDFP's code
+    (model/model/attack.py, which takes the flow loss over confident pseudo-labels only), a pixel of
+    the flow's grid outside the mask contributes no gradient, and where no masked pixel reaches a
+    feature its delta is 0. The gradient is taken w.r.t. ``features`` only (no parameter gradients
+    are accumulated); the result is detached, so no gradient flows through delta.
 
     ``chunk``: the flow's part (forward and backward) runs on blocks of at most this many
     feature vectors, which bounds its memory to one block's activations and, on the CPU,
@@ -154,14 +158,18 @@ def density_descending_perturbation(features: torch.Tensor, penultimate: Callabl
     with torch.enable_grad():
         f = features.detach().requires_grad_(True)
         h = penultimate(f)
+        weight = None if mask is None else mask.reshape(-1).to(h.dtype)
         if chunk is None or chunk >= h.numel() // h.shape[1]:
-            nll = -log_density(flatten_pixels(h)).sum()
+            log_p = log_density(flatten_pixels(h))
+            nll = -(log_p if weight is None else log_p * weight).sum()
             (grad,) = torch.autograd.grad(nll, f)
         else:
             blocks = []
-            for block in flatten_pixels(h.detach()).split(chunk):
+            weights = itertools.repeat(None) if weight is None else weight.split(chunk)
+            for block, w in zip(flatten_pixels(h.detach()).split(chunk), weights):
                 block.requires_grad_(True)
-                blocks.append(torch.autograd.grad(-log_density(block).sum(), block)[0])
+                log_p = log_density(block)
+                blocks.append(torch.autograd.grad(-(log_p if w is None else log_p * w).sum(), block)[0])
             grad_h = unflatten_pixels(torch.cat(blocks), h)
             (grad,) = torch.autograd.grad(h, f, grad_outputs=grad_h)
     return eps * F.normalize(grad, p=2, dim=1)
@@ -170,18 +178,33 @@ def density_descending_perturbation(features: torch.Tensor, penultimate: Callabl
 # -------------------------------------------------------------------- model
 
 
+FLOW_INITS = ("official", "identity", "default")
+
+
 def build_flow(dim: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0, seed: int = 0,
-               zero_init: bool = True) -> Ff.SequenceINN:
+               init: str = "official") -> Ff.SequenceINN:
     """FrEIA ``SequenceINN``: ``blocks`` x (GLOWCouplingBlock, PermuteRandom) over ``dim`` channels.
 
-    Subnetworks are Linear-ReLU-Linear of width ``hidden``; with ``zero_init`` their last layer
-    starts at zero, so the flow starts as the identity. The permutations are seeded from
-    ``seed`` without disturbing numpy's global RNG.
+    ``init``:
+
+    - ``official`` (DDFP's code, model/flow/model.py): subnetworks Linear-ReLU-Linear-ReLU-Linear of
+      width ``hidden``, every flow parameter drawn from 0.05 * N(0, 1), so the initial flow is a small
+      random map, not the identity;
+    - ``identity``: subnetworks Linear-ReLU-Linear whose last layer starts at zero: the flow starts as
+      the identity;
+    - ``default``: subnetworks Linear-ReLU-Linear with PyTorch's default initialisation.
+
+    The permutations are seeded from ``seed`` without disturbing numpy's global RNG.
     """
+    if init not in FLOW_INITS:
+        raise ValueError(f"unknown flow init {init!r}; expected one of {FLOW_INITS}")
 
     def subnet(c_in: int, c_out: int) -> nn.Module:
+        if init == "official":
+            return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
         net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
-        if zero_init:
+        if init == "identity":
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
         return net
@@ -194,6 +217,11 @@ def build_flow(dim: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0,
             flow.append(Fm.PermuteRandom, seed=seed * 1000 + i)
     finally:
         np.random.set_state(numpy_state)
+    if init == "official":
+        with torch.no_grad():
+            for param in flow.parameters():
+                if param.requires_grad:
+                    param.copy_(0.05 * torch.randn_like(param))
     return flow
 
 
@@ -204,12 +232,12 @@ class DensityModel(nn.Module):
     """
 
     def __init__(self, dim: int, num_classes: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0,
-                 seed: int = 0, zero_init: bool = True):
+                 seed: int = 0, init: str = "official"):
         super().__init__()
         self.dim = dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.flow = build_flow(dim, blocks, hidden, clamp, seed, zero_init)
+            self.flow = build_flow(dim, blocks, hidden, clamp, seed, init)
             self.means = nn.Parameter(torch.randn(num_classes, dim))
 
     def transform(self, x: torch.Tensor):

@@ -144,13 +144,13 @@ def outcome_map(pseudo_label: np.ndarray, label: np.ndarray, weight: np.ndarray,
 
 
 def _ignore_index(run_dir: Path) -> int | None:
-    """The run's ignore index when its loss uses one (``train.loss: ce``), from ``config.json``."""
+    """The run's ignore index when its loss uses one (``train.loss: ce`` or ``ohem``), from ``config.json``."""
     try:
         train = json.loads((run_dir / "config.json").read_text()).get("train", {})
     except (OSError, ValueError, AttributeError):
         return DEFAULT_IGNORE_INDEX
-    if train.get("loss", "dice_ce") != "ce":
-        return None  # as in the trainer: only the "ce" loss has an ignore index
+    if train.get("loss", "dice_ce") not in ("ce", "ohem"):
+        return None  # as in the methods: only the "ce" and "ohem" losses have an ignore index
     return train.get("ignore_index", DEFAULT_IGNORE_INDEX)
 
 
