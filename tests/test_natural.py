@@ -439,9 +439,33 @@ def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
             assert cfg.data.split in natural.SHIPPED_SPLITS["pascal"]
         else:
             assert cfg.data.crop_size == 801 and natural.eval_mode(cfg.data) == "sliding_window"
-    if dataset == "pascal":  # DAW's configs/pascal.yaml: crop_size 513 (UniMatch's: 321)
-        assert load_config(configs / "pascal_daw.yaml").data.crop_size == 513
+    if dataset == "pascal":  # DAW's configs/pascal.yaml and DDFP's config.yaml: crop_size 513 (UniMatch's: 321)
+        for method in ("daw", "ddfp", "daw_ddfp"):
+            assert load_config(configs / f"pascal_{method}.yaml").data.crop_size == 513, method
         assert load_config(configs / "pascal_unimatch.yaml").data.crop_size == 321
+    # The values the fidelity issue names, method by method.
+    for method in ("unimatch", "daw", "daw_ddfp"):
+        cfg = load_config(configs / f"{dataset}_{method}.yaml")
+        # UniMatch's / DAW's pseudo-labels: the train-mode forward, the partner batch in eval mode;
+        # each unsupervised term divided by the valid pixels; UniMatch's CutMix from a second batch.
+        assert (cfg.method.pseudo_labels, cfg.method.unsup_normalize, cfg.method.cutmix) == (
+            "student_train", "valid", "unimatch"), method
+    for method in ("daw", "daw_ddfp", "ddfp"):
+        cfg = load_config(configs / f"{dataset}_{method}.yaml")
+        # DAW's EMA(model, 0.999) / DDFP's ema_decay 0.999, both with the 1 - 1/(n + 1) warm-up, and the
+        # better of student and EMA kept.
+        assert (cfg.train.ema_decay, cfg.train.ema_warmup, cfg.train.eval_model) == (0.999, True, "best_of"), method
+    ddfp = load_config(configs / f"{dataset}_ddfp.yaml")
+    d = ddfp.method.ddfp
+    assert (ddfp.method.pseudo_labels, ddfp.method.unsup_normalize, ddfp.method.cutmix) == (
+        "teacher", "confident", "ddfp")
+    assert (d.schedule, d.perturb_pixels, d.perturb_bn, d.mixbn_warmup, d.teacher_mode, d.flow_init) == (
+        "official", "confident", "aux_train", True, "train", "official")
+    # DDFP config.yaml: eps 4.0, flow n_blocks 2, layer_dims 256, clamping 2.0, lr 0.001, noise 0.05, grad_clip 50,
+    # 20480 sampled features, threshold 0.95, sup_only_epoch = nf_start_epoch = 1 (start_iter: one epoch).
+    assert (d.eps, d.blocks, d.hidden, d.clamp, d.lr, d.noise, d.grad_clip, d.max_pixels) == (
+        4.0, 2, 256, 2.0, 0.001, 0.05, 50.0, 20480)
+    assert ddfp.method.threshold == 0.95 and d.perturb_iter is None  # perturbation from 2 * start_iter
 
 
 # ------------------------------------------------------------- mitoseg evaluate --checkpoint
