@@ -464,7 +464,10 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.dist.enabled:
+            # BatchNorm statistics of the student and, when a method runs it in train mode (DDFP's teacher), of
+            # the teacher: rank 0's everywhere (SyncBatchNorm keeps them equal on GPUs already).
             distributed.broadcast_buffers(self.model)
+            distributed.broadcast_buffers(self.ema.module)
         self.ema.update(self.model)
         return {"loss": out.loss.detach(), **out.logs}
 

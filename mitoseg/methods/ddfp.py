@@ -145,13 +145,14 @@ class DensityDescendingMethod(PseudoLabelMethod):
             self.timings[name] = self.timings.get(name, 0.0) + self.clock() - start
 
     @torch.no_grad()
-    def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_probs: bool = True):
+    def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_probs: bool = True,
+                     train_mode: bool | None = None):
         """The EMA teacher (in train mode with ``method.ddfp.teacher_mode: train``, as DDFP's code, else in
-        eval mode): penultimate features (B, C, *grid) and, optionally, the class probabilities at the
-        images' size."""
+        eval mode; ``train_mode`` overrides): penultimate features (B, C, *grid) and, optionally, the class
+        probabilities at the images' size."""
         teacher = ctx.teacher
         was_training = teacher.training
-        teacher.train(self.ddfp.teacher_mode == "train")
+        teacher.train(self.ddfp.teacher_mode == "train" if train_mode is None else train_mode)
         features = teacher.features(images)
         probs = None
         if with_probs:
@@ -312,7 +313,8 @@ class DensityDescendingMethod(PseudoLabelMethod):
         """The pseudo-label inspection arrays plus ``log_density`` (N, h, w): the flow's log-density
         (mixture) of the teacher's penultimate features, per pixel of the feature grid."""
         out = super().inspect(ctx, patches)
-        penultimate, _ = self.teacher_pass(ctx, patches["image"], with_probs=False)
+        # Eval mode: looking must not move the teacher's BatchNorm statistics (inspection runs on rank 0 only).
+        penultimate, _ = self.teacher_pass(ctx, patches["image"], with_probs=False, train_mode=False)
         log_p = self.flow.model.log_density(flatten_pixels(penultimate.float()))
         log_p = log_p.reshape(penultimate.shape[0], *penultimate.shape[2:])
         out["log_density"] = middle_plane(log_p, penultimate.dim() - 2).cpu().numpy().astype(np.float32)
