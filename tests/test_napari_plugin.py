@@ -89,7 +89,8 @@ def test_napari_finds_the_plugin_and_its_manifest_is_valid(tmp_path):
     manifest = PluginManifest.from_distribution("mitoseg")  # via the napari.manifest entry point
     manifest.validate_imports()
     contributions = manifest.contributions
-    assert {w.display_name for w in contributions.widgets} == {"Predict", "Pseudo-label inspector", "Evaluate"}
+    assert {w.display_name for w in contributions.widgets} == {"Predict", "Pseudo-label inspector", "Evaluate",
+                                                               "Objects"}
     assert [s.key for s in contributions.sample_data] == ["synthetic_em"]
     assert contributions.readers[0].accepts_directories
     pm = PluginManager.instance()
@@ -102,7 +103,7 @@ def test_napari_finds_the_plugin_and_its_manifest_is_valid(tmp_path):
     run = tmp_path / "run"
     (run / "inspect").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("")
-    for path in ("volume.h5", "volume.hdf5", "stack.tif", "STACK.TIFF", run, run / "inspect",
+    for path in ("volume.h5", "volume.hdf5", "stack.tif", "STACK.TIFF", "mito_objects.tif", run, run / "inspect",
                  run / "inspect" / "iter_000010.npz", run / "inspect" / "iter_000010.json", run / "metrics.jsonl"):
         assert offered(path), path
     # Other plugins keep what mitoseg cannot read.
@@ -134,11 +135,12 @@ def test_reader_says_not_mine_for_what_it_cannot_look_at(tmp_path, monkeypatch):
 def test_widgets_open_from_the_plugins_menu_registry(make_napari_viewer):
     from mitoseg_napari._evaluate_widget import EvaluateWidget
     from mitoseg_napari._inspector_widget import InspectorWidget
+    from mitoseg_napari._objects_widget import ObjectsWidget
     from mitoseg_napari._predict_widget import PredictWidget
 
     viewer = make_napari_viewer()
     for name, cls in (("Predict", PredictWidget), ("Pseudo-label inspector", InspectorWidget),
-                      ("Evaluate", EvaluateWidget)):
+                      ("Evaluate", EvaluateWidget), ("Objects", ObjectsWidget)):
         dock, widget = viewer.window.add_plugin_dock_widget("mitoseg", name)
         assert isinstance(widget, cls)
         assert name in dock.name

@@ -44,7 +44,7 @@ class SlabComponents:
     ``offsets[s]``: global id of slab s's piece 0 (its piece i has global id ``offsets[s] + i``; id 0
     of every slab is the outside); ``obj``: object index of each global id (``obj[offsets[s]]`` is
     unused); ``sizes``: voxels per object; ``touches_border``: whether the object reaches a face of
-    the volume (first or last slice, or the y / x edges).
+    the volume (first or last slice, or the y / x edges); ``bboxes``: each object's bounding box.
     """
 
     num_slices: int
@@ -53,6 +53,7 @@ class SlabComponents:
     obj: np.ndarray
     sizes: np.ndarray
     touches_border: np.ndarray
+    bboxes: np.ndarray  # (objects, 6): z0, y0, x0, z1, y1, x1 (half-open) of every object
 
     @property
     def count(self) -> int:
@@ -68,7 +69,7 @@ class SlabComponents:
 def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
                     progress: Callable[[int], None] | None = None) -> SlabComponents:
     """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool."""
-    offsets, sizes, border_ids = [], [], []
+    offsets, sizes, border_ids, piece_boxes = [], [], [], []
     edges_a, edges_b = [], []
     total = 0  # global ids used so far, each slab's id 0 included
     previous_last, previous_offset = None, 0
@@ -77,6 +78,11 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
         labels, count = label_slab(mask)
         offsets.append(total)
         sizes.append(np.bincount(labels.ravel(), minlength=count + 1))
+        boxes = np.zeros((count + 1, 6), dtype=np.int64)  # row 0: the outside, left empty
+        for i, box in enumerate(ndimage.find_objects(labels), start=1):
+            boxes[i] = [box[0].start + start, box[1].start, box[2].start, box[0].stop + start, box[1].stop,
+                        box[2].stop]
+        piece_boxes.append(boxes)
         border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
         if start == 0:
             border.append(labels[0])
@@ -113,5 +119,12 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
     border_pieces = np.concatenate(border_ids) if border_ids else np.zeros(0, np.int64)
     border_pieces = border_pieces[is_piece[border_pieces]]
     touches[obj[border_pieces]] = True
+    bboxes = np.zeros((roots.size, 6), dtype=np.int64)
+    if roots.size:
+        boxes = np.concatenate(piece_boxes)[is_piece]
+        owner = obj[is_piece]
+        bboxes[:, :3] = np.iinfo(np.int64).max
+        np.minimum.at(bboxes[:, :3], owner, boxes[:, :3])
+        np.maximum.at(bboxes[:, 3:], owner, boxes[:, 3:])
     return SlabComponents(num_slices=num_slices, slab=slab, offsets=offsets, obj=obj, sizes=object_sizes,
-                          touches_border=touches)
+                          touches_border=touches, bboxes=bboxes)

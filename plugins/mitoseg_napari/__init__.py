@@ -13,6 +13,8 @@ or torch.
 ``_inspector_widget``          pseudo-label inspector over a run's inspection files
 ``_plots``                     its matplotlib dock (histograms, Gaussians, curves)
 ``_evaluate_widget``           IoU / Dice table and false positive / negative layer
+``_objects``                   3-D objects of a mask and their measurements for layers
+``_objects_widget``            the Objects dock: per-object table, volume histogram
 ``launch``                     ``mitoseg view RUN [--image VOLUME]``
 =============================  ==================================================
 """

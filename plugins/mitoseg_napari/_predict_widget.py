@@ -5,7 +5,13 @@ time (:class:`mitoseg.inference.VolumePredictor`, the same code as ``mitoseg
 predict``): the progress bar advances per slab and "Cancel" stops before the
 next slab. The result is a Labels layer (uint8 classes) and an Image layer,
 either the confidence (max class probability, float32, same shape as the
-image) or the per-class probabilities (float32, (K, z, y, x)).
+image) or the per-class probabilities (float32, (K, z, y, x)). With "3-D objects", the
+worker then labels the objects of the predicted foreground
+(:func:`mitoseg.instances.segment.segment_instances`: optional split, minimum
+size) and measures them (:func:`mitoseg.instances.measure.measure_objects`, with
+each object's mean foreground probability, in um^3 when the image layer's units
+are lengths); the result is a ``<image> objects`` Labels layer (uint32) and the
+Objects dock shows its table.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -30,11 +37,15 @@ from superqt.utils import create_worker
 
 from mitoseg.errors import MitosegError
 from mitoseg_napari._layers import LAYER_KEY, report_error
+from mitoseg_napari._objects import ObjectOptions, find_objects, objects_features, objects_metadata, voxel_size_nm
 from mitoseg_napari._qt_utils import LayerCombo, PathEdit
 
 OUTPUT_CONFIDENCE = "confidence"
 OUTPUT_PROBABILITIES = "class probabilities"
 DEVICES = ("auto", "cpu", "cuda")
+OBJECTS_DOCK = "Objects"  # the npe2 widget that shows the measurements
+#: what ``predict_steps`` yields after the slabs (the progress bar is busy meanwhile)
+PHASE_OBJECTS, PHASE_DONE = "objects", "objects done"
 TTA_CHOICES = {"as trained": None, "on": True, "off": False}
 
 
@@ -71,13 +82,18 @@ def volume_from_layer(layer: Image):
 
 
 def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "auto",
-                  output: str = OUTPUT_CONFIDENCE, tta: bool | None = None) -> Generator[tuple[int, int], None, dict]:
+                  output: str = OUTPUT_CONFIDENCE, tta: bool | None = None, objects=None,
+                  voxel_size=None) -> Generator[tuple[int, int] | str, None, dict]:
     """Predict ``volume`` slab by slab; yields ``(slices done, total)``, returns the arrays.
 
     Returns ``{"labels": uint8 (z, y, x), "image": float32 (z, y, x) confidence or (K, z, y, x)
     probabilities, "num_classes": K, "checkpoint": path}``. Between two yields the caller may stop
     the generator: that is how "Cancel" works. ``tta``: test-time augmentation on / off (None: the
     run's ``inference.tta``); the run's 2.5-D context and post-processing apply as in ``mitoseg predict``.
+    ``objects``: :class:`~mitoseg.instances.segment.InstanceOptions`; then, after the slabs, yields
+    ``PHASE_OBJECTS``, labels the objects of the foreground (label > 0), yields ``PHASE_DONE`` and adds
+    ``"objects"`` (uint32 ids), ``"count"`` and ``"measurements"`` (with the mean foreground probability,
+    1 - P(background); volumes in um^3 with ``voxel_size``, nm per voxel (z, y, x), else in voxels).
     """
     from mitoseg.data.readers import SliceReader
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
@@ -98,6 +114,11 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
         image = np.zeros((k, *volume.shape), np.float32)
     else:
         image = np.zeros(volume.shape, np.float32)
+    # P(foreground) = 1 - P(background): kept for the objects' mean probability (the probabilities output
+    # has it as 1 - image[0]; the confidence is that of the winning class, not of the foreground)
+    foreground = None
+    if objects is not None and output != OUTPUT_PROBABILITIES:
+        foreground = np.zeros(volume.shape, np.float32)
 
     predictor = VolumePredictor(model, cfg, torch_device)
     reader = SliceReader(volume, context=cfg.data.context_slices)
@@ -108,6 +129,8 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
             image[:, start:stop] = probs.transpose(0, 1).cpu().numpy()
         else:
             image[start:stop] = confidence.cpu().numpy()
+        if foreground is not None:
+            foreground[start:stop] = (1.0 - probs[:, 0]).cpu().numpy()
         yield stop, num_slices
     if predictor.postprocessing:
         def put(start: int, values: np.ndarray) -> None:
@@ -115,7 +138,27 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
 
         postprocess_labels(lambda s, e: labels[s:e], put, num_slices, cfg.inference.min_object_voxels,
                            cfg.inference.fill_holes, slab=cfg.inference.slab)
-    return {"labels": labels, "image": image, "num_classes": k, "checkpoint": str(checkpoint)}
+    result = {"labels": labels, "image": image, "num_classes": k, "checkpoint": str(checkpoint)}
+    if objects is not None:
+        yield PHASE_OBJECTS
+        if foreground is None:
+            foreground = _ForegroundOfProbabilities(image)
+        ids, count, measurements = find_objects(labels, objects, voxel_size, foreground)
+        result.update(objects=ids, count=count, measurements=measurements, voxel_size=voxel_size)
+        yield PHASE_DONE
+    return result
+
+
+class _ForegroundOfProbabilities:
+    """1 - P(background) of a (K, z, y, x) probability array, slab by slab (no copy of the volume)."""
+
+    def __init__(self, probabilities: np.ndarray):
+        self.probabilities = probabilities
+        self.shape = probabilities.shape[1:]
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        return 1.0 - self.probabilities[0][key]
 
 
 class PredictWidget(QWidget):
@@ -147,6 +190,11 @@ class PredictWidget(QWidget):
         # while the widget opens. The worker checks the choice (see ``check_device``).
         self.device.addItems(DEVICES)
         self.device.setToolTip("auto: the GPU when CUDA is available, else the CPU")
+        self.objects = QCheckBox("3-D objects")
+        self.objects.setToolTip("also label the 3-D objects of the predicted foreground as an '<image> objects' "
+                                "Labels layer (uint32 ids) and measure them (the Objects dock)")
+        self.object_options = ObjectOptions()
+        self.object_options.setEnabled(False)
         self.predict_button = QPushButton("Predict")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -164,6 +212,8 @@ class PredictWidget(QWidget):
         form.addRow("Output", self.output)
         form.addRow("Test-time augmentation", self.tta)
         form.addRow("Device", self.device)
+        form.addRow("Instances", self.objects)
+        form.addRow(self.object_options)
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
         buttons.addWidget(self.cancel_button)
@@ -176,6 +226,7 @@ class PredictWidget(QWidget):
 
         self.predict_button.clicked.connect(self.predict)
         self.cancel_button.clicked.connect(self.cancel)
+        self.objects.toggled.connect(self.object_options.setEnabled)
 
     # ------------------------------------------------------------------ actions
 
@@ -198,11 +249,15 @@ class PredictWidget(QWidget):
         except MitosegError as exc:
             report_error(exc, "Predict")
             return
+        objects = self.object_options.options() if self.objects.isChecked() else None
+        voxel_size = voxel_size_nm(layer) if objects is not None else None
         self._source = {"name": layer.name, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
-                        "is_2d": layer.ndim == 2, "output": self.output.currentText()}
+                        "units": getattr(layer, "units", None), "is_2d": layer.ndim == 2,
+                        "output": self.output.currentText(), "total": len(volume)}
         worker = create_worker(predict_steps, volume, checkpoint, self.weights.currentText(),
                                self.device.currentText(), self.output.currentText(),
-                               TTA_CHOICES[self.tta.currentText()], _start_thread=False, _ignore_errors=True)
+                               TTA_CHOICES[self.tta.currentText()], objects, voxel_size, _start_thread=False,
+                               _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
@@ -225,7 +280,16 @@ class PredictWidget(QWidget):
 
     # ----------------------------------------------------------------- worker
 
-    def _on_progress(self, value: tuple[int, int]) -> None:
+    def _on_progress(self, value: tuple[int, int] | str) -> None:
+        if value == PHASE_OBJECTS:
+            self.progress.setRange(0, 0)  # busy: one step, not slice by slice
+            self.status.setText(f"Finding and measuring the 3-D objects of {self._source['name']} ...")
+            return
+        if value == PHASE_DONE:
+            total = self._source["total"]
+            self.progress.setRange(0, max(total, 1))
+            self.progress.setValue(total)
+            return
         done, total = value
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
@@ -250,6 +314,27 @@ class PredictWidget(QWidget):
                         colormap="viridis", contrast_limits=(0.0, 1.0), visible=False)
         self._outcome = "done"
         self.status.setText(f"Done: '{name} prediction' ({result['num_classes']} classes) and '{name} {what}'.")
+        if "objects" in result:
+            self._add_objects(result)
+
+    def _add_objects(self, result: dict) -> None:
+        """The ``<image> objects`` layer, and the Objects dock showing its measurements."""
+        src = self._source
+        name = src["name"]
+        ids = result["objects"][0] if src["is_2d"] else result["objects"]
+        measurements = result["measurements"]
+        meta = objects_metadata(measurements, result["voxel_size"], checkpoint=result["checkpoint"], source=name)
+        units = {"units": src["units"]} if src["units"] is not None else {}  # napari >= 0.6
+        layer = self._put_layer(Labels, f"{name} objects", ids, scale=src["scale"], translate=src["translate"],
+                                metadata=meta, opacity=0.6, **units)
+        layer.features = objects_features(measurements)
+        self.status.setText(f"{self.status.text()[:-1]}, '{name} objects': {measurements.summary()}.")
+        try:
+            _, dock = self._viewer.window.add_plugin_dock_widget("mitoseg", OBJECTS_DOCK)
+        except Exception as exc:  # noqa: BLE001 - the layer is there; only the table is missing
+            report_error(exc, "Objects dock")
+            return
+        dock.show_layer(layer)
 
     def _put_layer(self, kind, name: str, data, **kwargs):
         """Replace the data of the layer ``name`` (same kind and dimensionality) or add a new one."""
@@ -258,6 +343,8 @@ class PredictWidget(QWidget):
             if isinstance(layer, kind) and layer.ndim == data.ndim:
                 layer.data = data
                 layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+                if "units" in kwargs:
+                    layer.units = kwargs["units"]
                 layer.metadata = kwargs["metadata"]
                 return layer
         return self._viewer.add_layer(kind(data, name=name, **kwargs))

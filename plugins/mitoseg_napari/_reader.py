@@ -24,9 +24,13 @@ from mitoseg_napari._inspection import is_run_dir, list_inspections, load_inspec
 
 EAGER_BYTES = 512 * 2**20  # volumes up to this size are read into memory at once
 _VOLUME_SUFFIXES = (*readers.TIFF_SUFFIXES, *readers.H5_SUFFIXES, readers.ZARR_SUFFIX)
-# A name part like these (between non-letters) marks an integer volume as labels.
-_LABEL_NAME = re.compile(r"(?<![a-z])(labels?|masks?|seg|segmentation|groundtruth|gt|pred|predictions?)(?![a-z])",
-                         re.IGNORECASE)
+# A name part like these (between non-letters) marks an integer volume as labels; the last ones name
+# instance volumes (``mitoseg instances`` output, ``*_objects.tif``, ...).
+_LABEL_NAME = re.compile(r"(?<![a-z])(labels?|masks?|seg|segmentation|groundtruth|gt|pred|predictions?"
+                         r"|inst|instances?|objects?)(?![a-z])", re.IGNORECASE)
+# Unsigned integers of 32 / 64 bits (images come in 8 / 16 bits or floats) hold instance ids: labels
+# whatever the name.
+_LABEL_MIN_UNSIGNED_BYTES = 4
 _INSPECTION_FILE = re.compile(r"iter_\d+\.(npz|json)")
 
 
@@ -129,7 +133,10 @@ def volume_array(spec: str):
 
 
 def _is_label_volume(name: str, dtype) -> bool:
-    return np.dtype(dtype).kind in "biu" and bool(_LABEL_NAME.search(name.replace("ground_truth", "groundtruth")))
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u" and dtype.itemsize >= _LABEL_MIN_UNSIGNED_BYTES:
+        return True
+    return dtype.kind in "biu" and bool(_LABEL_NAME.search(name.replace("ground_truth", "groundtruth")))
 
 
 def _members(spec: str) -> list[str] | None:
@@ -145,7 +152,8 @@ def _members(spec: str) -> list[str] | None:
 
 
 def read_volume_layers(spec: str) -> list[tuple]:
-    """One Image (or Labels, for integer volumes named like labels) layer per array in ``spec``."""
+    """One Image layer per array in ``spec``; Labels for integer volumes named like labels or instances, and
+    for uint32 / uint64 volumes."""
     members = _members(spec)
     specs = [f"{spec}:/{name}" for name in members] if members else [spec]
     layers, errors = [], []

@@ -1,0 +1,134 @@
+"""Time and peak memory of `mitoseg instances` against scikit-image's whole-volume `label`.
+
+    python benchmarks/bench_instances.py --slices 64 256 --size 2048 --out /tmp/bench_instances
+
+A synthetic prediction (uint8, 0 / 1) of SLICES x SIZE x SIZE voxels with mitochondria-like
+ellipsoids (elongated, some touching) is written slab by slab to a Zarr array (the volume is
+never whole in memory). Then, each in a fresh process whose peak resident memory is read from
+the kernel (`ru_maxrss` of the child):
+
+- `mitoseg instances` (3-D components slab by slab, measurements, uint32 ids to Zarr);
+- scikit-image: the whole volume read into memory, `skimage.measure.label` (face connectivity),
+  `regionprops` areas (the count and voxel counts only: no surfaces).
+
+The object counts must agree. mitoseg's peak memory should not grow with the volume;
+scikit-image's grows with it (the volume and its int64 labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SKIMAGE = """
+import sys, time, json, numpy as np, zarr
+from skimage.measure import label
+start = time.perf_counter()
+volume = zarr.open(sys.argv[1], mode="r")[...]
+labels = label(volume > 0, connectivity=1)
+counts = np.bincount(labels.ravel())[1:]
+print(json.dumps({"objects": int(labels.max()), "voxels": int(counts.sum()), "seconds": time.perf_counter() - start}))
+"""
+
+
+def write_volume(path: Path, slices: int, size: int, seed: int = 0, slab: int = 16) -> int:
+    """Ellipsoids (semi-axes 6-20 voxels, random orientation of the long axis in y-x) at about one per
+    40^3 voxels; returns the foreground voxel count."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    count = int(slices * size * size / 40 ** 3)
+    centres = np.column_stack([rng.uniform(0, slices, count), rng.uniform(0, size, count), rng.uniform(0, size, count)])
+    radii = np.column_stack([rng.uniform(6, 12, count), rng.uniform(6, 10, count), rng.uniform(10, 20, count)])
+    angles = rng.uniform(0, np.pi, count)
+    array = zarr.create_array(store=str(path), shape=(slices, size, size), dtype=np.uint8,
+                              chunks=(slab, 256, 256), overwrite=True)
+    total = 0
+    for start in range(0, slices, slab):
+        stop = min(start + slab, slices)
+        block = np.zeros((stop - start, size, size), np.uint8)
+        near = np.flatnonzero((centres[:, 0] + radii[:, 0] > start) & (centres[:, 0] - radii[:, 0] < stop))
+        for i in near:
+            cz, cy, cx = centres[i]
+            rz, ry, rx = radii[i]
+            reach = int(np.ceil(max(ry, rx))) + 1
+            z0, z1 = max(start, int(cz - rz)), min(stop, int(cz + rz) + 1)
+            y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
+            x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
+            if z0 >= z1 or y0 >= y1 or x0 >= x1:
+                continue
+            zz, yy, xx = np.mgrid[z0:z1, y0:y1, x0:x1]
+            c, s = np.cos(angles[i]), np.sin(angles[i])
+            u, v = c * (xx - cx) + s * (yy - cy), -s * (xx - cx) + c * (yy - cy)
+            inside = ((zz - cz) / rz) ** 2 + (v / ry) ** 2 + (u / rx) ** 2 <= 1
+            block[z0 - start:z1 - start, y0:y1, x0:x1] |= inside.astype(np.uint8)
+        array[start:stop] = block
+        total += int(block.sum())
+    return total
+
+
+PEAK = """
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    if sys.argv[0] == "-c":
+        code, sys.argv = sys.argv[1], ["-c", *sys.argv[2:]]
+        exec(code, {"__name__": "__main__"})
+    else:
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def child(args: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak resident memory in MiB, stdout) of ``python ARGS`` run in its own process."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    peak = next(int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("PEAK_KIB"))
+    return seconds, peak / 1024, result.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_instances"))
+    parser.add_argument("--skip-skimage", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for slices in sorted(args.slices):
+        volume = args.out / f"pred_{slices}.zarr"
+        foreground = write_volume(volume, slices, args.size)
+        output = args.out / f"inst_{slices}.zarr"
+        seconds, peak, out = child(["mitoseg", "instances", "--prediction", str(volume), "--output", str(output),
+                                    "--overwrite", "--no-progress"])
+        objects = int(out.strip().splitlines()[-1].split()[0])
+        rows.append({"tool": "mitoseg instances", "slices": slices, "objects": objects, "seconds": seconds,
+                     "peak_mib": peak, "foreground": foreground})
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.skip_skimage:
+        for slices in sorted(args.slices):
+            seconds, peak, out = child(["-c", SKIMAGE, str(args.out / f"pred_{slices}.zarr")])
+            result = json.loads(out)
+            rows.append({"tool": "skimage label", "slices": slices, "objects": result["objects"], "seconds": seconds,
+                         "peak_mib": peak})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| tool | volume | objects | seconds | peak memory (MiB) |\n| --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['tool']} | {row['slices']} x {args.size} x {args.size} | {row['objects']} | "
+              f"{row['seconds']:.0f} | {row['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
