@@ -211,6 +211,16 @@ def run_one(run: dict, args) -> dict:
                 mitoseg("evaluate", "--checkpoint", out / "last.pt", "--image", args.subset / "train_image.tif",
                         "--label", args.subset / "train_mito.tif", "--slices", "22:27", *settings, "--json", target,
                         "--overwrite", "--no-progress", threads=args.threads, log=log)
+        objects = out / "final_instances.json"
+        if not objects.is_file():
+            # Objects in 3-D need neighbouring slices: the validation run 23-26 (original 161-164), predicted
+            # with TTA, its components against the ground truth's.
+            image, label = contiguous_validation(args)
+            prediction = out / "validation_161_164_prediction.tif"
+            mitoseg("predict", "--checkpoint", out / "last.pt", "--input", image, "--output", prediction, "--tta",
+                    "--overwrite", "--no-progress", threads=args.threads, log=log)
+            mitoseg("evaluate", "--instances", "--prediction", prediction, "--label", label, "--json", objects,
+                    "--overwrite", "--no-progress", threads=args.threads, log=log)
     summary = json.loads((out / "summary.json").read_text())
     curve = [(r["iter"], r["fg_iou"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r.get("split") == "val"]
@@ -222,7 +232,22 @@ def run_one(run: dict, args) -> dict:
             **{f"final_{way}": scores["fg_iou"] for way, scores in finals.items()},
             "plateau": float(np.mean([v for _, v in curve[-5:]])),
             "precision": finals["plain"]["per_class"]["precision"][1],
-            "recall": finals["plain"]["per_class"]["recall"][1], "curve": curve}
+            "recall": finals["plain"]["per_class"]["recall"][1],
+            **{f"objects_{key}": json.loads(objects.read_text())[key] for key in ("f1_iou50", "ap50")},
+            "curve": curve}
+
+
+def contiguous_validation(args) -> tuple[Path, Path]:
+    """The subset's validation slices 23-26 (the training volume's 161-164, neighbours) as their own TIFFs."""
+    import tifffile
+
+    folder = args.out / "validation_161_164"
+    image, label = folder / "image.tif", folder / "label.tif"
+    if not label.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(image, tifffile.imread(args.subset / "train_image.tif")[23:27])
+        tifffile.imwrite(label, tifffile.imread(args.subset / "train_mito.tif")[23:27])
+    return image, label
 
 
 def mean_std(values: list[float]) -> str:
@@ -234,11 +259,12 @@ def mean_std(values: list[float]) -> str:
 def table(rows: list[dict], args) -> str:
     lines = [f"recipe `{args.recipe}`, seeds {args.seeds}: fg IoU on the validation slices (subset 22-26), mean ± "
              "std over seeds. plateau: mean of the last 5 validations (EMA model); final: the final EMA weights "
-             "(last.pt), plain, with TTA, with TTA + post-processing; precision / recall: final, plain; best: the "
-             "highest validation (selected on these slices, so optimistic)", "",
+             "(last.pt), plain, with TTA, with TTA + post-processing; precision / recall: final, plain; object F1 "
+             "(IoU 0.5) and AP50: 3-D objects of slices 23-26 (neighbours in the volume), final weights with TTA; "
+             "best: the highest validation (selected on these slices, so optimistic)", "",
              "| variant | method | iterations | plateau | final | + TTA | + TTA + post | precision | recall "
-             "| best (iteration) | minutes per run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| object F1 | object AP50 | best (iteration) | minutes per run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["variant"], row["method"]), []).append(row)
@@ -248,6 +274,7 @@ def table(rows: list[dict], args) -> str:
                      f"| {mean_std([r['final'] for r in mine])} "
                      f"| {mean_std([r['final_tta'] for r in mine])} | {mean_std([r['final_tta_post'] for r in mine])} "
                      f"| {mean_std([r['precision'] for r in mine])} | {mean_std([r['recall'] for r in mine])} "
+                     f"| {mean_std([r['objects_f1_iou50'] for r in mine])} | {mean_std([r['objects_ap50'] for r in mine])} "
                      f"| {mean_std([r['best'] for r in mine])} ({best_iters}) "
                      f"| {np.mean([r['minutes'] for r in mine]):.1f} |")
     return "\n".join(lines)
