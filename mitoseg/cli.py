@@ -87,6 +87,9 @@ def cmd_train(args) -> None:
     out_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if out_dir.exists() and not out_dir.is_dir():
         raise MitosegError(f"--out {out_dir} is a file, not a directory")
+    from mitoseg.atomic import check_output_path
+
+    check_output_path(out_dir, "--out")  # FILE/run: a parent that is a file
     if args.config is not None:
         cfg = load_config(args.config, args.set)
     else:
@@ -146,6 +149,12 @@ def cmd_predict(args) -> None:
     from mitoseg.engine.trainer import resolve_device
     from mitoseg.inference import VolumePredictor
 
+    from mitoseg.atomic import check_output_path
+    from mitoseg.data.readers import split_spec
+
+    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
+        if spec:
+            check_output_path(split_spec(spec)[0], flag)
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
     inference = cfg.inference
@@ -158,6 +167,14 @@ def cmd_predict(args) -> None:
             axes = "Z Y X" if cfg.model.spatial_dims == 3 else "Y X"
             raise MitosegError(f"--roi-size needs {cfg.model.spatial_dims} values ({axes}) for {args.checkpoint}'s "
                                f"{cfg.model.spatial_dims}-D model, got {args.roi_size}")
+        # As data.patch_size / inference.roi_size in a config: windows the U-Net cannot halve evenly are
+        # padded inside every forward pass (a 7 x 7 window costs as much as a 32 x 32 one).
+        factor = 1
+        for stride in cfg.model.strides if cfg.model.name == "unet" else ():
+            factor *= stride
+        if any(size % factor for size in args.roi_size):
+            raise MitosegError(f"--roi-size must be multiples of {factor} (the product of {args.checkpoint}'s "
+                               f"model.strides {cfg.model.strides}), got {' '.join(map(str, args.roi_size))}")
         inference.roi_size = list(args.roi_size)
     num_classes = cfg.data.num_classes
     if (inference.min_object_voxels or inference.fill_holes) and num_classes != 2:
@@ -165,7 +182,7 @@ def cmd_predict(args) -> None:
                            f"predicts {num_classes} classes")
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
     with contextlib.ExitStack() as stack:
-        volume = stack.enter_context(open_volume(args.input))
+        volume = stack.enter_context(open_volume(args.input, finite=True))
         z, y, x = volume.shape
         normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=args.input)
         labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite))
@@ -188,6 +205,31 @@ def cmd_predict(args) -> None:
             if probs_out is not None else None,
             scratch=scratch, progress=not args.no_progress)
     print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
+    if args.instances:
+        from mitoseg.instances.run import instances_command
+
+        # The labels just written carry no voxel size: the image's metadata does.
+        instances_command(args.output, args.instances, instance_options(args), args.probabilities,
+                          args.voxel_size, args.table, args.overwrite, progress=not args.no_progress,
+                          metadata_from=args.input)
+
+
+def instance_options(args):
+    from mitoseg.instances.segment import InstanceOptions
+
+    for flag, value in (("--min-voxels", args.min_voxels), ("--min-distance", args.min_distance)):
+        if value is not None and value < 0:
+            raise MitosegError(f"{flag} must be at least 0, got {value}")
+    return InstanceOptions(min_voxels=args.min_voxels or 0, fill_holes=bool(getattr(args, "instance_fill_holes", False)),
+                           split=args.split, min_distance=args.min_distance if args.min_distance is not None else 10,
+                           slab=args.slab or 16)
+
+
+def cmd_instances(args) -> None:
+    from mitoseg.instances.run import instances_command
+
+    instances_command(args.prediction, args.output, instance_options(args), args.probabilities, args.voxel_size,
+                      args.table, args.overwrite, progress=not args.no_progress)
 
 
 def default_metrics_path(prediction: str) -> Path:
@@ -198,25 +240,31 @@ def default_metrics_path(prediction: str) -> Path:
 
 def check_json_target(json_path: Path, overwrite: bool) -> None:
     """Refuse before any work is done, so a refused run costs nothing and leaves nothing behind."""
+    from mitoseg.atomic import check_output_path
+
     if json_path.is_dir():
-        raise MitosegError(f"--json {json_path} is a folder; name a file")
+        raise MitosegError(f"--json {json_path} is a directory; name a file")
+    check_output_path(json_path, "--json")
     if json_path.exists() and not overwrite:
         raise MitosegError(f"{json_path} exists; pass --overwrite to replace it")
 
 
 def write_json(json_path: Path, report: dict) -> None:
-    """Written to a temporary file and renamed: an interrupted run never leaves half a report."""
+    """Written to a temporary file (``.NAME.tmp-PID``) and renamed: an interrupted run or a full disk never
+    leaves half a report or the temporary; temporaries of killed runs are removed first."""
+    from mitoseg.atomic import make_folder, remove_path, remove_stale_temporaries, write_text_atomic
     from mitoseg.engine.logging import json_safe
 
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(report), indent=2))
-    tmp.replace(json_path)
+    make_folder(json_path.parent, "--json")
+    remove_stale_temporaries(json_path)
+    remove_path(json_path.with_name(f".{json_path.name}.tmp"))  # the temporary of mitoseg <= 0.2
+    write_text_atomic(json_path, json.dumps(json_safe(report), indent=2))
     print(f"wrote {json_path}")
 
 
 # The options of each evaluate mode; passing one of the other mode's is an error rather than silently ignored.
-VOLUME_ONLY = {"num_classes": "--num-classes", "ignore_index": "--ignore-index", "slab": "--slab"}
+VOLUME_ONLY = {"num_classes": "--num-classes", "ignore_index": "--ignore-index", "slab": "--slab",
+               "instances": "--instances", "probabilities": "--probabilities"}
 CHECKPOINT_ONLY = {"config": "--config", "set": "--set", "eval_mode": "--eval-mode", "weights": "--weights",
                    "device": "--device", "image": "--image", "slices": "--slices"}
 EM_CHECKPOINT_ONLY = {"image": "--image", "label": "--label", "slices": "--slices"}
@@ -231,7 +279,7 @@ def cmd_evaluate(args) -> None:
                            "model) or --prediction VOLUME --label VOLUME (a predicted volume)")
     other, mode = ((VOLUME_ONLY, "--checkpoint") if args.checkpoint is not None
                    else (CHECKPOINT_ONLY, "--prediction"))
-    given = [flag for key, flag in other.items() if getattr(args, key) not in (None, [])]
+    given = [flag for key, flag in other.items() if getattr(args, key) not in (None, [], False)]
     if given:
         raise MitosegError(f"{', '.join(given)} cannot be used with {mode}")
     if args.checkpoint is not None:
@@ -239,7 +287,31 @@ def cmd_evaluate(args) -> None:
     else:
         if args.label is None:
             raise MitosegError("--prediction needs --label VOLUME, the ground truth to score it against")
+        if args.instances:
+            evaluate_instance_volume(args)
+            return
+        if args.probabilities is not None:
+            raise MitosegError("--probabilities ranks the objects of --instances; add --instances")
         evaluate_volume(args)
+
+
+def evaluate_instance_volume(args) -> None:
+    """``evaluate --instances``: object-level precision, recall, F1, AP and split / merge counts."""
+    from mitoseg.instances.run import evaluate_instances
+
+    if args.num_classes is not None or args.ignore_index is not None:
+        raise MitosegError("--num-classes and --ignore-index are for the semantic scores, not --instances")
+    file_part = Path(args.prediction.split(":/", 1)[0])
+    json_path = Path(args.json) if args.json else file_part.with_name(
+        f"{file_part.name.split('.')[0] or 'prediction'}_instance_metrics.json")
+    check_json_target(json_path, args.overwrite)
+    scores = evaluate_instances(args.prediction, args.label, args.probabilities, slab=args.slab or 16,
+                                progress=not args.no_progress)
+    print(f"objects: {scores['objects_predicted']} predicted, {scores['objects_truth']} in the ground truth; "
+          f"at IoU 0.5 precision {scores['precision_iou50']:.4f}, recall {scores['recall_iou50']:.4f}, "
+          f"F1 {scores['f1_iou50']:.4f}; AP50 {scores['ap50']:.4f}, AP75 {scores['ap75']:.4f}; "
+          f"{scores['split_truth_objects']} split, {scores['merged_predictions']} merged")
+    write_json(json_path, scores)
 
 
 def evaluate_volume(args) -> None:
@@ -253,7 +325,8 @@ def evaluate_volume(args) -> None:
     slab = args.slab or 16
     json_path = Path(args.json) if args.json else default_metrics_path(args.prediction)
     check_json_target(json_path, args.overwrite)
-    with open_volume(args.prediction) as prediction, open_volume(args.label) as label:
+    # finite: a float prediction (or label) with NaN / inf is refused by the slice that holds it.
+    with open_volume(args.prediction, finite=True) as prediction, open_volume(args.label, finite=True) as label:
         if prediction.shape != label.shape:
             raise MitosegError(f"{args.prediction}: shape {prediction.shape} differs from label "
                                f"{args.label} shape {label.shape}")
@@ -387,6 +460,28 @@ def cmd_view(args) -> None:
 # ------------------------------------------------------------------- parser
 
 
+def add_instance_options(p) -> None:
+    """The options shared by instances and predict --instances."""
+    p.add_argument("--split", choices=["none", "distance", "probability"], default="none",
+                   help="cut touching objects apart by a seeded watershed of the distance to the background or "
+                        "of the foreground probability (default: none)")
+    p.add_argument("--min-distance", type=int, metavar="N",
+                   help="voxels between two seeds of a split (default: 10); larger splits less")
+    p.add_argument("--min-voxels", type=int, metavar="N", help="remove objects smaller than N voxels (default: 0)")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="nm per voxel (default: from the file's metadata, else volumes are in voxels)")
+    p.add_argument("--table", metavar="PATH",
+                   help="the per-object table, .csv or .parquet (default: <instances>_objects.csv)")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the promise of every other error: one line on stderr, exit status 2 (argparse prints
+    its whole usage block first; ``--help`` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mitoseg: error: {message} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -395,7 +490,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mitoseg",
         description="Semi-supervised segmentation of mitochondria in electron-microscopy volumes.",
         epilog=EXAMPLES,
@@ -460,9 +555,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
                    help="fill background enclosed by foreground in 3-D (default: the run's inference.fill_holes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--instances", metavar="VOLUME",
+                   help="also write the 3-D objects (uint32 ids) and their measurements, as mitoseg instances")
+    add_instance_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("instances", help="3-D objects and their measurements from a predicted mask",
+                       description="3-D connected components of the foreground (label > 0) of a predicted volume, "
+                                   "optionally split where objects touch (a seeded watershed), small ones removed; "
+                                   "uint32 ids 1..N, written slab by slab in bounded memory. Also writes a table "
+                                   "of per-object measurements (CSV, or Parquet with pyarrow).",
+                       epilog="example: mitoseg instances --prediction pred.tif --output objects.tif "
+                              "--split distance --min-voxels 500 --voxel-size 5 5 5")
+    p.add_argument("--prediction", required=True, metavar="VOLUME", help="predicted label volume (mitoseg predict)")
+    p.add_argument("--output", required=True, metavar="VOLUME", help="instance volume to write (uint32)")
+    p.add_argument("--probabilities", metavar="VOLUME",
+                   help="the class probabilities (mitoseg predict --probabilities): each object's mean foreground "
+                        "probability, and the relief of --split probability")
+    add_instance_options(p)
+    p.add_argument("--fill-holes", dest="instance_fill_holes", action="store_true",
+                   help="background enclosed by foreground in 3-D joins the object around it")
+    p.add_argument("--slab", type=positive_int, help="slices processed together (default: 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_instances)
 
     p = sub.add_parser("evaluate", help="score a predicted volume, or a trained checkpoint",
                        description="Two modes, one per call:\n"
@@ -493,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("--num-classes", type=positive_int, help="default: largest class id + 1 (at least 2)")
     volume.add_argument("--ignore-index", type=int, help="label value to leave out (e.g. 255)")
     volume.add_argument("--slab", type=positive_int, help="slices read at a time (default: 16)")
+    volume.add_argument("--instances", action="store_true",
+                        help="object-level scores: precision / recall / F1 at IoU 0.5, AP50 and AP75 (MitoEM's "
+                             "definition), split and merged objects; volumes with only 0 / 1 are first labelled "
+                             "into 3-D objects")
+    volume.add_argument("--probabilities", metavar="VOLUME",
+                        help="with --instances: class probabilities; the objects' mean foreground probability "
+                             "ranks them for AP (default: their size)")
     natural = p.add_argument_group("trained checkpoint")
     natural.add_argument("--checkpoint", metavar="PT", help="best.pt or last.pt of a run")
     natural.add_argument("--image", metavar="VOLUME",
@@ -543,6 +668,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mitoseg: error: {exc}", file=sys.stderr)
+        return exc.exit_code  # 2; 3 when training diverged (TrainingDiverged)
+    except Exception as exc:
+        # A full disk wherever it strikes (a library's own write) is the machine's state, not a bug.
+        from mitoseg.atomic import disk_full_cause
+
+        full = disk_full_cause(exc)
+        if full is None or args.debug:
+            raise
+        where = f" writing {full.filename}" if full.filename else ""
+        print(f"mitoseg: error: no space left on device{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mitoseg: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -283,6 +284,9 @@ class TrainConfig:
     # Mixed precision: float16 on CUDA; bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX); ignored elsewhere.
     amp: bool = True
     grad_clip: Optional[float] = None
+    # A step whose loss or gradient is not finite is skipped (weights, optimizer, BatchNorm statistics unchanged);
+    # after this many consecutive ones training stops with exit status 3 (mitoseg/engine/trainer.py).
+    max_bad_steps: int = 20
     inspect_every: int = 500  # pseudo-label inspection files (semi-supervised methods)
     inspect_patches: int = 4  # fixed unlabeled patches saved in each inspection file
 
@@ -506,6 +510,7 @@ _RANGES: dict[str, _Range] = {
     "train.log_every": _AT_LEAST_1,
     "train.checkpoint_every": _AT_LEAST_1,
     "train.grad_clip": _POSITIVE,  # null: no clipping (0 would silently mean the same)
+    "train.max_bad_steps": _AT_LEAST_1,
     "train.inspect_every": _AT_LEAST_1,
     "train.inspect_patches": _AT_LEAST_1,
     "inference.overlap": _UNIT,
@@ -531,6 +536,21 @@ def _lookup(cfg: Config, key: str) -> Any:
     return node
 
 
+def _numbers(node: Any, key: str):
+    """(dotted key, value) of every float anywhere in a config (lists and mappings included)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _numbers(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _numbers(item, f"{key}[{i}]")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            yield from _numbers(item, f"{key}[{name!r}]")
+    elif isinstance(node, float):
+        yield key, node
+
+
 def _check_values(cfg: Config) -> None:
     """Ranges of numeric keys, and constraints between values that types alone cannot express."""
 
@@ -538,6 +558,9 @@ def _check_values(cfg: Config) -> None:
         if not ok:
             raise MitosegError(f"config key '{key}' {message}")
 
+    # inf or nan in any number (YAML's .inf, .nan) would pass "at least" ranges and poison training.
+    for key, value in _numbers(cfg, ""):
+        need(math.isfinite(value), key, f"must be a finite number, got {value}")
     for key, allowed in _RANGES.items():
         value = _lookup(cfg, key)
         if value is not None:
@@ -767,6 +790,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
+    if path.is_dir():
+        raise MitosegError(f"config file {path} is a directory; name a YAML file")
     if not path.is_file():
         raise MitosegError(f"config file not found: {path}")
     try:
@@ -786,6 +811,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def check_paths_exist(cfg: Config) -> None:
     """Every data file named by the config must exist (the error names key and path)."""
+    if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir():
+        raise MitosegError(f"config key 'model.pretrained': {cfg.model.pretrained} is a directory; name a .pth file")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
         raise MitosegError(f"config key 'model.pretrained': file not found: {cfg.model.pretrained}")
     if cfg.data.kind != "em":

@@ -518,3 +518,81 @@ def test_select_slices_errors(selection, offending):
     message = str(info.value)
     assert message.startswith("data.train.slices: "), message
     assert offending in message, message
+
+
+# ---------------------------------------------------------------- damaged files
+
+
+@pytest.mark.filterwarnings("ignore:<tifffile.TiffWriter.write> data with shape:DeprecationWarning")
+def test_a_tiff_cut_anywhere_is_an_error_naming_a_page_or_reads_whole(tmp_path, capfd):
+    data = random_volume((8, 16, 16), seed=4)
+    writers = {
+        "plain.tif": lambda path: tifffile.imwrite(path, data, photometric="minisblack"),
+        "zlib.tif": lambda path: tifffile.imwrite(path, data, photometric="minisblack", compression="zlib"),
+        "imagej.tif": lambda path: tifffile.imwrite(path, data, imagej=True),
+        "one_ifd.tif": lambda path: tifffile.imwrite(path, data, truncate=True),
+        "mitoseg.tif": lambda path: write_volume(path, data),
+    }
+    for name, write in writers.items():
+        write(tmp_path / name)
+        content = (tmp_path / name).read_bytes()
+        for cut in range(16, len(content), max(1, len(content) // 60)):
+            (tmp_path / "cut.tif").write_bytes(content[:cut])
+            try:
+                with open_volume(tmp_path / "cut.tif") as volume:
+                    back = volume.read(0, len(volume))
+            except MitosegError as exc:
+                message = str(exc)
+                assert "cut.tif" in message and "\n" not in message, (name, cut, message)
+                assert "page" in message or "TIFF" in message, (name, cut, message)
+                continue
+            # Never fewer slices: a file that opens is the whole volume.
+            assert back.shape == data.shape and np.array_equal(back, data), (name, cut)
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "zlib.tif").read_bytes()[:1500])
+    with pytest.raises(MitosegError, match=r"cut.tif: page \d+ cannot be read; the TIFF file is truncated"):
+        open_volume(tmp_path / "cut.tif")
+    assert capfd.readouterr().err == ""  # tifffile's log records never reach the terminal
+
+
+def test_check_finite_names_the_slice_and_the_kind(tmp_path):
+    from mitoseg.data.readers import check_finite
+
+    data = np.zeros((4, 3, 3), np.float32)
+    check_finite(data, "v.tif")
+    check_finite(np.zeros((2, 2, 2), np.uint8), "v.tif")
+    data[2, 1, 1], data[2, 0, 0], data[3, 0, 0] = np.inf, np.nan, -np.inf
+    with pytest.raises(MitosegError, match=r"v.tif: slice 12 holds 2 non-finite values \(NaN, \+inf\)"):
+        check_finite(data, "v.tif", start=10)
+    write_volume(tmp_path / "v.tif", data)
+    with open_volume(tmp_path / "v.tif") as volume:
+        volume.read(0, 4)  # reading is not checking, unless asked
+    with open_volume(tmp_path / "v.tif", finite=True) as volume:
+        np.testing.assert_array_equal(volume.read(0, 2), data[:2])
+        raises_naming("slice 3", volume.read_slices, [3])
+
+
+def test_writer_removes_temporaries_of_dead_processes_only(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = tmp_path / f".out.tif.tmp-{proc.pid}"
+    dead.write_bytes(b"left by kill -9")
+    dead_zarr = tmp_path / f".out.zarr.tmp-{proc.pid}"
+    dead_zarr.mkdir()
+    living = tmp_path / f".out.tif.tmp-{os.getppid()}"  # a living process writing the same output
+    living.write_bytes(b"in use")
+    other = tmp_path / f".other.tif.tmp-{proc.pid}"  # not this output's: left alone
+    other.write_bytes(b"x")
+    write_volume(tmp_path / "out.tif", random_volume((2, 4, 4)))
+    write_volume(tmp_path / "out.zarr", random_volume((2, 4, 4)))
+    assert not dead.exists() and not dead_zarr.exists() and living.exists() and other.exists()
+
+
+def test_writer_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "FILE").write_bytes(b"x")
+    raises_naming("FILE is a file, not a directory", VolumeWriter, tmp_path / "FILE" / "o.tif", (1, 4, 4), np.uint8)
+    (tmp_path / "o.tif").mkdir()
+    raises_naming("o.tif is a directory", VolumeWriter, tmp_path / "o.tif", (1, 4, 4), np.uint8, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "o.tif"]

@@ -46,7 +46,9 @@ def apply_label_map(label: np.ndarray, label_map: dict[int, int] | None) -> np.n
 def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int | None, source: str) -> None:
     """Label values must be class ids ``0 .. num_classes-1`` (or the ignore value)."""
     if label.dtype.kind == "f":
-        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+        if not np.all(np.isfinite(label)):
+            raise MitosegError(f"{source}: label volume holds non-finite values (NaN or inf); labels are class ids")
+        if np.any(label != np.round(label)):
             raise MitosegError(f"{source}: label volume holds non-integer values")
     bad = (label < 0) | (label >= num_classes)
     if ignore_index is not None:
@@ -69,7 +71,7 @@ def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require
     """
     if require_label and not vol_cfg.label:
         raise MitosegError(f"config key '{key}.label' is required")
-    with open_volume(vol_cfg.image) as volume:
+    with open_volume(vol_cfg.image, finite=True) as volume:
         indices = select_slices(vol_cfg.slices, len(volume), f"{key}.slices")
         normalization = compute_normalization(sample_for_stats(volume), norm_cfg, what=vol_cfg.image)
         image = SliceReader(volume, indices, context).read(0, len(indices))

@@ -21,17 +21,27 @@ only when every slice is written. Problems with the user's files raise
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import operator
 import os
 import re
-import shutil
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 import tifffile
 
+from mitoseg.atomic import (
+    check_output_path,
+    disk_full_cause,
+    disk_full_error,
+    remove_path,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from mitoseg.errors import MitosegError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -88,6 +98,8 @@ class Volume:
     path: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    # Refuse NaN / inf values in what is read (images: the network needs finite intensities).
+    finite: bool = False
 
     def __init__(self, path: str):
         self.path = path
@@ -118,7 +130,10 @@ class Volume:
         except Exception as exc:
             # Whatever the storage library raises here means the file is damaged or unreadable.
             raise MitosegError(f"{self.path}: cannot read slices {start}:{stop} ({_brief(exc)})") from exc
-        return np.asarray(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+        data = np.asarray(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+        if self.finite:
+            check_finite(data, self.path, start)
+        return data
 
     def read_slices(self, indices: Sequence[int]) -> np.ndarray:
         """The slices ``indices`` (any order, repeats allowed) as a (len(indices), y, x) array."""
@@ -157,26 +172,98 @@ class Volume:
         self.shape, self.dtype = shape, dtype.newbyteorder("=")
 
 
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs in one thread (it reports a broken chain of pages, a truncated file or a
+    failed decode as log records, not exceptions, and Python would print them on the user's terminal)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(record)
+
+    def errors(self) -> list[str]:
+        """The error-level messages, without tifffile's object prefix ("<tifffile.TiffPages @8> ...")."""
+        return [re.sub(r"^<[^>]*>\s*", "", r.getMessage()) for r in self.records if r.levelno >= logging.ERROR]
+
+
+_TIFF_LOG_LOCK = threading.Lock()
+_tiff_log_users = 0
+_tiff_log_propagate = True
+
+
+@contextlib.contextmanager
+def _tifffile_log():
+    """tifffile's log records of this thread while the block runs, kept off the terminal (its warnings
+    about metadata are dropped; its errors are turned into MitosegError by the caller)."""
+    global _tiff_log_users, _tiff_log_propagate
+    logger = logging.getLogger("tifffile")
+    handler = _TiffLog()
+    with _TIFF_LOG_LOCK:
+        if _tiff_log_users == 0:
+            _tiff_log_propagate, logger.propagate = logger.propagate, False
+        _tiff_log_users += 1
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        with _TIFF_LOG_LOCK:
+            logger.removeHandler(handler)
+            _tiff_log_users -= 1
+            if _tiff_log_users == 0:
+                logger.propagate = _tiff_log_propagate
+
+
 class _TiffVolume(Volume):
-    """A TIFF stack (its first series), read page by page, or memory-mapped when it has a single IFD."""
+    """A TIFF stack (its first series), read page by page, or memory-mapped when it has a single IFD.
+
+    A file cut short or damaged is an error naming the page that cannot be read, found when the file is
+    opened (a broken chain of pages, page data past the end of the file) or when the page is decoded;
+    never a shorter volume.
+    """
 
     def __init__(self, path: str, file: str):
         super().__init__(path)
         self._memmap = None
-        try:
-            self._tif = tifffile.TiffFile(file)
-        except (OSError, ValueError) as exc:  # tifffile.TiffFileError is a ValueError
-            raise MitosegError(f"{path}: not a readable TIFF file ({_brief(exc)})") from exc
-        try:
-            self._open_series(file)
-        except BaseException:
-            self._tif.close()
-            raise
+        with _tifffile_log() as log:
+            try:
+                self._tif = tifffile.TiffFile(file)
+            except (OSError, ValueError, IndexError, KeyError) as exc:  # tifffile.TiffFileError is a ValueError
+                raise MitosegError(f"{path}: not a readable TIFF file ({_brief(exc)})") from exc
+            try:
+                self._open_series(file, log)
+            except MitosegError:
+                self._tif.close()
+                raise
+            except Exception as exc:  # tifffile parsing a damaged file
+                self._tif.close()
+                raise MitosegError(f"{path}: not a readable TIFF file ({_brief(exc)})") from exc
+            except BaseException:
+                self._tif.close()
+                raise
 
-    def _open_series(self, file: str) -> None:
+    def _damaged(self, page: int, reason: str) -> MitosegError:
+        return MitosegError(f"{self.path}: page {page} cannot be read; the TIFF file is truncated or damaged "
+                            f"({reason})")
+
+    def _open_series(self, file: str, log: _TiffLog) -> None:
+        # Walk the whole chain of pages now (headers only): a chain that breaks off means a cut file.
+        count = len(self._tif.pages)
+        if log.errors():
+            raise self._damaged(count, log.errors()[0][:200])
         if not self._tif.series:
             raise MitosegError(f"{self.path}: TIFF file holds no images")
         series = self._tif.series[0]
+        if log.errors():  # e.g. a shaped series whose pages are missing
+            raise self._damaged(count, log.errors()[0][:200])
+        size = os.path.getsize(file)
+        for index, page in enumerate(self._tif.pages):
+            ends = [o + n for o, n in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))]
+            if ends and max(ends) > size:
+                raise self._damaged(index, f"its data ends at byte {max(ends)}, the file has {size}")
         self._raw_shape = tuple(series.shape)
         self._pages = series.pages
         self._page_size = math.prod(self._pages[0].shape)
@@ -185,8 +272,25 @@ class _TiffVolume(Volume):
                 raise MitosegError(f"{self.path}: unsupported TIFF layout ({len(self._pages)} pages of shape "
                                    f"{self._pages[0].shape} for a volume of shape {self._raw_shape})")
             # ImageJ stacks over 4 GB keep one IFD for all pages; their data is contiguous.
+            page_bytes = self._page_size * np.dtype(series.dtype).itemsize
+            end = series.dataoffset + math.prod(self._raw_shape) * np.dtype(series.dtype).itemsize
+            if end > size:  # the first page whose data is not all there
+                raise self._damaged(max(0, size - series.dataoffset) // page_bytes,
+                                    f"the image data ends at byte {end}, the file has {size}")
             self._memmap = tifffile.memmap(file, series=0, mode="r")
         self._dtype = series.dtype
+
+    def _page(self, index: int) -> np.ndarray:
+        with _tifffile_log() as log:
+            try:
+                data = self._pages[index].asarray()
+            except MitosegError:
+                raise
+            except Exception as exc:
+                raise self._damaged(index, _brief(exc)) from exc
+        if log.errors():
+            raise self._damaged(index, log.errors()[0][:200])
+        return data
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         if self._memmap is not None:
@@ -196,7 +300,7 @@ class _TiffVolume(Volume):
         slice_size = math.prod(self.shape[1:])
         first, last = start * slice_size, stop * slice_size
         pages = range(first // self._page_size, -(-last // self._page_size))
-        flat = np.concatenate([self._pages[i].asarray().ravel() for i in pages])
+        flat = np.concatenate([self._page(i).ravel() for i in pages])
         offset = pages.start * self._page_size
         return flat[first - offset:last - offset]
 
@@ -291,10 +395,13 @@ class _SliceFolderVolume(Volume):
         # Headers only: every slice must match the first, checked up front so errors come early.
         first = None
         for file in self._files:
-            try:
-                props = iio.improps(file)
-            except Exception as exc:  # imageio raises OSError, ValueError, or a plugin's own errors
-                raise MitosegError(f"{file}: not a readable image ({_brief(exc)})") from exc
+            with _tifffile_log() as log:  # .tif slices are read by tifffile, which logs what it finds wrong
+                try:
+                    props = iio.improps(file)
+                except Exception as exc:  # imageio raises OSError, ValueError, or a plugin's own errors
+                    raise MitosegError(f"{file}: not a readable image ({_brief(exc)})") from exc
+            if log.errors():
+                raise MitosegError(f"{file}: not a readable image ({log.errors()[0][:200]})")
             layout = (self._slice_shape(file, props.shape), props.dtype)
             if first is None:
                 first = layout
@@ -314,10 +421,13 @@ class _SliceFolderVolume(Volume):
         return np.stack([self._gray(file) for file in self._files[start:stop]])
 
     def _gray(self, file: str) -> np.ndarray:
-        try:
-            image = self._iio.imread(file)
-        except Exception as exc:
-            raise MitosegError(f"{file}: not a readable image ({_brief(exc)})") from exc
+        with _tifffile_log() as log:
+            try:
+                image = self._iio.imread(file)
+            except Exception as exc:
+                raise MitosegError(f"{file}: not a readable image ({_brief(exc)})") from exc
+        if log.errors():
+            raise MitosegError(f"{file}: not a readable image ({log.errors()[0][:200]})")
         if image.ndim == 3 and image.shape[2] in (3, 4):
             # Gray saved as RGB(A) is common; alpha carries no EM signal and is dropped.
             if not (np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])):
@@ -329,11 +439,30 @@ class _SliceFolderVolume(Volume):
         return image
 
 
-def open_volume(spec: str | os.PathLike, *, channels: bool = False) -> Volume:
+def check_finite(data: np.ndarray, path: str, start: int = 0) -> np.ndarray:
+    """``data`` (slices ``start ..`` of the volume ``path``) if every value is finite; else a one-line
+    error naming the first slice with NaN or +/-inf values. Integer data are always finite."""
+    if data.dtype.kind not in "fc" or not data.size:
+        return data
+    finite = np.isfinite(data)
+    if finite.all():
+        return data
+    bad = ~finite.reshape(len(data), -1)
+    z = int(np.argmax(bad.any(1)))
+    values = data[z].reshape(-1)[bad[z]]
+    kinds = [name for name, present in (("NaN", np.isnan(values).any()), ("+inf", (values == np.inf).any()),
+                                        ("-inf", (values == -np.inf).any())) if present]
+    count = int(bad[z].sum())
+    raise MitosegError(f"{path}: slice {start + z} holds {count} non-finite value{'s' if count > 1 else ''} "
+                       f"({', '.join(kinds)}); intensities must be finite numbers")
+
+
+def open_volume(spec: str | os.PathLike, *, channels: bool = False, finite: bool = False) -> Volume:
     """Open the volume ``spec`` for lazy reading (see the module docstring for spec forms).
 
     With ``channels=True`` a 4-D (z, C, y, x) volume, such as the probabilities
-    written by ``predict``, is accepted too.
+    written by ``predict``, is accepted too. With ``finite=True`` reading a slice
+    that holds NaN or +/-inf values is an error naming the slice.
     """
     path = os.fspath(spec)
     file, inner = split_spec(path)
@@ -351,6 +480,7 @@ def open_volume(spec: str | os.PathLike, *, channels: bool = False) -> Volume:
     else:
         raise MitosegError(f"{path}: unsupported format '{suffix or os.path.basename(file)}'; "
                            f"expected {READABLE}")
+    volume.finite = finite
     try:
         if isinstance(volume, _ArrayVolume):
             volume._check(volume._array.shape, volume._array.dtype, channels)
@@ -587,10 +717,7 @@ def list_arrays(file: str) -> list[str] | None:
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+    remove_path(path)
 
 
 def _move_into_place(tmp: str, final: str) -> None:
@@ -633,11 +760,14 @@ class VolumeWriter:
         if len(self.shape) < 3 or min(self.shape) < 1:
             raise ValueError(f"{self.path}: cannot write a volume of shape {self.shape}; expected (z, ..., y, x)")
         file, inner = split_spec(self.path)
+        if os.path.isdir(file) and _suffix(file) != ZARR_SUFFIX:
+            raise MitosegError(f"{file} is a directory; name the file to write ({WRITABLE})")
         kind = _output_kind(file)
         if kind == "h5" and inner is None:
             raise MitosegError(f"{self.path}: name the dataset to write, e.g. {file}:/data")
         self._final = os.path.abspath(file)
         self._overwrite = overwrite
+        check_output_path(self._final, "output")
         if os.path.lexists(file):
             if not overwrite:
                 raise MitosegError(f"{file} exists; pass --overwrite to replace it")
@@ -645,17 +775,34 @@ class VolumeWriter:
         if self._final in _PENDING:
             raise MitosegError(f"{file} is already being written by another output; write to a different file")
         parent = os.path.dirname(self._final)
-        os.makedirs(parent, exist_ok=True)
-        self._tmp = os.path.join(parent, f".{os.path.basename(self._final)}.tmp-{os.getpid()}")
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:
+            if disk_full_cause(exc):
+                raise disk_full_error(self._final) from exc
+            raise MitosegError(f"{file}: cannot create its folder {parent} ({exc.strerror})") from exc
+        # A hidden sibling named after this process: temporaries of killed runs (their process gone) are
+        # recognised and removed here, those of a run writing the same output right now are not.
+        self._tmp = os.fspath(temporary_path(self._final))
         _remove(self._tmp)  # left over by a killed run that had the same process id
+        remove_stale_temporaries(self._final)
         _PENDING.add(self._final)
         self._next = 0
         self._sink = None
         try:
             self._sink = _SINKS[kind](self._tmp, inner, self.shape, self.dtype)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            self._raise_write_error(exc)
             raise
+
+    def _raise_write_error(self, exc: BaseException) -> None:
+        """A full disk, a permission or I/O problem while writing: one line naming the output (the
+        temporary is already gone and the final path untouched)."""
+        if disk_full_cause(exc):
+            raise disk_full_error(self._final, "nothing was written there") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError,)) and exc.errno is not None:
+            raise MitosegError(f"{self._final}: cannot write ({exc.strerror})") from exc
 
     def _check_replaceable(self, kind: str, file: str, inner: str | None) -> None:
         if kind == "tiff":
@@ -696,7 +843,12 @@ class VolumeWriter:
         if not np.can_cast(data.dtype, self.dtype, "same_kind"):
             raise MitosegError(f"{self.path}: cannot store {data.dtype} data as {self.dtype}")
         if len(data):
-            self._sink.write(start, data.astype(self.dtype, copy=False))
+            try:
+                self._sink.write(start, data.astype(self.dtype, copy=False))
+            except Exception as exc:
+                self.abort()
+                self._raise_write_error(exc)
+                raise
         self._next += len(data)
 
     def close(self) -> None:
@@ -711,8 +863,9 @@ class VolumeWriter:
             if not self._overwrite and os.path.lexists(self._final):  # created while we were writing
                 raise MitosegError(f"{self._final} exists; pass --overwrite to replace it")
             _move_into_place(self._tmp, self._final)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            self._raise_write_error(exc)
             raise
         self._sink = None
         _PENDING.discard(self._final)

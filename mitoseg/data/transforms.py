@@ -68,6 +68,9 @@ def sample_for_stats(volume) -> np.ndarray:
 def compute_normalization(voxels: np.ndarray, cfg, what: str = "volume") -> Normalization:
     """Statistics of ``voxels`` (any shape) under ``cfg`` (:class:`NormalizeConfig`)."""
     values = np.asarray(voxels, dtype=np.float64).ravel()
+    # Percentiles step over a few +/-inf voxels; the network would not (one inf makes every loss NaN).
+    if not np.isfinite(values).all():
+        raise MitosegError(f"{what}: intensities are not finite (NaN or inf values)")
     if cfg.mode == "percentile":
         low, high = np.percentile(values, [cfg.lower, cfg.upper])
         offset, scale = float(low), float(high - low)

@@ -8,7 +8,6 @@ rebuilds the exact architecture.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from mitoseg import __version__
+from mitoseg.atomic import remove_stale_temporaries, write_atomic
 from mitoseg.config import Config, config_from_dict, input_channels
 from mitoseg.errors import MitosegError
 from mitoseg.networks import build_model
@@ -25,31 +25,47 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` to ``path`` via a temporary file and a rename: never a half-written file."""
+    """Write ``state`` to ``path`` via a temporary file (``.NAME.tmp-PID``, flushed to disk) and a rename:
+    never a half-written file. On a full disk the previous ``path`` stays and the error is one line
+    naming it; temporaries of killed runs writing ``path`` are removed first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "mitoseg_version": __version__, **state}
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    kept = f"the previous {path.name} is kept" if path.exists() else None
+    write_atomic(path, lambda handle: torch.save(payload, handle), kept=kept)
+
+
+def weights_are_finite(*state_dicts: dict) -> bool:
+    """Whether every floating-point tensor of the state dicts is finite (no NaN or inf): one host
+    synchronisation for all of them."""
+    flags = [torch.isfinite(t.detach()).all() for weights in state_dicts for t in weights.values()
+             if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not flags:
+        return True
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def non_finite_keys(weights: dict) -> list[str]:
+    """The keys of a state dict whose tensors hold NaN or inf values."""
+    return [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()
+            and not bool(torch.isfinite(t).all())]
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a mitoseg checkpoint (weights only); clear errors for a missing, corrupt or foreign file."""
     path = Path(path)
+    if path.is_dir():
+        raise MitosegError(f"checkpoint {path} is a directory; name a checkpoint file (RUN/best.pt or RUN/last.pt)")
     if not path.is_file():
         raise MitosegError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many kinds for corrupt or unsafe files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MitosegError(f"{path}: not a readable checkpoint ({first_line[:200]})") from exc
+    except OSError as exc:  # no permission, an I/O error: the file itself may be fine
+        raise MitosegError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from exc
+    except Exception as exc:  # torch raises many kinds for corrupt, truncated or unsafe files
+        # torch's own message advises weights_only=False, i.e. running the file's code: not advice to pass on.
+        raise MitosegError(f"{path}: not a mitoseg checkpoint, or the file is damaged or truncated (it does not "
+                           "read as plain tensors and numbers)") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MitosegError(f"{path}: not a mitoseg checkpoint")
     if state.get("format_version", 0) > FORMAT_VERSION:
@@ -107,6 +123,12 @@ def model_from_state(state: dict, path: str | Path, weights: str | None = None,
     key = {"ema": "ema_model", "student": "model"}[weights]
     if key not in state:
         raise MitosegError(f"{path}: checkpoint holds no '{weights}' weights")
+    if not isinstance(state[key], dict):
+        raise MitosegError(f"{path}: not a mitoseg checkpoint (its '{weights}' weights are not a state dict)")
+    bad = non_finite_keys(state[key])
+    if bad:
+        raise MitosegError(f"{path}: the {weights} weights hold non-finite values (NaN or inf, e.g. {bad[0]}): "
+                           "the run diverged; use an earlier checkpoint or train again with a lower optim.lr")
     model = build_model(cfg.model, cfg.data.num_classes, input_channels(cfg))
     load_weights(model, state[key], path, what=weights)
     from mitoseg.inference import fast_memory_format

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from torch.utils.tensorboard import SummaryWriter
+
+from mitoseg.atomic import disk_full_cause, disk_full_error, write_atomic, write_text_atomic
 
 
 def json_safe(value):
@@ -27,23 +28,36 @@ class RunLogger:
     """Appends to ``metrics.jsonl`` and TensorBoard.
 
     On resume, records past ``start_iteration`` (written after the checkpoint by
-    the interrupted run) are dropped so each iteration appears once.
+    the interrupted run) are dropped so each iteration appears once, and so is a
+    last line cut short by a run that was killed while writing it. The log is
+    rewritten atomically: a full disk then leaves it as it was.
     """
 
     def __init__(self, out_dir: Path, start_iteration: int = 0):
         self.path = out_dir / "metrics.jsonl"
         if start_iteration > 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iter", 0) <= start_iteration]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    record = None  # a partial line
+                if isinstance(record, dict) and record.get("iter", 0) <= start_iteration:
+                    kept.append(line)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept), "metrics.jsonl is kept")
         elif start_iteration == 0 and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
         self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_iteration or None)
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(json_safe(record)) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(json_safe(record)) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            if disk_full_cause(exc):
+                raise disk_full_error(self.path) from exc
+            raise
 
     def log_train(self, iteration: int, values: dict[str, float]) -> None:
         self._write({"iter": iteration, "split": "train", **values})
@@ -65,7 +79,10 @@ class RunLogger:
         self.log_validation(iteration, scores, split="test")
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a full disk: already reported by the write that met it
         self._tb.close()
 
 
@@ -92,9 +109,7 @@ def write_inspection(directory: Path, iteration: int, arrays: dict[str, np.ndarr
     """
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"iter_{iteration:06d}"
-    tmp = directory / f".{stem.name}.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, stem.with_suffix(".npz"))
+    write_atomic(stem.with_suffix(".npz"), lambda handle: np.savez_compressed(handle, **arrays))
     scalars = {k: float(v) for k, v in arrays.items() if np.ndim(v) == 0}
     meta = {
         "iteration": iteration,
@@ -105,7 +120,5 @@ def write_inspection(directory: Path, iteration: int, arrays: dict[str, np.ndarr
         "used_pixels": int(np.asarray(arrays["weight"]).sum()),
         "discarded_pixels": int(np.asarray(arrays["weight"]).size - np.asarray(arrays["weight"]).sum()),
     }
-    tmp_json = directory / f".{stem.name}.tmp.json"
-    tmp_json.write_text(json.dumps(json_safe(meta), indent=2))
-    os.replace(tmp_json, stem.with_suffix(".json"))
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(json_safe(meta), indent=2))
     return stem.with_suffix(".npz")

@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mitoseg.atomic import make_folder, remove_stale_temporaries_in, write_text_atomic
 from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels, loss_ignore_index
 from mitoseg.data.readers import open_volume, select_slices
 from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
@@ -33,11 +37,12 @@ from mitoseg.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
     validated_weights,
+    weights_are_finite,
 )
 from mitoseg.engine import distributed
 from mitoseg.engine.ema import ModelEMA
 from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
-from mitoseg.errors import MitosegError
+from mitoseg.errors import MitosegError, TrainingDiverged
 from mitoseg.inference import VolumePredictor, amp_dtype, autocast, fast_memory_format, score_volume
 from mitoseg.losses import make_supervised_loss
 from mitoseg.methods import StepContext, build_method
@@ -195,6 +200,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device, cfg.train.amp) == torch.float16)
+        # Divergence (train_step): consecutive skipped steps, the iteration that began the streak and whether
+        # one of its steps had non-finite inputs. Kept on the device and read at log steps with the logs.
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_since = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_inputs = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._buffers: list[torch.Tensor] | None = None
 
         self.iteration = 0  # number of completed iterations
         self.best: dict | None = None
@@ -317,9 +328,13 @@ class Trainer:
             "best": self.best,
             "last_scores": self.last_scores,
             "wall_time_s": self.wall_time(),
+            "bad_steps": {"count": self.bad_steps, "since": self.bad_since, "inputs": self.bad_inputs},
         }
 
     def _restore(self, state: dict, path: Path) -> None:
+        if not weights_are_finite(state["model"], state["ema_model"]):
+            raise MitosegError(f"--resume: {path} holds non-finite weights (NaN or inf): its run diverged; train "
+                               "again (e.g. with a lower optim.lr)")
         load_weights(self.model, state["model"], path, "model")
         load_weights(self.ema.module, state["ema_model"], path, "EMA model")
         self.ema.n_averaged = int(state["ema_n_averaged"])
@@ -338,12 +353,25 @@ class Trainer:
         self.best = state["best"]
         self.last_scores = state.get("last_scores")
         self.previous_wall_time = float(state["wall_time_s"])
+        bad = state.get("bad_steps")  # absent from checkpoints of mitoseg <= 0.2
+        if bad is not None:
+            self.bad_steps.copy_(bad["count"])
+            self.bad_since.copy_(bad["since"])
+            self.bad_inputs.copy_(bad["inputs"])
 
     def wall_time(self) -> float:
         running = time.perf_counter() - self._start_time if self._start_time is not None else 0.0
         return self.previous_wall_time + running
 
     def save(self, name: str) -> None:
+        # Never a checkpoint of non-finite weights (a step with finite gradients can still overflow them, e.g.
+        # at a huge learning rate): the last good last.pt / best.pt stay. Every rank holds the same weights,
+        # so every rank stops here together.
+        if not weights_are_finite(self.model.state_dict(), self.ema.module.state_dict(),
+                                  *[s for s in self.optimizer.state.values()]):
+            raise TrainingDiverged(
+                f"training diverged at iteration {self.iteration}: the weights became non-finite (NaN or inf); "
+                f"likely cause: {self._likely_cause()}{self._kept()}")
         # Under torchrun only rank 0 writes (every rank holds the same weights), but each rank's random
         # generators differ (dropout, flow sampling): they are gathered so that --resume is exact on every rank.
         rng = capture_rng_state(self.device)
@@ -446,30 +474,118 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
 
+    def _running_buffers(self) -> list[torch.Tensor]:
+        """The buffers a training forward updates in place (BatchNorm statistics) of the student and of the
+        teacher (which a method may run in train mode, DDFP's)."""
+        if self._buffers is None:
+            self._buffers = [b for module in (self.model, self.ema.module) for b in module.buffers()]
+            self._saved_buffers = [b.detach().clone() for b in self._buffers]
+        return self._buffers
+
+    @staticmethod
+    def _inputs_finite(labeled: dict, unlabeled: dict | None) -> torch.Tensor:
+        tensors = [t for batch in (labeled, unlabeled or {}) for t in batch.values() if t.is_floating_point()]
+        return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+    def _step_is_bad(self, loss: torch.Tensor) -> torch.Tensor:
+        """A device flag: the loss or a gradient is not finite (NaN or inf). Gradients are unscaled (fp16) and
+        clipped (``train.grad_clip``) on the way, without a host synchronisation."""
+        bad = ~torch.isfinite(loss.detach())
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler.is_enabled():
+            # fp16: unscale_ records inf / NaN gradients per device (as GradScaler.step would).
+            self.scaler.unscale_(self.optimizer)
+            found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"]
+            bad = bad | (torch.stack([f.to(bad.device) for f in found.values()]).sum() > 0)
+        if self.cfg.train.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        elif not self.scaler.is_enabled() and params:
+            norm = torch.stack([n.to(bad.device) for n in torch._foreach_norm([p.grad for p in params])]).norm()
+        else:
+            norm = None
+        if norm is not None:
+            bad = bad | ~torch.isfinite(norm)
+        if self.dist.enabled:
+            # Each rank's loss is its own: every rank must skip the same steps, or the weights part ways.
+            bad = distributed.all_reduce_sum(bad.float().reshape(1)).reshape(()) > 0
+        return bad
+
     def train_step(self, labeled: dict, unlabeled: dict | None) -> dict[str, torch.Tensor]:
+        """One iteration. A step whose loss or gradient is not finite is skipped: the weights, the optimizer
+        state, the EMA teacher and the BatchNorm statistics the forward touched stay as they were (the learning
+        rate schedule moves on with the iteration), and it is counted on the device (``bad_steps``)."""
         if self.iteration == self.method.teacher_restart_iteration():
             self.ema.restart(self.model)
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
                           total_iterations=self.total_iterations)
         self.model.train()
+        buffers = self._running_buffers()
+        torch._foreach_copy_(self._saved_buffers, buffers)
+        inputs_ok = self._inputs_finite(labeled, unlabeled)
         with autocast(self.device, self.amp):
             out = self.method.training_step(ctx, labeled, unlabeled)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         distributed.all_reduce_gradients(self.model.parameters())
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        bad = self._step_is_bad(out.loss)
+        # The one host synchronisation of a step. Under fp16 AMP it is the one GradScaler.step makes to skip
+        # an overflowing step (made here instead, so the flag covers the loss too); on the CPU reading a
+        # tensor costs nothing; on CUDA without AMP it is one extra synchronisation per step, the price of
+        # skipping a bad step before it reaches the weights and the optimizer state.
+        skip = bool(bad)
+        if skip:
+            torch._foreach_copy_(buffers, self._saved_buffers)
+        else:
+            self.optimizer.step()
+        self.scaler.update()  # fp16: a step with inf / NaN gradients lowers the scale, as with GradScaler.step
+        with warnings.catch_warnings():
+            # A skipped first step makes torch warn that the schedule moves before the optimizer did: meant.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         if self.dist.enabled:
             # BatchNorm statistics of the student and, when a method runs it in train mode (DDFP's teacher), of
             # the teacher: rank 0's everywhere (SyncBatchNorm keeps them equal on GPUs already).
             distributed.broadcast_buffers(self.model)
             distributed.broadcast_buffers(self.ema.module)
-        self.ema.update(self.model)
+        if not skip:
+            self.ema.update(self.model)
+        # The streak of consecutive bad steps, on the device: read with the logs (Trainer.fit).
+        self.bad_since = torch.where(bad & (self.bad_steps == 0), self.iteration + 1, self.bad_since)
+        self.bad_inputs = torch.where(bad, self.bad_inputs | ~inputs_ok, torch.zeros_like(self.bad_inputs))
+        self.bad_steps = torch.where(bad, self.bad_steps + 1, torch.zeros_like(self.bad_steps))
         return {"loss": out.loss.detach(), **out.logs}
+
+    def _likely_cause(self, inputs: bool | None = None) -> str:
+        if inputs is None:
+            inputs = bool(self.bad_inputs)
+        if inputs:
+            return ("non-finite input images (NaN or inf after normalization): check the data (data.train, "
+                    "data.unlabeled, data.normalize)")
+        lrs = sorted({group["lr"] for group in self.optimizer.param_groups})
+        return (f"the learning rate is too high (optim.lr = {self.cfg.optim.lr:g}, now "
+                f"{', '.join(f'{lr:g}' for lr in lrs)}): lower it, or set train.grad_clip")
+
+    def _kept(self) -> str:
+        kept = [name for name in ("last.pt", "best.pt") if (self.out_dir / name).is_file()]
+        if not kept:
+            return "; no checkpoint of it was written"
+        return f"; no checkpoint of it was written, the last good {' and '.join(kept)} in {self.out_dir} " + \
+            ("are" if len(kept) > 1 else "is") + " kept"
+
+    def _divergence(self, values: dict) -> TrainingDiverged | None:
+        """Read at a log step (``values``: the logs with the divergence counters, which are taken out): after
+        ``train.max_bad_steps`` consecutive skipped steps, the error that stops training (exit status 3)."""
+        count = int(round(values.pop("_bad_steps")))
+        since = int(round(values.pop("_bad_since")))
+        inputs = values.pop("_bad_inputs") > 0
+        if count:
+            values["skipped_steps"] = count
+        if count < self.cfg.train.max_bad_steps:
+            return None
+        return TrainingDiverged(
+                f"training diverged at iteration {self.iteration}: {count} consecutive steps (from iteration "
+                f"{since}) had a non-finite loss or gradient and were skipped (train.max_bad_steps = "
+                f"{self.cfg.train.max_bad_steps}); likely cause: {self._likely_cause(inputs)}{self._kept()}")
 
     def _validate_and_keep_best(self, logger: RunLogger) -> None:
         scores = self.validate()
@@ -484,45 +600,72 @@ class Trainer:
         cfg = self.cfg.train
         self._start_time = time.perf_counter()
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.out_dir, "--out")
+            # Temporaries (.NAME.tmp-PID) of a run that was killed while writing: its process is gone.
+            for folder in (self.out_dir, self.out_dir / "inspect"):
+                remove_stale_temporaries_in(folder)
             logger = RunLogger(self.out_dir, start_iteration=self.iteration)
-            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            write_text_atomic(self.out_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
         else:
             logger = NullLogger()
         start = self.iteration
         bar = tqdm(total=self.stop_iteration, initial=start, desc="train", unit="it", disable=not self.progress,
                    dynamic_ncols=True)
         postfix: dict[str, str] = {}
+        interrupt = InterruptRequest()
+        saved_on_interrupt = False
         try:
-            for labeled, unlabeled in self.batches(start):
-                if self.iteration >= self.stop_iteration:
-                    break
-                logs = self.train_step(labeled, unlabeled)
-                self.iteration += 1
-                bar.update(1)
-                done = self.iteration == self.stop_iteration
-                if self.iteration % cfg.log_every == 0 or done:
-                    # The one host synchronisation of a logged step.
-                    stacked = distributed.all_reduce_mean(torch.stack([v.float() for v in logs.values()]))
-                    values = dict(zip(logs, stacked.tolist()))
-                    values["lr"] = self.optimizer.param_groups[0]["lr"]
-                    logger.log_train(self.iteration, values)
-                    postfix["loss"] = f"{values['loss']:.4f}"
-                if self.has_validation and (self.iteration % cfg.val_every == 0 or done):
-                    self._validate_and_keep_best(logger)
-                    name, value = headline_metric(self.last_scores)
-                    postfix[name] = f"{value:.4f}"
-                bar.set_postfix(postfix, refresh=False)
-                if self.inspection_patches is not None and self.is_main and (
-                        self.iteration % cfg.inspect_every == 0 or done):
-                    self.inspect()
-                if self.iteration % cfg.checkpoint_every == 0 or done:
-                    self.save("last.pt")
-        except KeyboardInterrupt:
+            with interrupt:
+                for labeled, unlabeled in self.batches(start):
+                    if self.iteration >= self.stop_iteration:
+                        break
+                    logs = self.train_step(labeled, unlabeled)
+                    self.iteration += 1
+                    bar.update(1)
+                    done = self.iteration == self.stop_iteration
+                    stop = interrupt.requested and not self.dist.enabled
+                    if self.iteration % cfg.log_every == 0 or done:
+                        # The one host synchronisation of a logged step: the logs, the divergence counters and,
+                        # under torchrun, whether any rank was interrupted (so that all stop at the same step).
+                        extra = {"_bad_steps": self.bad_steps, "_bad_since": self.bad_since,
+                                 "_bad_inputs": self.bad_inputs}
+                        if self.dist.enabled:
+                            extra["_interrupt"] = torch.tensor(float(interrupt.requested), device=self.device)
+                        tensors = [v.float().reshape(()) for v in (*logs.values(), *extra.values())]
+                        stacked = distributed.all_reduce_mean(torch.stack(tensors))
+                        values = dict(zip([*logs, *extra], stacked.tolist()))
+                        stop = stop or values.pop("_interrupt", 0.0) > 0
+                        diverged = self._divergence(values)
+                        values["lr"] = self.optimizer.param_groups[0]["lr"]
+                        logger.log_train(self.iteration, values)
+                        if diverged is not None:
+                            raise diverged
+                        postfix["loss"] = f"{values['loss']:.4f}"
+                    if self.has_validation and (self.iteration % cfg.val_every == 0 or done):
+                        self._validate_and_keep_best(logger)
+                        name, value = headline_metric(self.last_scores)
+                        postfix[name] = f"{value:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    if self.inspection_patches is not None and self.is_main and (
+                            self.iteration % cfg.inspect_every == 0 or done):
+                        self.inspect()
+                    if self.iteration % cfg.checkpoint_every == 0 or done:
+                        self.save("last.pt")
+                    elif stop:
+                        self.save("last.pt")
+                    if stop:
+                        # Ctrl-C: last.pt holds this iteration (written atomically); --resume continues from it
+                        # exactly as an uninterrupted run would have.
+                        saved_on_interrupt = True
+                        raise KeyboardInterrupt
+        except BaseException as exc:
             bar.close()
             logger.close()
-            tqdm.write(f"interrupted at iteration {self.iteration}; continue from the last checkpoint "
-                       f"with --resume --out {self.out_dir}")
+            if isinstance(exc, KeyboardInterrupt):
+                where = ("last.pt is saved at this iteration" if saved_on_interrupt
+                         else "stopped at once, without saving")
+                tqdm.write(f"interrupted at iteration {self.iteration}; {where}: continue with --resume --out "
+                           f"{self.out_dir}")
             raise
         bar.close()
         if not self.has_validation:
@@ -544,7 +687,36 @@ class Trainer:
             "test": test,
         }
         if self.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
         logger.close()
         distributed.barrier()
         return summary
+
+
+class InterruptRequest:
+    """Ctrl-C (SIGINT) during training as a request: the loop finishes the iteration it is in, saves last.pt
+    there and stops (exit status 130); a second Ctrl-C stops at once. Only the main thread can install
+    signal handlers: elsewhere (a napari worker, say) Ctrl-C keeps its default meaning."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptRequest":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+                self._previous = previous if previous is not None else signal.default_int_handler
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: saving last.pt at the end of this iteration (press Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

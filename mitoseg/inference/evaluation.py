@@ -26,7 +26,7 @@ def score_em_volume(model: torch.nn.Module, cfg, image: str, label: str, slices,
     """
     ignore_index = loss_ignore_index(cfg.train)
     k = cfg.data.num_classes
-    with open_volume(image) as image_volume, open_volume(label) as label_volume:
+    with open_volume(image, finite=True) as image_volume, open_volume(label) as label_volume:
         if label_volume.shape != image_volume.shape:
             raise MitosegError(f"{label}: label shape {label_volume.shape} differs from image {image} shape "
                                f"{image_volume.shape}")

@@ -264,6 +264,11 @@ class FlowTrainer:
     Adam (``betas``), gradient-norm clipping, and a learning rate decaying exponentially from
     ``lr`` to ``final_lr_ratio * lr`` over ``total_steps`` steps (a ``LambdaLR``). Everything
     goes through ``state_dict`` as plain tensors and numbers.
+
+    A step whose gradient is not finite (features of a diverging network, an overflow) is skipped:
+    the fused Adam takes a ``found_inf`` flag on the device and then leaves the flow's parameters,
+    its moments and its step count as they were, without a host synchronisation. (On a PyTorch
+    without a fused Adam for the device, the flag is read on the host instead.)
     """
 
     def __init__(self, model: DensityModel, lr: float = 1e-3, betas=(0.5, 0.9), grad_clip: float = 50.0,
@@ -274,7 +279,12 @@ class FlowTrainer:
         self.noise = noise
         self.max_pixels = max_pixels
         self.params = [p for p in model.parameters() if p.requires_grad]  # not the fixed permutations
-        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=tuple(betas))
+        try:
+            self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=tuple(betas), fused=True)
+            self.fused = True
+        except RuntimeError:  # PyTorch < 2.4 has no fused Adam on the CPU
+            self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=tuple(betas))
+            self.fused = False
         span = max(1, total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: final_lr_ratio ** min(1.0, step / span))
@@ -297,8 +307,9 @@ class FlowTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         nll.backward()
         all_reduce_gradients(self.params)  # under torchrun every rank keeps the same flow (no-op otherwise)
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
+        # The norm of the summed gradients: every rank takes the same decision.
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self._step_unless(~torch.isfinite(norm))
         self.scheduler.step()
         with torch.no_grad():
             mixture = mixture_log_density(component) + log_jac
@@ -310,11 +321,31 @@ class FlowTrainer:
                 "logp_unlabeled": (mixture * unlabeled).sum() / unlabeled.sum().clamp_min(1.0),
             }
 
+    def _step_unless(self, bad: torch.Tensor) -> None:
+        """The Adam step, skipped where ``bad`` (a device flag) is set."""
+        if self.fused:
+            self.optimizer.found_inf = bad.to(torch.float32).reshape(())
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+
+    def _fused_state(self) -> None:
+        """After loading a state dict (whose param groups say how it was written): this trainer's own Adam
+        implementation; the fused one keeps its step counts on the parameters' device as float32 (a
+        checkpoint of mitoseg <= 0.2, written by the unfused Adam, keeps them on the CPU)."""
+        for group in self.optimizer.param_groups:
+            group["fused"], group["foreach"] = (True, None) if self.fused else (None, None)
+        if not self.fused:
+            return
+        for param, state in self.optimizer.state.items():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+
     def to(self, device) -> "FlowTrainer":
         self.model.to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
-                if torch.is_tensor(value) and key != "step":
+                if torch.is_tensor(value) and (key != "step" or self.fused):
                     state[key] = value.to(device)
         return self
 
@@ -325,4 +356,5 @@ class FlowTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._fused_state()
         self.scheduler.load_state_dict(dict(state["scheduler"]))
