@@ -154,6 +154,8 @@ def config_for(method: str, subset: Path, overrides: dict, seed: int) -> dict:
 def runs_of(args) -> list[dict]:
     """Every run the arguments ask for: (variant, seed, method) with its config overrides."""
     recipe = RECIPES[args.recipe]()
+    if args.iterations:
+        recipe["train.iterations"] = args.iterations
     if args.tiny:
         recipe.update({"train.iterations": 8, "train.val_every": 4, "train.checkpoint_every": 4,
                        "data.patch_size": [64, 64], "inference.roi_size": [128, 128]})
@@ -314,6 +316,8 @@ def main() -> None:
     parser.add_argument("--subset", type=Path, default=Path("../shared/data/lucchi-subset"))
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--iterations", type=int, help="train this many iterations instead of the recipe's "
+                        "(the schedule follows: poly / cosine decay to the end)")
     parser.add_argument("--methods", nargs="+", default=["supervised", "daw", "oracle"],
                         choices=["supervised", *SEMI_SUPERVISED, "oracle"])
     parser.add_argument("--ablation", action="store_true", help="also each of --variants alone, then all together")
