@@ -177,6 +177,14 @@ class ModelConfig:
     deep_stem: bool = False  # ResNet-v1c stem (three 3x3 convs, 128 channels), as UniMatch's pretrained files
     width: int = 64  # ResNet base width: 64 is the standard ResNet (smaller: tiny test networks only)
     pretrained: Optional[str] = None  # torchvision-style ResNet state dict for the backbone (.pth)
+    # Fine-tuning (mitoseg/engine/finetune.py): the weights of a mitoseg checkpoint (RUN/best.pt, RUN/last.pt)
+    # start a new run; another data.num_classes re-initialises the classifier only. Read once: --resume does not.
+    init_from: Optional[str] = None
+    init_weights: Optional[Literal["ema", "student"]] = None  # default: the weights the checkpoint's run validated
+    # Parts that do not train (their BatchNorm statistics stay as loaded too), e.g. [encoder] for small label sets;
+    # freeze_iters: the iteration at which they thaw (null: frozen for the whole run).
+    freeze: list[Literal["encoder", "decoder"]] = field(default_factory=list)
+    freeze_iters: Optional[int] = None
 
 
 @dataclass
@@ -475,6 +483,7 @@ _RANGES: dict[str, _Range] = {
     "model.head_channels": _AT_LEAST_1,
     "model.dropout": _UNIT,
     "model.width": _Range(4),
+    "model.freeze_iters": _AT_LEAST_1,  # 0 would freeze nothing
     "method.threshold": _PROBABILITY,
     "method.fp_dropout": _UNIT,
     "method.daw.momentum": _PROBABILITY,
@@ -592,6 +601,7 @@ def _check_values(cfg: Config) -> None:
          "needs natural images (data.kind pascal or cityscapes)")
     need(cfg.model.pretrained is None or cfg.model.name == "deeplabv3plus", "model.pretrained",
          "is only used by model.name deeplabv3plus")
+    _check_fine_tuning(cfg, need)
     need(cfg.model.aspp_dilations is None or len(cfg.model.aspp_dilations) == 3, "model.aspp_dilations",
          "must have 3 values")
     need(not natural or cfg.data.context_slices == 0, "data.context_slices",
@@ -682,6 +692,28 @@ def _check_values(cfg: Config) -> None:
     need(deeplab or cfg.method.fp_placement != "backbone", "method.fp_placement",
          f"backbone drops channels of the DeepLabV3+ backbone features; use head_input for model.name "
          f"{cfg.model.name}")
+
+
+def _check_fine_tuning(cfg: Config, need) -> None:
+    """``model.init_from`` / ``.init_weights`` / ``.freeze`` / ``.freeze_iters`` (mitoseg/engine/finetune.py)."""
+    model = cfg.model
+    need(model.init_weights is None or model.init_from is not None, "model.init_weights",
+         "chooses the weights of model.init_from's checkpoint; set model.init_from too")
+    need(model.init_from is None or bool(model.init_from.strip()), "model.init_from",
+         "must name a mitoseg checkpoint (RUN/best.pt or RUN/last.pt)")
+    need(model.init_from is None or model.pretrained is None, "model.pretrained",
+         "and model.init_from cannot both be set: the checkpoint of model.init_from replaces every weight, "
+         "the backbone's too")
+    need(len(set(model.freeze)) == len(model.freeze), "model.freeze", f"names a part twice: {model.freeze}")
+    # A frozen part keeps the weights it starts with: random ones would never learn.
+    need(not model.freeze or model.init_from is not None or model.pretrained is not None, "model.freeze",
+         "keeps parts of a network at their starting weights, so it needs trained ones: set model.init_from "
+         "(or model.pretrained for deeplabv3plus)")
+    need(model.freeze_iters is None or bool(model.freeze), "model.freeze_iters",
+         "is the iteration at which the parts of model.freeze thaw; set model.freeze too")
+    need(model.freeze_iters is None or cfg.train.epochs is not None or model.freeze_iters < cfg.train.iterations,
+         "model.freeze_iters", f"must be less than train.iterations ({cfg.train.iterations}), got "
+         f"{model.freeze_iters} (null: frozen for the whole run)")
 
 
 def _natural_loss_default(data: dict) -> dict:

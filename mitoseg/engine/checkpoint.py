@@ -58,6 +58,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise MitosegError(f"checkpoint {path} is a directory; name a checkpoint file (RUN/best.pt or RUN/last.pt)")
     if not path.is_file():
         raise MitosegError(f"checkpoint not found: {path}")
+    from mitoseg.export.torchscript import is_torchscript_file
+
+    if is_torchscript_file(path):
+        raise MitosegError(f"{path} is a TorchScript file (mitoseg export), not a run's checkpoint: mitoseg predict "
+                           "takes it; this command needs RUN/best.pt or RUN/last.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except OSError as exc:  # no permission, an I/O error: the file itself may be fine
@@ -111,7 +116,12 @@ def validated_weights(state: dict) -> str:
 
 def model_from_checkpoint(path: str | Path, weights: str | None = None, device="cpu") -> tuple[torch.nn.Module, Config]:
     """Rebuild the network of a checkpoint and load its student or EMA weights (None: the weights its run
-    validated, :func:`validated_weights`), in eval mode."""
+    validated, :func:`validated_weights`), in eval mode. A TorchScript file of ``mitoseg export --format
+    torchscript`` works too: its traced network, with the run's config stored inside it."""
+    from mitoseg.export.torchscript import is_torchscript_file, load_torchscript_model
+
+    if is_torchscript_file(path):
+        return load_torchscript_model(path, weights, device)
     return model_from_state(load_checkpoint(path), path, weights, device)
 
 

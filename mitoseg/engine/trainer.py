@@ -41,6 +41,13 @@ from mitoseg.engine.checkpoint import (
 )
 from mitoseg.engine import distributed
 from mitoseg.engine.ema import ModelEMA
+from mitoseg.engine.finetune import (
+    PartFreezer,
+    describe_initialisation,
+    frozen_parameter_count,
+    initialise_from_checkpoint,
+    read_init_checkpoint,
+)
 from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
 from mitoseg.errors import MitosegError, TrainingDiverged
 from mitoseg.inference import VolumePredictor, amp_dtype, autocast, fast_memory_format, score_volume
@@ -141,8 +148,10 @@ def check_test_volume(test: VolumeConfig) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, max_iters: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, max_minutes: float | None = None):
         self.out_dir = Path(out_dir)
+        # A time budget (``mitoseg train --max-minutes``): training stops at the first log step past it.
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.dist = distributed.setup(cfg.device)
         self.is_main = self.dist.is_main
         self.progress = progress and self.is_main
@@ -160,6 +169,9 @@ class Trainer:
                     f"--resume: the config differs from the one in {last} at {', '.join(changed[:5])}; "
                     "resume with the run's own config (omit --config)"
                 )
+        # Fine-tuning reads model.init_from when a run starts, before the data (a wrong path fails fast); a resumed
+        # run restores its own last.pt instead and never opens it again (it may have moved since).
+        init_state = read_init_checkpoint(cfg) if resume_state is None and cfg.model.init_from else None
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
@@ -182,7 +194,13 @@ class Trainer:
         self.has_validation = self.val_slices is not None or (self.natural is not None and self.natural.val is not None)
 
         self.model = build_model(cfg.model, num_classes, input_channels(cfg))
-        if cfg.model.name == "deeplabv3plus" and resume_state is None:
+        self.init_report: dict | None = None
+        if init_state is not None:
+            self.init_report = initialise_from_checkpoint(self.model, cfg, init_state)
+            del init_state
+        elif resume_state is not None:
+            self.init_report = resume_state.get("init")
+        if cfg.model.name == "deeplabv3plus" and resume_state is None and self.init_report is None:
             if cfg.model.pretrained:
                 from mitoseg.networks.deeplab import load_pretrained_backbone
 
@@ -196,8 +214,10 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model = fast_memory_format(self.model.to(self.device))
         distributed.broadcast_parameters(self.model)
+        # Made after model.init_from is loaded: the teacher starts as the initialised student.
         self.ema = ModelEMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.freezer = PartFreezer(self.model, cfg.model.freeze, cfg.model.freeze_iters)
         self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device, cfg.train.amp) == torch.float16)
         # Divergence (train_step): consecutive skipped steps, the iteration that began the streak and whether
@@ -214,6 +234,14 @@ class Trainer:
         self._start_time: float | None = None
         if resume_state is not None:
             self._restore(resume_state, self.out_dir / "last.pt")
+        if self.is_main and self.init_report is not None and resume_state is None:
+            print(describe_initialisation(self.init_report, num_classes), flush=True)
+        if self.is_main and cfg.model.freeze and self.freezer.frozen_at(self.iteration):
+            until = (f"until iteration {cfg.model.freeze_iters}" if cfg.model.freeze_iters is not None
+                     else "for the whole run")
+            count = frozen_parameter_count(self.model, cfg.model.freeze)
+            print(f"model.freeze: {', '.join(cfg.model.freeze)} ({count:,} parameters and their BatchNorm "
+                  f"statistics) frozen {until}", flush=True)
 
     def _build_natural_data(self) -> None:
         """Pascal VOC / Cityscapes images from split lists (mitoseg/data/natural.py)."""
@@ -329,6 +357,7 @@ class Trainer:
             "last_scores": self.last_scores,
             "wall_time_s": self.wall_time(),
             "bad_steps": {"count": self.bad_steps, "since": self.bad_since, "inputs": self.bad_inputs},
+            "init": self.init_report,
         }
 
     def _restore(self, state: dict, path: Path) -> None:
@@ -514,6 +543,8 @@ class Trainer:
         """One iteration. A step whose loss or gradient is not finite is skipped: the weights, the optimizer
         state, the EMA teacher and the BatchNorm statistics the forward touched stay as they were (the learning
         rate schedule moves on with the iteration), and it is counted on the device (``bad_steps``)."""
+        if self.freezer.update(self.iteration) and self.is_main:
+            tqdm.write(f"iteration {self.iteration}: model.freeze thawed ({', '.join(self.freezer.parts)})")
         if self.iteration == self.method.teacher_restart_iteration():
             self.ema.restart(self.model)
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
@@ -614,6 +645,7 @@ class Trainer:
         postfix: dict[str, str] = {}
         interrupt = InterruptRequest()
         saved_on_interrupt = False
+        timed_out = False
         try:
             with interrupt:
                 for labeled, unlabeled in self.batches(start):
@@ -631,10 +663,18 @@ class Trainer:
                                  "_bad_inputs": self.bad_inputs}
                         if self.dist.enabled:
                             extra["_interrupt"] = torch.tensor(float(interrupt.requested), device=self.device)
+                        if self.max_seconds is not None:
+                            elapsed = time.perf_counter() - self._start_time
+                            extra["_timeout"] = torch.tensor(float(elapsed >= self.max_seconds), device=self.device)
                         tensors = [v.float().reshape(()) for v in (*logs.values(), *extra.values())]
                         stacked = distributed.all_reduce_mean(torch.stack(tensors))
                         values = dict(zip([*logs, *extra], stacked.tolist()))
                         stop = stop or values.pop("_interrupt", 0.0) > 0
+                        if values.pop("_timeout", 0.0) > 0 and not done:
+                            # --max-minutes: this iteration ends the run as if it were the last one (validation,
+                            # inspection, last.pt); the schedule still spans train.iterations, so --resume continues.
+                            done, timed_out = True, True
+                            self.stop_iteration = self.iteration
                         diverged = self._divergence(values)
                         values["lr"] = self.optimizer.param_groups[0]["lr"]
                         logger.log_train(self.iteration, values)
@@ -668,6 +708,9 @@ class Trainer:
                            f"{self.out_dir}")
             raise
         bar.close()
+        if timed_out and self.is_main:
+            tqdm.write(f"time limit of {self.max_seconds / 60:g} minutes reached at iteration {self.iteration}; "
+                       f"last.pt is saved: continue with --resume --out {self.out_dir}")
         if not self.has_validation:
             # Without validation data the final weights are the best we know of.
             self.save("best.pt")
@@ -685,6 +728,8 @@ class Trainer:
             "final": self.last_scores,
             "best": self.best,
             "test": test,
+            "init": self.init_report,
+            "time_limit_reached": timed_out,
         }
         if self.is_main:
             write_text_atomic(self.out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))

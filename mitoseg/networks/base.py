@@ -102,3 +102,13 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.features(x), x.shape[2:])
+
+    def classifier_keys(self) -> list[str]:
+        """The state-dict keys of the head's last 1x1 convolution, the only weights whose shape depends on the
+        number of classes: fine-tuning to another ``data.num_classes`` re-initialises them."""
+        return [f"seg_head.classifier.{name}" for name, _ in self.seg_head.classifier.named_parameters()]
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The modules of each part ``model.freeze`` can name: ``encoder`` (the down-sampling path) and
+        ``decoder`` (the rest of ``features(x)``); the head is never frozen."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its parts")

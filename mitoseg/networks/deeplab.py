@@ -251,6 +251,12 @@ class DeepLabV3Plus(SegmentationModel):
             logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
         return logits
 
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The encoder is the ResNet backbone; the decoder ASPP, the low-level projection and the fuse
+        convolution (``unimatch``) or the ASPP head (``u2pl``)."""
+        decoder = [self.aspp, self.reduce, self.fuse if self.decoder_name == "unimatch" else self.aspp_head]
+        return {"encoder": [self.backbone], "decoder": decoder}
+
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The pretrained part (base learning rate); everything else gets ``optim.head_lr_multiplier``."""
         return list(self.backbone.parameters())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
+from torch import nn
 
 from mitoseg.networks.base import SegmentationHead, SegmentationModel
 from mitoseg.networks.registry import register_model
@@ -36,6 +38,18 @@ class UNetSegmenter(SegmentationModel):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder_decoder(x)
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """MONAI's UNet nests each level as ``Sequential(down, SkipConnection(deeper levels), up)`` around the
+        bottom block: the encoder is every ``down`` and the bottom, the decoder every ``up``."""
+        encoder, decoder = [], []
+        node = self.encoder_decoder.model
+        while isinstance(node, nn.Sequential) and len(node) == 3 and isinstance(node[1], SkipConnection):
+            encoder.append(node[0])
+            decoder.append(node[2])
+            node = node[1].submodule
+        encoder.append(node)
+        return {"encoder": encoder, "decoder": decoder}
 
 
 @register_model("unet")
