@@ -62,49 +62,44 @@ def _h5(file: str, inner: str | None):
         return tuple(float(v) * 1e3 for v in size)
 
 
-def _ngff_scale(attrs: dict, path: str):
-    """(z, y, x) nm of the multiscale level ``path`` from NGFF 0.4 (attrs) or 0.5 (attrs["ome"]) metadata."""
-    ome = attrs.get("ome", attrs)
-    multiscales = ome.get("multiscales")
-    if not multiscales:
+def _ngff_scale(image: dict, path: str):
+    """(z, y, x) nm of the multiscale level ``path`` of an NGFF ``multiscales`` entry (0.4 or 0.5): the
+    level's scale times the image-wide one, in the axes' units; None without z, y, x lengths."""
+    from mitoseg.data.ngff import axis_names, axis_units, level_scale
+
+    names, units = axis_names(image), [_nm(u) for u in axis_units(image)]
+    scale = level_scale(image, path)
+    if scale is None or len(scale) != len(names) or not all(n in names for n in "zyx"):
         return None
-    image = multiscales[0]
-    axes = image.get("axes", [])
-    names = [a["name"] if isinstance(a, dict) else a for a in axes]
-    units = [_nm(a.get("unit")) if isinstance(a, dict) else None for a in axes]
-    for dataset in image.get("datasets", []):
-        if str(dataset.get("path")).strip("/") != path.strip("/"):
-            continue
-        scale = next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"),
-                     None)
-        if scale is None or not all(n in names for n in "zyx"):
+    result = []
+    for axis in "zyx":
+        i = names.index(axis)
+        if units[i] is None or not scale[i] > 0:
             return None
-        result = []
-        for axis in "zyx":
-            i = names.index(axis)
-            if units[i] is None:
-                return None
-            result.append(float(scale[i]) * units[i])
-        return tuple(result)
-    return None
+        result.append(float(scale[i]) * units[i])
+    return tuple(result)
 
 
 def _zarr(file: str, inner: str | None):
+    """An OME-Zarr image (its level 0), one of its levels or a label image inside it."""
     import zarr
+
+    from mitoseg.data.ngff import _image_group, level_paths, multiscale
 
     root = zarr.open(file, mode="r")
     if isinstance(root, zarr.Array):
         return None
-    if inner is None:
+    found = _image_group(root, inner)
+    if found is None:
         return None
-    # The multiscales metadata sits on the image group holding the level arrays.
-    parts = inner.strip("/").split("/")
-    for depth in range(len(parts) - 1, -1, -1):
-        group = root if depth == 0 else root["/".join(parts[:depth])]
-        found = _ngff_scale(dict(group.attrs), "/".join(parts[depth:]))
-        if found is not None:
-            return found
-    return None
+    group, _, level = found
+    image = multiscale(group)
+    if level is None:
+        paths = level_paths(image)
+        if not paths:
+            return None
+        level = paths[0]
+    return _ngff_scale(image, level)
 
 
 def voxel_size_nm(spec: str | os.PathLike) -> tuple[float, float, float] | None:

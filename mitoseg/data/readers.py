@@ -8,6 +8,9 @@ A volume is given by a *spec*, the same for input and output:
                                part may be left out if the file holds only one
 ``dir.zarr``                   Zarr array at the root of ``dir.zarr``
 ``dir.zarr:/path/in/group``    Zarr array inside a group (same rule as HDF5)
+``vol.ome.zarr[:/LEVEL]``      OME-Zarr image (NGFF 0.4 / 0.5): level 0, or the level
+                               at path LEVEL (:mod:`mitoseg.data.ngff`); outputs
+                               named ``*.ome.zarr`` are written as OME-Zarr
 ``folder/``                    2-D ``*.png`` / ``*.tif`` / ``*.tiff`` slices, one
                                per file, in natural order (read only)
 =============================  ===============================================
@@ -49,8 +52,10 @@ H5_SUFFIXES = (".h5", ".hdf5")
 ZARR_SUFFIX = ".zarr"
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 READABLE = ("a TIFF stack (.tif, .tiff), HDF5 (.h5, .hdf5, optionally FILE:/DATASET), "
-            "Zarr (.zarr, optionally DIR:/ARRAY) or a folder of .png/.tif/.tiff slices")
-WRITABLE = "TIFF (.tif, .tiff), HDF5 (FILE.h5:/DATASET) or Zarr (DIR.zarr or DIR.zarr:/ARRAY)"
+            "Zarr (.zarr, optionally DIR:/ARRAY; OME-Zarr images .ome.zarr, optionally DIR:/LEVEL) "
+            "or a folder of .png/.tif/.tiff slices")
+WRITABLE = ("TIFF (.tif, .tiff), HDF5 (FILE.h5:/DATASET), Zarr (DIR.zarr or DIR.zarr:/ARRAY) "
+            "or OME-Zarr (DIR.ome.zarr)")
 
 _CONTAINER_SPEC = re.compile(r"(.+?\.(?:h5|hdf5|zarr)):(/.*)", re.IGNORECASE)
 _SUPPORTED_KINDS = "biuf"  # bool, signed and unsigned integers, floats
@@ -134,6 +139,30 @@ class Volume:
         if self.finite:
             check_finite(data, self.path, start)
         return data
+
+    def read_region(self, start: int, stop: int, rows: slice, cols: slice) -> np.ndarray:
+        """Slices ``[start, stop)`` cropped to ``rows`` x ``cols`` (y, x; slices with steps of 1): HDF5 and
+        Zarr read only the chunks covering the region, other formats whole slices."""
+        rows = slice(*rows.indices(self.shape[-2]))
+        cols = slice(*cols.indices(self.shape[-1]))
+        if not (0 <= start < stop <= len(self) and rows.step == cols.step == 1 and rows.start < rows.stop
+                and cols.start < cols.stop):
+            return self.read(start, stop)[..., rows, cols]  # read() refuses a bad range; an empty crop is empty
+        try:
+            data = self._read_region(start, stop, rows, cols)
+        except MitosegError:
+            raise
+        except Exception as exc:
+            raise MitosegError(f"{self.path}: cannot read slices {start}:{stop} ({_brief(exc)})") from exc
+        data = np.asarray(data, dtype=self.dtype).reshape(
+            stop - start, *self.shape[1:-2], rows.stop - rows.start, cols.stop - cols.start)
+        if self.finite:
+            check_finite(data, self.path, start)
+        return data
+
+    def _read_region(self, start: int, stop: int, rows: slice, cols: slice) -> np.ndarray:
+        """Whole slices, cropped (formats that cannot read less)."""
+        return np.asarray(self._read(start, stop)).reshape(stop - start, *self.shape[1:])[..., rows, cols]
 
     def read_slices(self, indices: Sequence[int]) -> np.ndarray:
         """The slices ``indices`` (any order, repeats allowed) as a (len(indices), y, x) array."""
@@ -319,6 +348,11 @@ class _ArrayVolume(Volume):
             return self._array[()][None]  # a single slice; read() has checked start=0, stop=1
         return self._array[start:stop]
 
+    def _read_region(self, start: int, stop: int, rows: slice, cols: slice) -> np.ndarray:
+        if self._array.ndim == 2:
+            return self._array[rows, cols][None]
+        return self._array[(slice(start, stop),) + (slice(None),) * (self._array.ndim - 3) + (rows, cols)]
+
 
 def _only_member(path: str, names: list[str], kind: str) -> str:
     """The member of a container to read when the spec names none: it must hold exactly one."""
@@ -367,6 +401,11 @@ class _ZarrVolume(_ArrayVolume):
             if inner is not None:
                 raise MitosegError(f"{path}: {file} is a single array, it has no '/{inner}'")
             self._array = node
+            return
+        from mitoseg.data.ngff import ngff_array
+
+        self._array = ngff_array(node, inner, path)  # an OME-Zarr image or one of its levels
+        if self._array is not None:
             return
         names = [name for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array)]
         name = inner if inner is not None else _only_member(path, names, "array")
@@ -613,15 +652,20 @@ _PENDING: set[str] = set()  # final paths of writers open in this process
 
 def _output_kind(file: str) -> str:
     suffix = _suffix(file)
+    from mitoseg.data.ngff import is_ome_zarr_name
+
+    if is_ome_zarr_name(file):
+        return "ome-zarr"
     for kind, suffixes in (("tiff", TIFF_SUFFIXES), ("h5", H5_SUFFIXES), ("zarr", (ZARR_SUFFIX,))):
         if suffix in suffixes:
             return kind
     raise MitosegError(f"{file}: cannot write this format; outputs can be {WRITABLE}")
 
 
-def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """One slice per chunk (slabs are written and read by z), tiled in y, x for huge slices."""
-    return (1, *shape[1:-2], min(shape[-2], 1024), min(shape[-1], 1024))
+def _chunks(shape: tuple[int, ...], tile: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """One slice per chunk (slabs are written and read by z), tiled in y, x (``tile``, default 1024 x 1024)."""
+    ty, tx = tile or (1024, 1024)
+    return (1, *shape[1:-2], min(shape[-2], ty), min(shape[-1], tx))
 
 
 class _TiffSink:
@@ -666,17 +710,25 @@ class _H5Sink:
 
 
 class _ZarrSink:
-    def __init__(self, tmp: str, inner: str | None, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, tmp: str, inner: str | None, shape: tuple[int, ...], dtype: np.dtype,
+                 tile: tuple[int, int] | None = None):
         import zarr
 
+        self._tmp, self._inner = tmp, inner
         if inner is None:
-            self._array = zarr.create_array(store=tmp, shape=shape, dtype=dtype, chunks=_chunks(shape))
+            self._array = zarr.create_array(store=tmp, shape=shape, dtype=dtype, chunks=_chunks(shape, tile))
         else:
             group = zarr.open_group(tmp, mode="w")
-            self._array = group.create_array(name=inner, shape=shape, dtype=dtype, chunks=_chunks(shape))
+            self._array = group.create_array(name=inner, shape=shape, dtype=dtype, chunks=_chunks(shape, tile))
 
     def write(self, start: int, data: np.ndarray) -> None:
         self._array[start:start + len(data)] = data
+
+    def target(self):
+        """Where other processes write blocks of this array (:class:`mitoseg.data.ngff.ZarrBlockTarget`)."""
+        from mitoseg.data.ngff import ZarrBlockTarget
+
+        return ZarrBlockTarget(self._tmp, self._inner or "")
 
     def close(self) -> None:
         pass  # every write is already on disk
@@ -751,9 +803,17 @@ class VolumeWriter:
     existing one is refused without ``overwrite``, and even with it when it
     holds datasets other than the one being written (those would be lost).
     Two open writers may not target the same file.
+
+    An output named ``*.ome.zarr`` is an OME-Zarr image (:class:`mitoseg.data.ngff.NgffSink`): ``voxel_size``
+    (z, y, x nm, or None) becomes its scale, ``labels`` adds the image-label metadata, ``ngff_version`` is
+    "0.5" (Zarr v3, default) or "0.4" (Zarr v2). ``tile`` is the (y, x) size of Zarr chunks (default
+    1024 x 1024). :meth:`block_target` lets other processes write blocks of a Zarr output
+    (``predict --dask``), :meth:`finish_blocks` declares them all written.
     """
 
-    def __init__(self, spec: str | os.PathLike, shape: tuple[int, ...], dtype, overwrite: bool = False):
+    def __init__(self, spec: str | os.PathLike, shape: tuple[int, ...], dtype, overwrite: bool = False, *,
+                 voxel_size=None, labels: bool = False, ngff_version: str | None = None,
+                 tile: tuple[int, int] | None = None):
         self.path = os.fspath(spec)
         self.shape = tuple(operator.index(n) for n in shape)
         self.dtype = np.dtype(dtype)
@@ -765,6 +825,8 @@ class VolumeWriter:
         kind = _output_kind(file)
         if kind == "h5" and inner is None:
             raise MitosegError(f"{self.path}: name the dataset to write, e.g. {file}:/data")
+        if kind == "ome-zarr" and inner is not None:
+            raise MitosegError(f"{self.path}: an OME-Zarr output is a whole store; write it as {file}")
         self._final = os.path.abspath(file)
         self._overwrite = overwrite
         check_output_path(self._final, "output")
@@ -790,7 +852,15 @@ class VolumeWriter:
         self._next = 0
         self._sink = None
         try:
-            self._sink = _SINKS[kind](self._tmp, inner, self.shape, self.dtype)
+            if kind == "ome-zarr":
+                from mitoseg.data.ngff import NgffSink
+
+                self._sink = NgffSink(self._tmp, inner, self.shape, self.dtype, voxel_size=voxel_size,
+                                      labels=labels, ngff_version=ngff_version, tile=tile,
+                                      name=os.path.basename(self._final))
+            else:
+                self._sink = _SINKS[kind](self._tmp, inner, self.shape, self.dtype,
+                                          **({"tile": tile} if kind == "zarr" else {}))
         except BaseException as exc:
             self.abort()
             self._raise_write_error(exc)
@@ -814,7 +884,9 @@ class VolumeWriter:
             if os.path.isdir(file):  # never delete an arbitrary folder
                 raise MitosegError(f"{file} exists and is not a Zarr store; remove it or choose another output")
             return
-        others = [name for name in members if name != (inner or "")]
+        # An OME-Zarr output is its one level "0": other levels or labels inside would be lost.
+        mine = {"0", ""} if kind == "ome-zarr" else {inner or ""}
+        others = [name for name in members if name not in mine]
         if others:
             raise MitosegError(f"{file} holds other data ({_listing(others)}) that --overwrite would delete; "
                                "write to a new file")
@@ -850,6 +922,22 @@ class VolumeWriter:
                 self._raise_write_error(exc)
                 raise
         self._next += len(data)
+
+    def block_target(self):
+        """Where processes other than this one (Dask workers) write blocks of a Zarr or OME-Zarr output
+        (:class:`mitoseg.data.ngff.ZarrBlockTarget`: the temporary store); other formats are refused."""
+        target = getattr(self._sink, "target", None)
+        if target is None:
+            raise MitosegError(f"{self.path}: only Zarr outputs (DIR.zarr, DIR.zarr:/ARRAY, DIR.ome.zarr) can be "
+                               "written by several processes; write to one of those")
+        return target()
+
+    def finish_blocks(self) -> None:
+        """Declare every slice written through :meth:`block_target`, so :meth:`close` moves the output into
+        place (the caller has seen every block written)."""
+        if self._sink is None:
+            raise MitosegError(f"{self.path}: writer is already closed")
+        self._next = self.shape[0]
 
     def close(self) -> None:
         """Finish the file and move it to its final path (only now does the output appear)."""

@@ -59,15 +59,18 @@ def memmap_scratch(folder: str | Path):
 
 def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], output: str,
                    options: InstanceOptions, voxel_size=None, read_probability=None, table: Path | None = None,
-                   overwrite: bool = False, progress: bool = True) -> tuple[Measurements, Path]:
+                   overwrite: bool = False, progress: bool = True,
+                   ngff_version: str | None = None) -> tuple[Measurements, Path]:
     """Instances of the foreground (label > 0) of a label volume, written as uint32 to ``output`` with
-    their measurements in ``table`` (default ``INST_objects.csv``). Memory is bounded by the slab."""
+    their measurements in ``table`` (default ``INST_objects.csv``). Memory is bounded by the slab. An output
+    named ``*.ome.zarr`` is an OME-Zarr label image (scale: ``voxel_size``; ``ngff_version`` 0.5 or 0.4)."""
     table = Path(table) if table is not None else default_table_path(output)
     check_table_target(table, overwrite)
     if options.split == "probability" and read_probability is None:
         raise MitosegError("--split probability needs the class probabilities: pass --probabilities")
     with memmap_scratch(Path(split_spec(output)[0]).parent) as scratch, \
-            VolumeWriter(output, shape, np.uint32, overwrite=overwrite) as writer:
+            VolumeWriter(output, shape, np.uint32, overwrite=overwrite, voxel_size=voxel_size, labels=True,
+                         ngff_version=ngff_version) as writer:
         ids, count = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) > 0, shape, options,
                                        spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability,
                                        scratch=scratch, progress=progress)
@@ -81,7 +84,8 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
 
 def instances_command(prediction: str, output: str, options: InstanceOptions, probabilities: str | None = None,
                       voxel_size=None, table: str | None = None, overwrite: bool = False,
-                      progress: bool = True, metadata_from: str | None = None) -> None:
+                      progress: bool = True, metadata_from: str | None = None,
+                      ngff_version: str | None = None) -> None:
     """``mitoseg instances``: the voxel size (nm, z y x) as given, else from the metadata of ``metadata_from``
     (default: the prediction's file)."""
     with contextlib.ExitStack() as stack:
@@ -95,7 +99,8 @@ def instances_command(prediction: str, output: str, options: InstanceOptions, pr
             read_probability = foreground_reader(probs)
         size, source = resolve_voxel_size(voxel_size, metadata_from or prediction)
         measurements, table_path = make_instances(labels.read, labels.shape, output, options, size, read_probability,
-                                                  Path(table) if table else None, overwrite, progress)
+                                                  Path(table) if table else None, overwrite, progress,
+                                                  ngff_version=ngff_version)
     report(measurements, output, table_path, source)
 
 
