@@ -1,4 +1,4 @@
-"""The ``mitoseg`` command: sample-data, train, predict, evaluate, view.
+"""The ``mitoseg`` command: sample-data, train, predict, evaluate, instances, view, export.
 
 Input problems raise :class:`MitosegError`; ``main`` prints them as one line on
 stderr and returns 2 (``--debug`` re-raises to show the traceback).
@@ -25,6 +25,7 @@ examples:
   mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif
   mitoseg evaluate --checkpoint runs/pascal_daw/best.pt --eval-mode center_crop
   mitoseg view runs/sample_daw --image sample_data/val_image.tif
+  mitoseg export --checkpoint runs/sample/best.pt --format bioimageio --output sample_model.zip
 """
 
 
@@ -107,7 +108,8 @@ def cmd_train(args) -> None:
     distributed.barrier()
     from mitoseg.engine.trainer import Trainer
 
-    trainer = Trainer(cfg, out_dir, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
+    trainer = Trainer(cfg, out_dir, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress,
+                      max_minutes=args.max_minutes)
     # Only now, with the data read and the model built (errors in either end the command
     # before this point), is the old run deleted: a failed start leaves it intact.
     if args.overwrite and info.is_main and out_dir.is_dir():
@@ -155,7 +157,12 @@ def cmd_predict(args) -> None:
     for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
         if spec:
             check_output_path(split_spec(spec)[0], flag)
-    device = resolve_device(args.device)
+    from mitoseg.data.ngff import resolve_level
+
+    args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
+    check_dask_options(args)
+    # With --dask the workers run the model (each resolves --device); here the checkpoint is only checked.
+    device = resolve_device(args.device if args.dask is None else "cpu")
     model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
     inference = cfg.inference
     for key in ("overlap", "slab", "sw_batch_size", "blend", "tta", "min_object_voxels", "fill_holes"):
@@ -181,15 +188,28 @@ def cmd_predict(args) -> None:
         raise MitosegError(f"--min-object-voxels and --fill-holes need a two-class model; {args.checkpoint} "
                            f"predicts {num_classes} classes")
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
+    from mitoseg.data.metadata import voxel_size_nm
+
+    voxel_size = voxel_size_nm(args.input)  # the scale of OME-Zarr outputs
+    if args.dask is not None:
+        from mitoseg.inference.dask_predict import predict_with_dask
+
+        predict_with_dask(args.dask, args.checkpoint, args.weights, args.device, cfg, args.input, args.output,
+                          args.probabilities, label_dtype, args.overwrite, chunk=args.dask_chunk,
+                          voxel_size=voxel_size, ngff_version=args.ngff_version, progress=not args.no_progress)
+        finish_predict(args)
+        return
+    ngff = {"voxel_size": voxel_size, "ngff_version": args.ngff_version}
     with contextlib.ExitStack() as stack:
         volume = stack.enter_context(open_volume(args.input, finite=True))
         z, y, x = volume.shape
         normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=args.input)
-        labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite))
+        labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite,
+                                                      labels=True, **ngff))
         probs_out = None
         if args.probabilities:
             probs_out = stack.enter_context(
-                VolumeWriter(args.probabilities, (z, num_classes, y, x), np.float16, overwrite=args.overwrite)
+                VolumeWriter(args.probabilities, (z, num_classes, y, x), np.float16, overwrite=args.overwrite, **ngff)
             )
 
         def scratch(shape, dtype):
@@ -204,6 +224,27 @@ def cmd_predict(args) -> None:
             (lambda start, probs: probs_out.write(start, probs.cpu().numpy().astype(np.float16)))
             if probs_out is not None else None,
             scratch=scratch, progress=not args.no_progress)
+    finish_predict(args)
+
+
+def check_dask_options(args) -> None:
+    """``--dask`` writes Zarr outputs block by block; ``--dask-chunk`` goes with it."""
+    if args.dask is None:
+        if args.dask_chunk is not None:
+            raise MitosegError("--dask-chunk sets the blocks of --dask; pass --dask local:N or --dask tcp://HOST:PORT")
+        return
+    from mitoseg.data.readers import ZARR_SUFFIX, _suffix, split_spec
+    from mitoseg.inference.dask_predict import parse_address
+
+    parse_address(args.dask)
+    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
+        if spec and _suffix(split_spec(spec)[0]) != ZARR_SUFFIX:
+            raise MitosegError(f"--dask: {flag} {spec}: the workers write Zarr outputs; name DIR.zarr, "
+                               "DIR.zarr:/ARRAY or DIR.ome.zarr")
+
+
+def finish_predict(args) -> None:
+    """What predict says and does once the outputs are in place: the line naming them, ``--instances``."""
     print(f"wrote {args.output}" + (f" and {args.probabilities}" if args.probabilities else ""))
     if args.instances:
         from mitoseg.instances.run import instances_command
@@ -211,7 +252,7 @@ def cmd_predict(args) -> None:
         # The labels just written carry no voxel size: the image's metadata does.
         instances_command(args.output, args.instances, instance_options(args), args.probabilities,
                           args.voxel_size, args.table, args.overwrite, progress=not args.no_progress,
-                          metadata_from=args.input)
+                          metadata_from=args.input, ngff_version=args.ngff_version)
 
 
 def instance_options(args):
@@ -229,7 +270,7 @@ def cmd_instances(args) -> None:
     from mitoseg.instances.run import instances_command
 
     instances_command(args.prediction, args.output, instance_options(args), args.probabilities, args.voxel_size,
-                      args.table, args.overwrite, progress=not args.no_progress)
+                      args.table, args.overwrite, progress=not args.no_progress, ngff_version=args.ngff_version)
 
 
 def default_metrics_path(prediction: str) -> Path:
@@ -457,6 +498,25 @@ def cmd_view(args) -> None:
     launch(args.run, args.image)
 
 
+def cmd_export(args) -> None:
+    from mitoseg.export import export_checkpoint
+
+    if args.format != "bioimageio":
+        given = [flag for flag, value in (("--name", args.name), ("--author", args.author)) if value]
+        if given:
+            raise MitosegError(f"{', '.join(given)}: only for --format bioimageio (the package's description)")
+    result = export_checkpoint(args.checkpoint, args.format, args.output, weights=args.weights,
+                               overwrite=args.overwrite, name=args.name, authors=args.author or None)
+    if args.format == "bioimageio":
+        print(f"wrote {args.output}: bioimage.io model package (spec 0.5), weights {', '.join(result['formats'])}; "
+              f"test tensors from {result['test_origin']}; bioimageio.core's test_model passed "
+              f"({len(result['tests'])} checks)")
+    else:
+        print(f"wrote {args.output}: {args.format} of the {result['weights']} weights of {args.checkpoint} "
+              f"(input {result['axes']} with {result['input_channels']} channel(s), output {result['num_classes']}-"
+              f"class logits; dynamic batch and spatial sizes; equal to PyTorch within 1e-4)")
+
+
 # ------------------------------------------------------------------- parser
 
 
@@ -474,6 +534,12 @@ def add_instance_options(p) -> None:
                    help="the per-object table, .csv or .parquet (default: <instances>_objects.csv)")
 
 
+def add_ngff_option(p) -> None:
+    p.add_argument("--ngff-version", choices=["0.4", "0.5"], default="0.5",
+                   help="outputs named *.ome.zarr: OME-NGFF 0.5 (Zarr v3; default) or 0.4 (Zarr v2, for older "
+                        "viewers)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with the promise of every other error: one line on stderr, exit status 2 (argparse prints
     its whole usage block first; ``--help`` still shows it)."""
@@ -486,6 +552,16 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -521,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--max-iters", type=positive_int, metavar="N",
                    help="stop after iteration N (the schedule still spans train.iterations; --resume continues)")
+    p.add_argument("--max-minutes", type=positive_float, metavar="M",
+                   help="stop at the first log step (train.log_every) after M minutes of training, with a "
+                        "validation and last.pt (the schedule still spans train.iterations; --resume continues)")
     p.add_argument("--overwrite", action="store_true",
                    help="train into a non-empty --out: first delete the previous run's files there ("
                         + ", ".join(RUN_FILES + tuple(f"{d}/" for d in RUN_DIRS))
@@ -532,8 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sliding-window prediction over a whole volume, slab by slab (bounded memory). "
                                    "Writes class labels (uint8) and optionally per-class probabilities "
                                    "(float16, shape z, C, y, x). Volumes: .tif/.tiff, file.h5:/dataset, "
-                                   "dir.zarr, or a folder of PNG/TIFF slices (input only).")
-    p.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
+                                   "dir.zarr, vol.ome.zarr (OME-Zarr images; outputs named *.ome.zarr are "
+                                   "written as OME-Zarr), or a folder of PNG/TIFF slices (input only).")
+    p.add_argument("--checkpoint", required=True, metavar="PT",
+                   help="best.pt or last.pt of a run, or a TorchScript file of mitoseg export")
     p.add_argument("--input", required=True, metavar="VOLUME", help="image volume (z, y, x)")
     p.add_argument("--output", required=True, metavar="VOLUME", help="label volume to write")
     p.add_argument("--probabilities", metavar="VOLUME", help="also write per-class probabilities here")
@@ -555,6 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
                    help="fill background enclosed by foreground in 3-D (default: the run's inference.fill_holes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--level", type=int, metavar="N",
+                   help="OME-Zarr input: predict resolution level N (0 = full resolution; default: 0, or the "
+                        "level named as vol.ome.zarr:/PATH)")
+    p.add_argument("--dask", metavar="ADDRESS",
+                   help="predict block by block on a Dask cluster: local:N (N worker processes here) or the "
+                        "scheduler tcp://HOST:PORT (e.g. of dask-jobqueue); outputs must be Zarr / OME-Zarr")
+    p.add_argument("--dask-chunk", type=positive_int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="block size of --dask (default: one slab of 1024 x 1024; Z rounded up to whole slabs)")
+    add_ngff_option(p)
     p.add_argument("--instances", metavar="VOLUME",
                    help="also write the 3-D objects (uint32 ids) and their measurements, as mitoseg instances")
     add_instance_options(p)
@@ -578,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-holes", dest="instance_fill_holes", action="store_true",
                    help="background enclosed by foreground in 3-D joins the object around it")
     p.add_argument("--slab", type=positive_int, help="slices processed together (default: 16)")
+    add_ngff_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_instances)
@@ -652,6 +743,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory (with inspect/ and metrics.jsonl)")
     p.add_argument("--image", metavar="VOLUME", help="an image volume to open and predict")
     p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser("export", help="export a trained model: bioimage.io package, TorchScript or ONNX",
+                       description="Export a run's network. bioimageio: a bioimage.io model package (spec 0.5; "
+                                   "a .zip, or a folder for other names) with pytorch_state_dict, torchscript and "
+                                   "onnx weights, the run's normalisation as preprocessing, test tensors from its "
+                                   "validation volume, a cover, a README with the training summary and the "
+                                   "citations, checked with bioimageio.core's test_model (EM models). torchscript "
+                                   "/ onnx: the network (logits) with dynamic batch and spatial sizes, checked "
+                                   "against PyTorch within 1e-4; a TorchScript file carries the run's settings "
+                                   "and mitoseg predict --checkpoint takes it. Needs pip install -e \".[export]\".",
+                       epilog="examples:\n"
+                              "  mitoseg export --checkpoint runs/sample/best.pt --format bioimageio --output "
+                              "sample_model.zip --author 'Ada Lovelace'\n"
+                              "  mitoseg export --checkpoint runs/sample/best.pt --format torchscript --output "
+                              "sample.pt\n"
+                              "  mitoseg predict --checkpoint sample.pt --input sample_data/val_image.tif "
+                              "--output pred.tif",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PT", help="best.pt or last.pt of a run")
+    p.add_argument("--format", required=True, choices=["bioimageio", "torchscript", "onnx"], help="what to write")
+    p.add_argument("--output", required=True, metavar="PATH",
+                   help="file to write (bioimageio: PACKAGE.zip, or a folder when the name does not end in .zip)")
+    p.add_argument("--weights", choices=["ema", "student"],
+                   help="which weights (default: those the run validated, usually ema)")
+    p.add_argument("--name", help="bioimageio: the model's name (default: mitoseg METHOD MODEL RUN)")
+    p.add_argument("--author", action="append", default=[], metavar="NAME",
+                   help="bioimageio: an author of the model (repeatable; default: your login name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mitoseg.data.transforms import Normalization
 from mitoseg.inference.precision import autocast
-from mitoseg.inference.tta import predict_with_tta
+from mitoseg.inference.tta import predict_with_tta, tta_transforms
 from mitoseg.instances.components import iter_slabs
 from mitoseg.instances.postprocess import postprocess_labels
 
@@ -32,6 +32,46 @@ def make_inferer(inference_cfg) -> SlidingWindowInferer:
         mode=inference_cfg.blend,
         progress=False,
     )
+
+
+def window_span(core: tuple[int, int], size: int, roi: int, overlap: float, reverse: bool = False) -> tuple[int, int]:
+    """The range of an axis of ``size`` pixels covered by the sliding windows that reach into ``core``
+    (``[c0, c1)``), with the windows placed as MONAI places them on the whole axis: starts at multiples of
+    the scan interval ``int(roi * (1 - overlap))``, the last one flush with the end (``reverse``: laid out
+    from the other end, as on a flipped axis). Predicting just that range places the same windows over
+    ``core``, so ``core`` gets the same blended values as in a prediction of the whole axis."""
+    from monai.data.utils import dense_patch_slices
+
+    c0, c1 = core
+    if reverse:
+        a, b = window_span((size - c1, size - c0), size, roi, overlap)
+        return size - b, size - a
+    if size <= roi:  # one window (padded by the inferer) covers the whole axis
+        return 0, size
+    interval = max(1, int(roi * (1 - overlap)))
+    starts = np.array([s[0].start for s in dense_patch_slices((size,), (roi,), (interval,))])
+    touching = starts[(starts < c1) & (starts + roi > c0)]
+    return int(touching.min()), int(touching.max()) + roi
+
+
+def transformed_axes(transform, spatial_dims: int = 2) -> tuple[tuple[int, bool], tuple[int, bool]]:
+    """For the y and x axes of an image: (the axis, 0 = y or 1 = x, they become under ``transform``,
+    whether it runs backwards there). None: the identity."""
+    if transform is None:
+        return (0, False), (1, False)
+    h, w = 2, 3
+    lead = (1, 1, 1) if spatial_dims == 3 else (1, 1)
+    ys = torch.arange(h, dtype=torch.float32).view(*lead, h, 1).expand(*lead, h, w)
+    xs = torch.arange(w, dtype=torch.float32).view(*lead, 1, w).expand(*lead, h, w)
+    found = []
+    for coords in (ys, xs):
+        moved = transform.forward(coords).reshape(transform.forward(coords).shape[-2:])
+        for axis in (0, 1):
+            step = moved.diff(dim=axis)
+            if step.numel() and bool((step != 0).any()):
+                found.append((axis, bool(step.flatten()[0] < 0)))
+                break
+    return found[0], found[1]
 
 
 def labels_from_probabilities(probs: torch.Tensor, dtype=np.uint8) -> np.ndarray:
@@ -87,15 +127,83 @@ class VolumePredictor:
         """3-D model: slices ``start .. stop-1`` predicted with half a window of neighbouring slices on each
         side (so windows near the slab's faces still see their context), at least one window deep where the
         volume allows (a shorter stack would be padded), then cut out: (n, K, y, x)."""
+        low, high = self.slab_range(start, stop, num_slices)
+        images = torch.from_numpy(normalization(read(low, high)))[None, None]  # (1, 1, z, y, x)
+        probs = self.probabilities(images)[0]  # (K, z, y, x)
+        return probs[:, start - low:stop - low].transpose(0, 1)
+
+    def slab_range(self, start: int, stop: int, num_slices: int) -> tuple[int, int]:
+        """3-D model: the slices read to predict slices ``start .. stop-1``: half a window on each side, at
+        least one window deep where the volume allows."""
         depth = self.inference.roi_size[0]
         halo = depth // 2
         low, high = max(0, start - halo), min(num_slices, stop + halo)
         if high - low < depth:  # near a face of the volume: take the missing slices from the other side
             high = min(num_slices, low + depth)
             low = max(0, high - depth)
-        images = torch.from_numpy(normalization(read(low, high)))[None, None]  # (1, 1, z, y, x)
-        probs = self.probabilities(images)[0]  # (K, z, y, x)
-        return probs[:, start - low:stop - low].transpose(0, 1)
+        return low, high
+
+    # ------------------------------------------------------------------ blocks (predict --dask)
+
+    def block_regions(self, shape: tuple[int, int, int], rows: tuple[int, int], cols: tuple[int, int]) -> list:
+        """Per transform (one without TTA, else as in ``tta_transforms``): the y-x region
+        ``((y0, y1), (x0, x1))`` holding every sliding window that reaches into ``rows`` x ``cols``, laid
+        out as on whole slices of a volume of ``shape`` (see :func:`window_span`)."""
+        roi = tuple(self.inference.roi_size[-2:])
+        size = shape[-2:]
+        regions = []
+        for transform in tta_transforms(self.spatial_dims) if self.inference.tta else [None]:
+            axes = transformed_axes(transform, self.spatial_dims)
+            regions.append(tuple(window_span(core, n, roi[axes[a][0]], self.inference.overlap, axes[a][1])
+                                 for a, (core, n) in enumerate(zip((rows, cols), size))))
+        return regions
+
+    def block_slabs(self, read: Callable[[int, int, slice, slice], np.ndarray], shape: tuple[int, int, int],
+                    normalization: Normalization, z: tuple[int, int], rows: tuple[int, int],
+                    cols: tuple[int, int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, probabilities (n, K, rows, cols)) per slab of the block ``z`` x ``rows`` x ``cols``
+        of a volume of ``shape``, equal to what :meth:`slabs` gives there for whole slices (within float
+        rounding): the block is read with the windows reaching into it (``read(start, stop, rows, cols)``:
+        raw (n, y, x) or (n, C, y, x) of that region), each window placed as on whole slices, under each TTA
+        transform; slabs start where :meth:`slabs` starts them (``z[0]`` a multiple of ``inference.slab``)."""
+        slab = self.inference.slab
+        if z[0] % slab or (z[1] % slab and z[1] != shape[0]):
+            raise ValueError(f"block slices {z} do not start and end on slabs of {slab} slices")
+        transforms = tta_transforms(self.spatial_dims) if self.inference.tta else [None]
+        regions = self.block_regions(shape, rows, cols)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield from self._block_slabs(read, shape, normalization, z, rows, cols, transforms, regions)
+        finally:
+            self.model.train(was_training)
+
+    def _block_slabs(self, read, shape, normalization, z, rows, cols, transforms, regions):
+        slab = self.inference.slab
+        y0, y1 = min(r[0][0] for r in regions), max(r[0][1] for r in regions)
+        x0, x1 = min(r[1][0] for r in regions), max(r[1][1] for r in regions)
+        for start in range(z[0], z[1], slab):
+            stop = min(start + slab, z[1])
+            low, high = self.slab_range(start, stop, shape[0]) if self.spatial_dims == 3 else (start, stop)
+            images = torch.from_numpy(normalization(read(low, high, slice(y0, y1), slice(x0, x1))))
+            images = images[None, None] if self.spatial_dims == 3 else images.unsqueeze(1) if images.dim() == 3 \
+                else images
+            images = images.to(self.device)
+            total = None
+            with torch.no_grad():
+                for transform, ((ry0, ry1), (rx0, rx1)) in zip(transforms, regions):
+                    crop = images[..., ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
+                    if transform is None:
+                        probs = self._softmax(crop)
+                    else:
+                        probs = transform.inverse(self._softmax(transform.forward(crop)))
+                    probs = probs[..., rows[0] - ry0:rows[1] - ry0, cols[0] - rx0:cols[1] - rx0]
+                    total = probs if total is None else total + probs
+            if len(transforms) > 1:  # as predict_with_tta: the sum in the same order, then the mean
+                total = total / len(transforms)
+            if self.spatial_dims == 3:
+                total = total[0][:, start - low:stop - low].transpose(0, 1)
+            yield start, stop, total
 
     @property
     def postprocessing(self) -> bool:
