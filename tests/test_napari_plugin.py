@@ -90,7 +90,7 @@ def test_napari_finds_the_plugin_and_its_manifest_is_valid(tmp_path):
     manifest.validate_imports()
     contributions = manifest.contributions
     assert {w.display_name for w in contributions.widgets} == {"Predict", "Pseudo-label inspector", "Evaluate",
-                                                               "Objects"}
+                                                               "Objects", "Train"}
     assert [s.key for s in contributions.sample_data] == ["synthetic_em"]
     assert contributions.readers[0].accepts_directories
     pm = PluginManager.instance()
@@ -137,10 +137,11 @@ def test_widgets_open_from_the_plugins_menu_registry(make_napari_viewer):
     from mitoseg_napari._inspector_widget import InspectorWidget
     from mitoseg_napari._objects_widget import ObjectsWidget
     from mitoseg_napari._predict_widget import PredictWidget
+    from mitoseg_napari._train_widget import TrainWidget
 
     viewer = make_napari_viewer()
     for name, cls in (("Predict", PredictWidget), ("Pseudo-label inspector", InspectorWidget),
-                      ("Evaluate", EvaluateWidget), ("Objects", ObjectsWidget)):
+                      ("Evaluate", EvaluateWidget), ("Objects", ObjectsWidget), ("Train", TrainWidget)):
         dock, widget = viewer.window.add_plugin_dock_widget("mitoseg", name)
         assert isinstance(widget, cls)
         assert name in dock.name

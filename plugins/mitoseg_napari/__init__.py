@@ -1,4 +1,4 @@
-"""napari plugin for mitoseg: open EM volumes and runs, predict, inspect pseudo-labels, evaluate.
+"""napari plugin for mitoseg: open EM volumes and runs, train, predict, inspect pseudo-labels, evaluate.
 
 The contributions are declared in ``napari.yaml`` (npe2 manifest, entry point
 ``napari.manifest``); napari imports the modules named there only when a
@@ -15,6 +15,9 @@ or torch.
 ``_evaluate_widget``           IoU / Dice table and false positive / negative layer
 ``_objects``                   3-D objects of a mask and their measurements for layers
 ``_objects_widget``            the Objects dock: per-object table, volume histogram
+``_train_widget``              the Train widget: label, train (a subprocess), watch,
+                               correct, Continue (fine-tune), the rounds' history
+``_training``                  its side without Qt: round folders, configs, process
 ``launch``                     ``mitoseg view RUN [--image VOLUME]``
 =============================  ==================================================
 """

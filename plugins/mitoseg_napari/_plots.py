@@ -154,3 +154,66 @@ class InspectionPlots(QWidget):
         ax.set_xlabel("iteration", fontsize=8)
         ax.set_title("mask ratio and threshold over training", fontsize=9)
         self._legend(ax)
+
+
+# metrics.jsonl keys of the Train widget's live plot: (key, split, label, style); the loss on its own axes
+TRAINING_CURVES = (
+    ("mask_ratio", "train", "mask ratio", {"color": COLORS["used"][:3], "lw": 1.5}),
+    ("tau", "train", "DAW τ", {"color": THRESHOLD, "lw": 1.3}),
+    ("fg_iou", "val", "validation fg IoU", {"color": "#4da6ff", "lw": 1.8, "marker": "o", "ms": 3}),
+    ("miou", "val", "validation mIoU", {"color": "#4da6ff", "lw": 1.8, "marker": "o", "ms": 3}),
+)
+
+
+class TrainingPlots(QWidget):
+    """The Train widget's live plot of a run's ``metrics.jsonl``: the loss (top), and the mask ratio, DAW's
+    threshold and the validation score (bottom), over the iterations."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.figure = Figure(figsize=(4.0, 3.4), dpi=90, facecolor=BACKGROUND, layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
+        self.canvas.setMinimumHeight(200)
+        self.ax_loss, self.ax_scores = self.figure.subplots(2, 1, sharex=True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 4, 0, 0)
+        layout.addWidget(self.canvas)
+        #: the curves drawn last: key -> (iterations, values), for tests and scripts
+        self.drawn: dict = {}
+        self.show_records([], None)
+
+    def show_records(self, records: list[dict], total: int | None, title: str = "") -> None:
+        """Redraw from all records of a run so far (``total``: its iterations, the x range)."""
+        self.drawn = {}
+        for ax in (self.ax_loss, self.ax_scores):
+            ax.clear()
+            InspectionPlots._style(ax)
+        train = [r for r in records if r.get("split") == "train"]
+        loss = [(r["iter"], r["loss"]) for r in train if _finite(r.get("loss"))]
+        if loss:
+            its, values = zip(*loss)
+            self.ax_loss.plot(its, values, color="#ff9f40", lw=1.5, label="loss")
+            self.drawn["loss"] = (list(its), list(values))
+        self.ax_loss.set_ylabel("loss", fontsize=8)
+        self.ax_loss.set_title(title or "training", fontsize=9)
+        for key, split, label, style in TRAINING_CURVES:
+            points = [(r["iter"], r[key]) for r in records if r.get("split") == split and _finite(r.get(key))]
+            if not points or (key == "miou" and "fg_iou" in self.drawn):
+                continue
+            its, values = zip(*points)
+            self.ax_scores.plot(its, values, label=label, **style)
+            self.drawn[key] = (list(its), list(values))
+        self.ax_scores.set_ylim(-0.02, 1.05)
+        self.ax_scores.set_xlabel("iteration", fontsize=8)
+        if total:
+            self.ax_scores.set_xlim(0, total)
+        if not records:
+            self.ax_loss.text(0.5, 0.5, "no training records yet", ha="center", va="center", color=FOREGROUND,
+                              transform=self.ax_loss.transAxes, fontsize=8)
+        InspectionPlots._legend(self.ax_scores, loc="lower right")
+        self.canvas.draw_idle()
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
