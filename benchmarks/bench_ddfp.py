@@ -3,6 +3,7 @@
     python benchmarks/bench_ddfp.py mixture [--pixels 20480 --dim 256 --classes 21 --repeat 5 --device cpu]
     python benchmarks/bench_ddfp.py flow    [--pixels 20480 --dim 256 --classes 21 --repeat 3]
     python benchmarks/bench_ddfp.py step    [--config configs/sample_daw_ddfp.yaml --iters 10 --set KEY=VALUE]
+    python benchmarks/bench_ddfp.py flow-scaling [--pixels 2560 5120 10240 20480 40960 --dim 32 --classes 2]
 
 `mixture`: component log-densities of N x D features under K unit-covariance
 Gaussians, forward + backward (w.r.t. features and means): mitoseg's expansion
@@ -206,6 +207,30 @@ def bench_flow(args) -> None:
     print(f"{'perturbation gradient (fwd + bwd)':>34} | {pert_s * 1000:9.1f} | {memory['perturbation']:17.1f}")
 
 
+def bench_flow_scaling(args) -> None:
+    """The flow's training step and the perturbation's flow pass against the number of feature vectors, at
+    the sample config's flow (D = head_channels 32, K = 2, 2 blocks, hidden 256, official init)."""
+    from mitoseg.semi.flow import masked_flow_gradient
+
+    print(f"flow: D = {args.dim}, K = {args.classes}, {args.blocks} blocks, hidden {args.hidden}; "
+          f"{torch.get_num_threads()} thread(s), {args.clock} clock, median of {args.repeat}")
+    print(f"{'vectors':>8} | {'training step (ms)':>18} | {'us / vector':>11} | "
+          f"{'perturbation pass (ms)':>22} | {'us / vector':>11}")
+    for n in args.pixels:
+        model = DensityModel(args.dim, args.classes, blocks=args.blocks, hidden=args.hidden, seed=0)
+        trainer = FlowTrainer(model, total_steps=1000, max_pixels=n)
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(n, args.dim, generator=generator)
+        labels = torch.randint(0, args.classes, (n,), generator=generator)
+        labels[torch.rand(n, generator=generator) < 0.5] = UNLABELED
+        train_s = median_time(lambda: trainer.step(features, labels), args.repeat)
+        maps = features.T.reshape(1, args.dim, 1, n)
+        mask = torch.ones(1, 1, n, dtype=torch.bool)
+        pert_s = median_time(lambda: masked_flow_gradient(maps, mask, model.log_density, args.chunk), args.repeat)
+        print(f"{n:>8} | {train_s * 1000:18.1f} | {train_s / n * 1e6:11.1f} | {pert_s * 1000:22.1f} | "
+              f"{pert_s / n * 1e6:11.1f}")
+
+
 def bench_step(args) -> None:
     from mitoseg.config import load_config
     from mitoseg.engine.trainer import Trainer
@@ -222,16 +247,21 @@ def bench_step(args) -> None:
             batches = trainer.batches(0)
             for _ in range(2):  # warm-up
                 trainer.train_step(*next(batches))
-            timings = {}
+                trainer.iteration += 1  # as Trainer.fit: the method's schedule (flow_every) follows it
+            timings, mask_ratios = {}, []
             if name == "daw_ddfp":
                 trainer.method.timings, trainer.method.clock = timings, CLOCK
             synchronize()
             start = CLOCK()
             for _ in range(args.iters):
                 labeled, unlabeled = next(batches)  # data loading (views, CutMix boxes) counts as step cost
-                trainer.train_step(labeled, unlabeled)
+                logs = trainer.train_step(labeled, unlabeled)
+                trainer.iteration += 1
+                mask_ratios.append(logs["mask_ratio"])
             synchronize()
             results[name] = (CLOCK() - start) / args.iters
+            if name == "daw_ddfp":
+                mask_ratio = float(torch.stack(mask_ratios).mean())
             if name == "daw_ddfp":
                 ddfp_timings = {k: v / args.iters for k, v in timings.items()}
                 trainer.method.timings = None
@@ -248,7 +278,8 @@ def bench_step(args) -> None:
     flow_ms, pert_ms = ddfp_timings.get("flow_training", 0) * 1000, ddfp_timings.get("perturbation", 0) * 1000
     print(f"daw_ddfp: flow training {flow_ms:.0f} ms + perturbation gradient {pert_ms:.0f} ms per step "
           f"({(flow_ms + pert_ms) / (step * 1000):.0%} of the step); model forward/backward passes alone "
-          f"{model_s * 1000:.0f} ms: outside the model's passes {1 - model_s / step:.0%} (target <= 30 %)")
+          f"{model_s * 1000:.0f} ms: outside the model's passes {1 - model_s / step:.0%} (target <= 30 %); "
+          f"pseudo-labels used (mask ratio): {mask_ratio:.0%}")
 
 
 def profile_step(trainer, batches, rows: int = 25) -> None:
@@ -301,6 +332,14 @@ def main() -> None:
         p.add_argument("--blocks", type=int, default=2)
         p.add_argument("--repeat", type=int, default=5 if what == "mixture" else 3)
     sub.choices["mixture"].add_argument("--device", default="cpu", help="cpu or cuda (timings synchronised)")
+    p = sub.add_parser("flow-scaling")
+    p.add_argument("--pixels", type=int, nargs="+", default=[2560, 5120, 10240, 20480, 40960])
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=4096, help="method.ddfp.chunk_pixels of the perturbation pass")
+    p.add_argument("--repeat", type=int, default=3)
     p = sub.add_parser("step")
     p.add_argument("--config", default=str(ROOT / "configs" / "sample_daw_ddfp.yaml"))
     p.add_argument("--iters", type=int, default=10)
@@ -316,7 +355,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
-    {"mixture": bench_mixture, "flow": bench_flow, "step": bench_step}[args.what](args)
+    {"mixture": bench_mixture, "flow": bench_flow, "flow-scaling": bench_flow_scaling,
+     "step": bench_step}[args.what](args)
 
 
 if __name__ == "__main__":

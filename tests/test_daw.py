@@ -298,3 +298,123 @@ def test_two_ranks_hold_the_state_of_one_process_that_saw_both_batches(tmp_path)
         state = torch.load(f"{result}.{rank}", weights_only=True)
         for name, value in single.state_dict().items():
             torch.testing.assert_close(state[name], value, msg=f"rank {rank}: {name}")
+
+
+# ------------------------------------------------ the update read off the logits (issue 18)
+
+
+def _logits_with_edge_cases(generator, shape, k):
+    logits = torch.randn(*shape[:1], k, *shape[1:], generator=generator) * 3
+    flat = logits.movedim(1, -1).reshape(-1, k)
+    flat[0, :2] = flat[0].max() + 1.0  # a tie at the max: the first class wins
+    flat[1] = 0.5  # every class tied
+    flat[2, 1] = float("nan")  # NaN: NaN confidence, a valid class
+    flat[3, 0] = float("inf")
+    flat[4, -1] = -float("inf")
+    return flat.reshape(*shape[:1], *shape[1:], k).movedim(-1, 1).contiguous()
+
+
+@pytest.mark.parametrize("shape,k", [((3, 17, 29), 5), ((2, 3, 9, 11), 4), ((2, 40, 41), 2), ((1, 5, 7), 300)])
+def test_softmax_confidence_equals_the_max_of_the_softmax(shape, k):
+    from mitoseg.semi.daw import max_and_argmax, softmax_confidence
+
+    generator = torch.Generator().manual_seed(0)
+    logits = _logits_with_edge_cases(generator, shape, k)
+    expected_conf, expected_index = max_and_argmax(torch.softmax(logits, 1))
+    variants = [logits, [logits[:1], logits[1:]]]  # a list: parts along the batch
+    if logits.dim() == 4:
+        variants.append(logits.to(memory_format=torch.channels_last))
+    finite = torch.isfinite(expected_conf)  # a NaN pixel's class: any valid one
+    for variant in variants:
+        confidence, index = softmax_confidence(variant)
+        torch.testing.assert_close(confidence, expected_conf, equal_nan=True)
+        assert torch.equal(index[finite], expected_index[finite])
+        assert int(index.min()) >= 0 and int(index.max()) < k
+    confidence, index = softmax_confidence(logits.bfloat16())  # autocast's logits, read as float32
+    expected = max_and_argmax(torch.softmax(logits.bfloat16().float(), 1))
+    torch.testing.assert_close(confidence, expected[0], equal_nan=True)
+    assert torch.equal(index[finite], expected[1][finite])
+
+
+def test_a_larger_block_than_the_cpu_block_gives_the_same_result(monkeypatch):
+    import mitoseg.semi.daw as daw
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 50, 61, generator=generator) * 4
+    whole = daw.softmax_confidence(logits)
+    monkeypatch.setattr(daw, "CPU_BLOCK_PIXELS", 300)  # many blocks, a short last one
+    blocked = daw.softmax_confidence(logits)
+    torch.testing.assert_close(blocked[0], whole[0])
+    assert torch.equal(blocked[1], whole[1])
+
+
+def test_aligned_confidence_from_logits_or_probabilities_equals_aligning_the_softmax():
+    from mitoseg.semi.daw import alignment_scale, max_and_argmax, scaled_confidence, softmax_confidence
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 7, 23, 19, generator=generator) * 3
+    labeled_mean, unlabeled_mean = torch.rand(7, generator=generator) + 0.2, torch.rand(7, generator=generator) + 0.2
+    probs = torch.softmax(logits, 1)
+    expected = max_and_argmax(align_distribution(probs, labeled_mean, unlabeled_mean))
+    scale = alignment_scale(labeled_mean, unlabeled_mean)
+    for confidence, index in (softmax_confidence(logits, scale.log()), scaled_confidence(probs, scale)):
+        torch.testing.assert_close(confidence, expected[0])
+        assert torch.equal(index, expected[1])
+
+
+def test_grouped_sums_equal_the_masked_statistics():
+    from mitoseg.semi.daw import grouped_sums, labeled_groups, mean_var_from_moments
+
+    generator = torch.Generator().manual_seed(3)
+    k = 4
+    confidence = torch.rand(2, 30, 30, generator=generator)
+    prediction = torch.randint(0, k + 1, (2, 30, 30), generator=generator)  # K: a non-finite pixel
+    target = torch.randint(0, k, (2, 30, 30), generator=generator)
+    target[:, :5] = 255
+    group = labeled_groups(prediction, target, k, ignore_index=255)
+    sums = grouped_sums(group, confidence, 2 * k + 1)
+    finite = prediction < k
+    positive, negative = correct_and_wrong(prediction, target, 255)
+    expected = masked_mean_var(confidence, torch.stack([positive & finite, negative & finite]))
+    got = mean_var_from_moments(torch.stack([sums[:k].sum(0), sums[k:2 * k].sum(0)]))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    without_squares = grouped_sums(group, confidence, 2 * k + 1, squares=False)
+    torch.testing.assert_close(without_squares[:, :2], sums[:, :2])
+    assert not without_squares[:, 2].any()
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_update_from_logits_equals_the_update_from_the_softmax(align):
+    from mitoseg.semi.daw import max_and_argmax
+
+    generator = torch.Generator().manual_seed(4)
+    k = 5
+    fused, plain = DAWState(num_classes=k, momentum=0.8), DAWState(num_classes=k, momentum=0.8)
+    for step in range(4):
+        labeled = torch.randn(2, k, 20, 24, generator=generator) * 2
+        target = torch.where(torch.rand(2, 20, 24, generator=generator) < 0.6, labeled.argmax(1),
+                             torch.randint(0, k, (2, 20, 24), generator=generator))
+        target[:, :, -4:] = 255  # padding / ignored label
+        unlabeled = torch.randn(4, k, 20, 24, generator=generator) * 2
+        valid = torch.ones(4, 20, 24, dtype=torch.bool)
+        valid[:, -3:] = False
+        if step == 2:
+            labeled[0, :, 0, 0] = float("nan")
+            unlabeled[1, :, 5, 5] = float("nan")
+        stats, confidence, pseudo = fused.update_logits(labeled, target, [unlabeled[:2], unlabeled[2:]], valid,
+                                                        ignore_index=255, align=align)
+        probs = torch.softmax(unlabeled, 1)
+        expected_stats = plain.update(torch.softmax(labeled, 1), target, probs if align else None, valid,
+                                      ignore_index=255)
+        if align:
+            probs = plain.align(probs)
+        expected = max_and_argmax(probs)
+        torch.testing.assert_close(confidence, expected[0], equal_nan=True)
+        assert torch.equal(pseudo, expected[1])
+        for name, value in plain.state_dict().items():
+            torch.testing.assert_close(getattr(fused, name), value, msg=name)
+        assert torch.equal(stats.positive, expected_stats.positive)
+        assert torch.equal(stats.negative, expected_stats.negative)
+        for state in (fused, plain):
+            assert all(torch.isfinite(v).all() for v in state.state_dict().values())

@@ -39,10 +39,11 @@ One step, once the flow trains:
 1. The EMA teacher (no gradient) gives the penultimate features of the
    labeled batch and the unlabeled batch (and, for ``pseudo_labels: teacher``,
    the pseudo-labels from the same forward pass).
-2. The flow takes one Adam step on at most ``ddfp.max_pixels`` of these feature
-   vectors: labeled pixels under their ground-truth class (nearest-downsampled
-   to the feature grid, ``ignore_index`` excluded), unlabeled pixels under the
-   mixture.
+2. The flow takes one Adam step (every ``ddfp.flow_every``-th iteration; the
+   teacher's forward of 1. is skipped in between unless it gives the pseudo-labels)
+   on at most ``ddfp.max_pixels`` of these feature vectors: labeled pixels under
+   their ground-truth class (nearest-downsampled to the feature grid,
+   ``ignore_index`` excluded), unlabeled pixels under the mixture.
 3. The student predicts: ``ddfp`` the labeled batch and the CutMix strong view
    in one forward pass (as the paper), ``daw_ddfp`` as DAW does (labeled batch +
    weak view with its dropout branch, then the two strong views).
@@ -108,12 +109,14 @@ class DensityDescendingMethod(PseudoLabelMethod):
         self.official = d.schedule == "official"
         density = DensityModel(cfg.model.head_channels, self.num_classes, blocks=d.blocks, hidden=d.hidden,
                                clamp=d.clamp, seed=cfg.seed, init=d.flow_init)
+        flow_steps = -(-(cfg.train.iterations - d.start_iter) // d.flow_every)  # its learning rate decays over these
         self.flow = FlowTrainer(density, lr=d.lr, betas=d.betas, grad_clip=d.grad_clip,
-                                final_lr_ratio=d.final_lr_ratio, total_steps=cfg.train.iterations - d.start_iter,
+                                final_lr_ratio=d.final_lr_ratio, total_steps=flow_steps,
                                 noise=d.noise, max_pixels=d.max_pixels)
         # Benchmarks set a dict here: seconds spent in 'flow_training' and 'perturbation' (synchronised),
         # measured with ``clock``.
         self.timings: dict[str, float] | None = None
+        self._flow_logs: dict[str, torch.Tensor] | None = None
         self.clock = time.perf_counter
 
     # The loss of each configuration, given whether the density-descending term counts yet.
@@ -124,6 +127,10 @@ class DensityDescendingMethod(PseudoLabelMethod):
         """What CutMix pastes into each of the batch's first ``n_u`` samples: the mixing batch's sample
         (UniMatch) or the next sample of the batch itself, cyclically (DDFP)."""
         return t[n_u:] if self.unlabeled_per_batch == 2 else t[:n_u].roll(-1, dims=0)
+
+    def flow_trains(self, iteration: int) -> bool:
+        """Whether the flow takes a step at ``iteration``: every ``method.ddfp.flow_every``-th from start_iter."""
+        return iteration >= self.flow_start and (iteration - self.flow_start) % self.ddfp.flow_every == 0
 
     def supervised_only(self, iteration: int) -> bool:
         return self.supervised_warmup and self.official and iteration < self.flow_start
@@ -145,29 +152,29 @@ class DensityDescendingMethod(PseudoLabelMethod):
             self.timings[name] = self.timings.get(name, 0.0) + self.clock() - start
 
     @torch.no_grad()
-    def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_probs: bool = True,
+    def teacher_pass(self, ctx: StepContext, images: torch.Tensor, with_logits: bool = True,
                      train_mode: bool | None = None):
         """The EMA teacher (in train mode with ``method.ddfp.teacher_mode: train``, as DDFP's code, else in
-        eval mode; ``train_mode`` overrides): penultimate features (B, C, *grid) and, optionally, the class
-        probabilities at the images' size."""
+        eval mode; ``train_mode`` overrides): penultimate features (B, C, *grid) and, optionally
+        (``with_logits``), the class logits at the images' size (the pseudo-labels are read off them)."""
         teacher = ctx.teacher
         was_training = teacher.training
         teacher.train(self.ddfp.teacher_mode == "train" if train_mode is None else train_mode)
         features = teacher.features(images)
-        probs = None
-        if with_probs:
+        logits = None
+        if with_logits:
             # The model's own logits (and resizing); its head block's output caught on the way.
             caught = []
             hook = teacher.seg_head.block.register_forward_hook(lambda module, args, out: caught.append(out))
             try:
-                probs = teacher.logits(features, images.shape[2:]).float().softmax(dim=1)
+                logits = teacher.logits(features, images.shape[2:])
             finally:
                 hook.remove()
             penultimate = caught[0]
         else:
             penultimate = teacher.seg_head.penultimate(features)
         teacher.train(was_training)
-        return penultimate, probs
+        return penultimate, logits
 
     def perturbation(self, student, features: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
         """delta for ``features`` (the head's input). ``used``: (B, *spatial) weight of each pixel's pseudo-label
@@ -219,6 +226,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         weak_all, valid_all = unlabeled["weak"], unlabeled["valid"]
         size = x.shape[2:]
         flow_active = ctx.iteration >= self.flow_start
+        flow_step = self.flow_trains(ctx.iteration)  # the teacher's features are read only for a flow step
         perturbing = ctx.iteration >= self.perturb_start
         logs: dict[str, torch.Tensor] = {}
 
@@ -226,18 +234,20 @@ class DensityDescendingMethod(PseudoLabelMethod):
         # train-mode forward in 3.); the teacher's penultimate features for the flow
         teacher_features = None
         train_forward = self.cfg.method.pseudo_labels == "student_train"
-        if self.cfg.method.pseudo_labels == "teacher" and flow_active:
-            penultimate, probs = self.teacher_pass(ctx, torch.cat([x, weak_all]))
-            teacher_features, probs_all = penultimate[:n_x + n_u], probs[n_x:]
+        if self.cfg.method.pseudo_labels == "teacher" and flow_active:  # pseudo-labels and flow features at once
+            penultimate, logits = self.teacher_pass(ctx, torch.cat([x, weak_all]))
+            teacher_features, logits_all = penultimate[:n_x + n_u], [logits[n_x:]]
         else:
-            probs_all = self.predict_pseudo(ctx, weak_all[n_u:] if train_forward else weak_all)
-            if flow_active:
-                teacher_features, _ = self.teacher_pass(ctx, torch.cat([x, weak_all[:n_u]]), with_probs=False)
+            logits_all = [self.predict_pseudo(ctx, weak_all[n_u:] if train_forward else weak_all)]
+            if flow_step:
+                teacher_features, _ = self.teacher_pass(ctx, torch.cat([x, weak_all[:n_u]]), with_logits=False)
 
-        # 2. one online step of the flow
-        if flow_active:
+        # 2. one online step of the flow (every flow_every-th iteration)
+        if flow_step:
             with self._timed("flow_training", device), torch.autocast(device.type, enabled=False):
-                logs.update(self.train_flow(teacher_features, y, valid_all[:n_u]))
+                self._flow_logs = self.train_flow(teacher_features, y, valid_all[:n_u])
+        if flow_active and self._flow_logs is not None:
+            logs.update(self._flow_logs)  # between flow steps (flow_every > 1): those of the last one
 
         # 3. the student: labeled batch, views, (dropout branch)
         strong = [cutmix(unlabeled[f"strong{v}"][:n_u], self.partner(unlabeled[f"strong{v}"], n_u),
@@ -268,10 +278,9 @@ class DensityDescendingMethod(PseudoLabelMethod):
             pred_strong = list(student(torch.cat(strong)).chunk(self.strong_views))
         perturbed_features = features[n_x:]
         if train_forward:  # only with perturb_view 'weak' (config check): ``clean`` is the weak batch's
-            probs_all = torch.cat([clean.detach().float().softmax(dim=1), probs_all])
+            logits_all = [clean, *logits_all]
 
-        labeled_probs = pred_x.detach().float().softmax(dim=1)
-        pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)
+        pl = self.make_pseudo_labels(logits_all, pred_x, y, valid_all)
 
         loss_x = self.supervised_loss(pred_x, y)
         losses_s, targets_s = [], []
@@ -314,7 +323,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         (mixture) of the teacher's penultimate features, per pixel of the feature grid."""
         out = super().inspect(ctx, patches)
         # Eval mode: looking must not move the teacher's BatchNorm statistics (inspection runs on rank 0 only).
-        penultimate, _ = self.teacher_pass(ctx, patches["image"], with_probs=False, train_mode=False)
+        penultimate, _ = self.teacher_pass(ctx, patches["image"], with_logits=False, train_mode=False)
         log_p = self.flow.model.log_density(flatten_pixels(penultimate.float()))
         log_p = log_p.reshape(penultimate.shape[0], *penultimate.shape[2:])
         out["log_density"] = middle_plane(log_p, penultimate.dim() - 2).cpu().numpy().astype(np.float32)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mitoseg.config import loss_ignore_index
 from mitoseg.methods.base import Method, StepContext, StepOutput, register_method
-from mitoseg.semi.daw import DAWState, correct_and_wrong, max_and_argmax
+from mitoseg.semi.daw import DAWState, alignment_scale, correct_and_wrong, softmax_confidence
 
 HISTOGRAM_BINS = 50
 
@@ -104,8 +104,7 @@ def pseudo_label_quality(used: torch.Tensor, pseudo_label: torch.Tensor, truth: 
 
 @dataclass
 class PseudoLabels:
-    probs: torch.Tensor  # (B, K, H, W), aligned for DAW
-    confidence: torch.Tensor  # (B, H, W)
+    confidence: torch.Tensor  # (B, H, W) max probability (of the aligned probabilities for DAW)
     label: torch.Tensor  # (B, H, W) int64
     weight: torch.Tensor  # (B, H, W) float
 
@@ -128,7 +127,8 @@ class PseudoLabelMethod(Method):
             d = cfg.method.daw
             self.daw = DAWState(self.num_classes, momentum=d.momentum, alpha=d.alpha,
                                 initial_threshold=d.initial_threshold)
-        self._last_labeled = None  # (confidence, positive, negative) of the last labeled batch
+        # The last labeled batch, for inspection: DAW's statistics, or (logits, label).
+        self._last_labeled = None
 
     # The loss of each configuration.
     def combine(self, loss_x, loss_s1, loss_s2, loss_fp):
@@ -152,27 +152,41 @@ class PseudoLabelMethod(Method):
 
     @torch.no_grad()
     def predict_pseudo(self, ctx: StepContext, weak: torch.Tensor) -> torch.Tensor:
+        """The pseudo-label source's logits of ``weak`` (no gradient; eval mode)."""
         model = ctx.teacher if self.cfg.method.pseudo_labels == "teacher" else ctx.student
         was_training = model.training
         model.eval()
-        probs = model(weak).float().softmax(dim=1)
+        logits = model(weak)
         model.train(was_training)
-        return probs
+        return logits
 
-    def make_pseudo_labels(self, probs: torch.Tensor, labeled_probs: torch.Tensor, label: torch.Tensor,
+    def make_pseudo_labels(self, logits: list[torch.Tensor], labeled_logits: torch.Tensor, label: torch.Tensor,
                            valid: torch.Tensor) -> PseudoLabels:
+        """Pseudo-labels of the unlabeled samples from their logits (``logits``: parts along the batch, in
+        order), read off without a softmax (``softmax_confidence``); DAW updates its statistics from the
+        labeled logits and aligns (``DAWState.update_logits``)."""
+        logits = [t.detach() for t in logits]
         if self.daw is not None:
-            align = self.cfg.method.daw.alignment
-            stats = self.daw.update(labeled_probs, label, probs if align else None, valid, self.ignore_index)
-            self._last_labeled = (stats.confidence, stats.positive, stats.negative)
-            if align:
-                probs = self.daw.align(probs, in_place=True)  # probs is this step's own no-grad tensor
+            stats, confidence, pseudo = self.daw.update_logits(labeled_logits.detach(), label, logits, valid,
+                                                               self.ignore_index, self.cfg.method.daw.alignment)
+            self._last_labeled = stats  # its correct / wrong masks are made at inspection only
         else:
-            confidence, prediction = max_and_argmax(labeled_probs)
-            self._last_labeled = (confidence, *correct_and_wrong(prediction, label, self.ignore_index))
-        confidence, pseudo = max_and_argmax(probs, self.daw.workspace(probs) if self.daw is not None else None)
-        weight = (confidence >= self.threshold()).to(probs.dtype)
-        return PseudoLabels(probs=probs, confidence=confidence, label=pseudo, weight=weight)
+            self._last_labeled = (labeled_logits.detach(), label)
+            parts = [softmax_confidence(t) for t in logits]
+            confidence, pseudo = (torch.cat(column) for column in zip(*parts))
+        weight = (confidence >= self.threshold()).float()
+        return PseudoLabels(confidence=confidence, label=pseudo, weight=weight)
+
+    def labeled_sets(self):
+        """(confidence, correct, wrong) of the last labeled batch, for the inspection histograms."""
+        if self._last_labeled is None:
+            return None
+        if isinstance(self._last_labeled, tuple):
+            logits, label = self._last_labeled
+            confidence, prediction = softmax_confidence(logits)
+            return (confidence, *correct_and_wrong(prediction, label, self.ignore_index))
+        stats = self._last_labeled
+        return stats.confidence, stats.positive, stats.negative
 
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
         student = ctx.student
@@ -184,7 +198,7 @@ class PseudoLabelMethod(Method):
 
         train_forward = self.cfg.method.pseudo_labels == "student_train"
         # Without gradient: the partner batch (student_train), or both halves (student in eval mode, teacher).
-        probs_pseudo = self.predict_pseudo(ctx, unlabeled["weak"][n_u:] if train_forward else unlabeled["weak"])
+        logits_pseudo = self.predict_pseudo(ctx, unlabeled["weak"][n_u:] if train_forward else unlabeled["weak"])
 
         size = x.shape[2:]
         if self.feature_perturbation:
@@ -197,15 +211,13 @@ class PseudoLabelMethod(Method):
             features = student.features(torch.cat([x, weak]))
             logits = student.logits(features, size)
             pred_x, pred_u, pred_fp = logits[:n_x], logits[n_x:], None
-        probs_all = (torch.cat([pred_u.detach().float().softmax(dim=1), probs_pseudo]) if train_forward
-                     else probs_pseudo)
+        logits_all = [pred_u, logits_pseudo] if train_forward else [logits_pseudo]
 
         strong = [cutmix(unlabeled[f"strong{v}"][:n_u], unlabeled[f"strong{v}"][n_u:], unlabeled[f"box{v}"][:n_u])
                   for v in range(1, self.strong_views + 1)]
         pred_strong = student(torch.cat(strong)).chunk(self.strong_views)
 
-        labeled_probs = pred_x.detach().float().softmax(dim=1)
-        pl = self.make_pseudo_labels(probs_all, labeled_probs, y, valid_all)
+        pl = self.make_pseudo_labels(logits_all, pred_x, y, valid_all)
 
         loss_x = self.supervised_loss(pred_x, y)
         losses_s = []
@@ -248,11 +260,12 @@ class PseudoLabelMethod(Method):
     def inspect(self, ctx: StepContext, patches: dict) -> dict[str, np.ndarray]:
         """Pseudo-labels of fixed unlabeled patches under the current model and weighting, plus the
         labeled confidence histograms of the last step (see docs/INSPECTION.md)."""
-        probs = self.predict_pseudo(ctx, patches["image"])
+        logits = self.predict_pseudo(ctx, patches["image"])
+        shift = None
         if self.daw is not None and self.cfg.method.daw.alignment:
-            probs = self.daw.align(probs)
+            shift = alignment_scale(self.daw.labeled_class_mean, self.daw.unlabeled_class_mean).log()
         dims = patches["image"].dim() - 2
-        confidence, pseudo = (middle_plane(t, dims) for t in max_and_argmax(probs))
+        confidence, pseudo = (middle_plane(t, dims) for t in softmax_confidence(logits, shift))
         weight = (confidence >= self.threshold()).float()
         image = middle_plane(patches["image"], dims)
         out = {
@@ -264,8 +277,9 @@ class PseudoLabelMethod(Method):
             "tau": np.float32(float(self.threshold())),
             "histogram_edges": np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1, dtype=np.float32),
         }
-        if self._last_labeled is not None:
-            conf, positive, negative = self._last_labeled
+        sets = self.labeled_sets()
+        if sets is not None:
+            conf, positive, negative = sets
             out["hist_positive"] = torch.histc(conf[positive], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
             out["hist_negative"] = torch.histc(conf[negative], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
         if self.daw is not None:

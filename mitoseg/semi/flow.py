@@ -138,6 +138,23 @@ def sample_pixels(features: torch.Tensor, labels: torch.Tensor, max_pixels: int)
     return features[index], picked, picked != EXCLUDED
 
 
+def masked_flow_gradient(h: torch.Tensor, mask: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor],
+                         chunk: int | None = None) -> torch.Tensor:
+    """d(-sum of log_density over the pixels of ``mask``) / d h, for (B, C, *grid) features ``h`` and a
+    (B, *grid) bool ``mask``: the flow runs on the masked pixels' vectors only (in blocks of ``chunk``),
+    every other pixel's gradient is 0. The same as weighting every pixel's log-density by the mask, where
+    the log-densities are finite."""
+    vectors = flatten_pixels(h)
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    grad = torch.zeros_like(vectors)
+    picked = vectors.index_select(0, index)
+    for start in range(0, picked.shape[0], chunk or max(1, picked.shape[0])):
+        block = picked[start:start + (chunk or picked.shape[0])].detach().requires_grad_(True)
+        (block_grad,) = torch.autograd.grad(-log_density(block).sum(), block)
+        grad.index_copy_(0, index[start:start + block.shape[0]], block_grad)
+    return unflatten_pixels(grad, h)
+
+
 def density_descending_perturbation(features: torch.Tensor, penultimate: Callable[[torch.Tensor], torch.Tensor],
                                     log_density: Callable[[torch.Tensor], torch.Tensor], eps: float,
                                     chunk: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,10 +171,17 @@ def density_descending_perturbation(features: torch.Tensor, penultimate: Callabl
     ``chunk``: the flow's part (forward and backward) runs on blocks of at most this many
     feature vectors, which bounds its memory to one block's activations and, on the CPU,
     keeps them in cache; the pixels are independent there, so the result is the same.
+    On the CPU with a ``mask``, the flow runs on the masked pixels alone (the others' gradient
+    is 0): the flow costs in proportion to the pseudo-labels used (on a GPU the pixels would be
+    counted on the host, a synchronisation per step, so every pixel goes through, weighted).
     """
     with torch.enable_grad():
         f = features.detach().requires_grad_(True)
         h = penultimate(f)
+        if mask is not None and h.device.type == "cpu":
+            grad_h = masked_flow_gradient(h.detach(), mask, log_density, chunk)
+            (grad,) = torch.autograd.grad(h, f, grad_outputs=grad_h)
+            return eps * F.normalize(grad, p=2, dim=1)
         weight = None if mask is None else mask.reshape(-1).to(h.dtype)
         if chunk is None or chunk >= h.numel() // h.shape[1]:
             log_p = log_density(flatten_pixels(h))
