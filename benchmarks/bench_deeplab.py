@@ -130,7 +130,7 @@ def measure(method: str, args, device: torch.device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/pascal_daw_ddfp.yaml")
+    parser.add_argument("--config", default="pascal_daw_ddfp")  # a built-in config name or a YAML file
     parser.add_argument("--methods", nargs="+", default=["daw", "daw_ddfp"])
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--batch", type=int, default=2)

@@ -1,6 +1,6 @@
 """Training and prediction throughput on the sample data, and prediction memory vs volume size.
 
-    python benchmarks/bench_train_predict.py [--iters 40] [--config configs/sample_supervised.yaml]
+    python benchmarks/bench_train_predict.py [--iters 40] [--config sample_supervised]
 
 Prints: training iterations/s; prediction voxels/s; the bare model forward time
 over the same sliding-window tiles (the floor predict is compared with); peak
@@ -26,8 +26,6 @@ from mitoseg.data.readers import open_volume, write_volume
 from mitoseg.data.transforms import compute_normalization, sample_for_stats
 from mitoseg.engine.trainer import Trainer
 from mitoseg.inference import autocast, make_inferer, predict_volume
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench_training(config: str, iters: int, out: Path) -> tuple[float, Trainer]:
@@ -85,7 +83,7 @@ def peak_memory_of_predict(checkpoint: Path, volume: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "sample_supervised.yaml"))
+    parser.add_argument("--config", default="sample_supervised")  # a built-in config name or a YAML file
     parser.add_argument("--iters", type=int, default=40)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -38,11 +38,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, monai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'monai', monai.__version__)" \
     | tee -a "$LOG"
 
-check train_sample_daw 240 $PY -m mitoseg train --config configs/sample_daw.yaml --set device=cuda \
+check train_sample_daw 240 $PY -m mitoseg train --config sample_daw --set device=cuda \
     --set data.num_workers=4 --out "$RUNS/sample_daw" --no-progress
 cp "$RUNS/sample_daw/summary.json" "$OUT/train_sample_daw_summary.json" 2>/dev/null
 
-SAMPLE=(--config configs/sample_daw_ddfp.yaml --set device=cuda --set data.num_workers=4
+SAMPLE=(--config sample_daw_ddfp --set device=cuda --set data.num_workers=4
         --set train.iterations=300 --set method.ddfp.start_iter=100 --set method.ddfp.chunk_pixels=65536)
 check train_amp 240 $PY -m mitoseg train "${SAMPLE[@]}" --out "$RUNS/full" --no-progress
 cp "$RUNS/full/summary.json" "$OUT/train_amp_summary.json" 2>/dev/null

@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mitoseg.config import BUILTIN_CONFIG_DIR
+
 VALIDATION = list(range(22, 27))
 LABELED = [4, 13, 20]
 TRAINING = [i for i in range(27) if i not in VALIDATION]
@@ -76,7 +78,7 @@ BASE = {
     "inference.overlap": 0.25,
     "inference.sw_batch_size": 4,
 }
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = BUILTIN_CONFIG_DIR  # the configs shipped inside the package
 # Keys of a shipped config that are not the recipe: the data it reads, the method, the logging cadence.
 NOT_RECIPE = ("seed", "device", "data.train", "data.val", "data.test", "data.unlabeled", "data.label_map",
               "data.num_workers", "method", "train.val_every", "train.log_every", "train.checkpoint_every",
@@ -84,7 +86,7 @@ NOT_RECIPE = ("seed", "device", "data.train", "data.val", "data.test", "data.unl
 
 
 def recipe_from_config(name: str) -> dict:
-    """The recipe of ``configs/NAME.yaml`` as dotted keys (model, optimizer, schedule, patches, augmentation,
+    """The recipe of the built-in config ``NAME`` (``mitoseg/configs/NAME.yaml``) as dotted keys (model, optimizer, schedule, patches, augmentation,
     inference): the benchmark measures exactly what the shipped config trains."""
     flat: dict = {}
 
@@ -106,7 +108,7 @@ RECIPES = {
     "baseline": lambda: {},
     "baseline_long": lambda: {"train.iterations": 3000},
     "cpu": lambda: recipe_from_config("lucchi_cpu"),  # 30 minutes on 2 CPU cores
-    "gpu": lambda: recipe_from_config("lucchi_supervised"),  # the GPU configs' recipe (configs/lucchi_*.yaml)
+    "gpu": lambda: recipe_from_config("lucchi_supervised"),  # the GPU configs' recipe (lucchi_*)
 }
 # The changes the ablation tries, each alone on the recipe, then all together.
 VARIANTS = {
@@ -239,6 +241,13 @@ def run_one(run: dict, args) -> dict:
             "curve": curve}
 
 
+def is_finished(out: Path) -> bool:
+    """A run trained to its end and scored every way (what ``run_one`` reads back without running anything)."""
+    summary = out / "summary.json"
+    return (summary.is_file() and json.loads(summary.read_text()).get("completed", False)
+            and all((out / f"final_{way}.json").is_file() for way in (*score_ways(), "instances")))
+
+
 def contiguous_validation(args) -> tuple[Path, Path]:
     """The subset's validation slices 23-26 (the training volume's 161-164, neighbours) as their own TIFFs."""
     import tifffile
@@ -326,8 +335,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     parser.add_argument("--tiny", action="store_true", help="a few iterations on small patches: try the script")
     parser.add_argument("--out", type=Path, default=Path("runs/lucchi"))
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: the table and curves of the runs already finished under --out")
     args = parser.parse_args()
     runs = runs_of(args)
+    if args.collect:
+        finished = [run for run in runs if is_finished(run["dir"])]
+        for run in runs:
+            if run not in finished:
+                print(f"not finished, left out: {run['dir']}", flush=True)
+        runs = finished
+        if not runs:
+            parser.error(f"--collect: no finished run under {args.out / args.recipe}")
     started = time.perf_counter()
     print(f"{len(runs)} runs, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
-from mitoseg.config import load_config
+from mitoseg.config import BUILTIN_CONFIG_DIR, load_config
 from mitoseg.data import natural
 from mitoseg.methods.base import _METHODS
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = BUILTIN_CONFIG_DIR  # the configs shipped inside the package
 # (method, crop, labeled batch) -> seconds per step on one H200 (BENCHMARKS.md, "DeepLabV3+").
 MEASURED = {
     ("supervised", 321, 2): 0.066, ("unimatch", 321, 2): 0.107, ("daw", 321, 2): 0.116,

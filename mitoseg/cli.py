@@ -1,7 +1,10 @@
-"""The ``mitoseg`` command: sample-data, train, predict, evaluate, instances, view, export.
+"""The ``mitoseg`` command: sample-data, configs, init, train, predict, evaluate, instances, view, export.
 
 Input problems raise :class:`MitosegError`; ``main`` prints them as one line on
-stderr and returns 2 (``--debug`` re-raises to show the traceback).
+stderr and returns 2 (``--debug`` re-raises to show the traceback). Arguments,
+configs, input files and outputs are checked before torch and MONAI are imported
+(each command imports them only once its checks pass), so an input error costs
+well under a second (``benchmarks/bench_cli_errors.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from mitoseg.errors import MitosegError
 
 EXAMPLES = """\
 examples:
-  mitoseg sample-data sample_data/
-  mitoseg train --config configs/sample_supervised.yaml --out runs/sample
+  mitoseg sample-data
+  mitoseg configs
+  mitoseg train --config sample_supervised --out runs/sample
+  mitoseg init --image stack.tif --label labels.tif --output my.yaml
   mitoseg predict --checkpoint runs/sample/best.pt --input sample_data/val_image.tif --output pred.tif
   mitoseg evaluate --prediction pred.tif --label sample_data/val_label.tif
   mitoseg evaluate --checkpoint runs/pascal_daw/best.pt --eval-mode center_crop
@@ -38,6 +43,94 @@ def cmd_sample_data(args) -> None:
     paths = write_sample_data(args.out_dir, seed=args.seed, overwrite=args.overwrite)
     for path in paths.values():
         print(path)
+
+
+def cmd_configs(args) -> None:
+    """``mitoseg configs``: the built-in configs, one line each; ``configs show NAME``: one of them."""
+    from mitoseg.config import builtin_configs, config_description, resolve_config_path
+
+    if args.action is None:
+        configs = builtin_configs()
+        width = max(map(len, configs))
+        for name, path in configs.items():
+            print(f"{name:<{width}}  {config_description(path)}")
+        print("\nmitoseg configs show NAME prints one (to start your own); mitoseg train --config NAME trains it")
+        return
+    if args.action != "show" or args.name is None:
+        raise MitosegError("usage: mitoseg configs [show NAME]")
+    sys.stdout.write(resolve_config_path(args.name).read_text())
+
+
+def cmd_init(args) -> None:
+    from mitoseg.init_config import init_command
+
+    init_command(args.image, args.label, args.method, "cuda" if args.gpu else "cpu" if args.cpu else None,
+                 args.output, args.overwrite)
+
+
+# The built-in sample configs read sample_data/ relative to where mitoseg runs; a pip user has no such
+# folder, so `train --config sample_daw` writes it there first (the same files as `mitoseg sample-data`).
+SAMPLE_DIR = "sample_data"
+
+
+def ensure_sample_data(cfg, config_name: str | None) -> None:
+    """For a built-in ``sample_*`` config whose ``sample_data/`` files are all missing: write them."""
+    if config_name is None or not config_name.startswith("sample_") or cfg.data.kind != "em":
+        return
+    from mitoseg.data.synthetic import SAMPLE_FILES, write_sample_data
+
+    specs = [vol for vol in [cfg.data.train, cfg.data.val, cfg.data.test, *(cfg.data.unlabeled or [])]
+             if vol is not None]
+    files = {Path(part) for vol in specs for part in (vol.image, vol.label) if part}
+    sample = {Path(SAMPLE_DIR) / name for name in SAMPLE_FILES.values() if name.endswith(".tif")}
+    if not files or not files <= sample or any(path.exists() for path in sample):
+        return
+    write_sample_data(SAMPLE_DIR, seed=0)
+    print(f"{SAMPLE_DIR}/ was not here: wrote the synthetic sample data into it (as mitoseg sample-data)")
+
+
+def check_checkpoint_file(path, flag: str = "--checkpoint") -> None:
+    """A missing checkpoint, before torch is imported (the messages of ``checkpoint.load_checkpoint``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MitosegError(f"checkpoint {path} is a directory; name a checkpoint file (RUN/best.pt or RUN/last.pt)")
+    if not path.is_file():
+        raise MitosegError(f"checkpoint not found: {path}")
+
+
+def check_input_volume(spec: str) -> None:
+    """A missing input volume, before torch is imported (the message of ``readers.open_volume``)."""
+    from mitoseg.data.readers import split_spec
+
+    if not Path(split_spec(spec)[0]).exists():
+        raise MitosegError(f"{spec}: no such file or directory")
+
+
+def check_output_volume(spec: str | None, flag: str, overwrite: bool) -> None:
+    """An output that exists (without --overwrite), or under a regular file, before any work is done (the
+    messages of ``readers.VolumeWriter``, which checks again when it opens)."""
+    from mitoseg.atomic import check_output_path
+    from mitoseg.data.readers import split_spec
+
+    if not spec:
+        return
+    file = split_spec(spec)[0]
+    check_output_path(file, flag)
+    from mitoseg.data.readers import WRITABLE, ZARR_SUFFIX, _suffix
+
+    if Path(file).is_dir() and _suffix(file) != ZARR_SUFFIX:
+        raise MitosegError(f"{file} is a directory; name the file to write ({WRITABLE})")
+    if Path(file).exists() or Path(file).is_symlink():
+        if not overwrite:
+            raise MitosegError(f"{file} exists; pass --overwrite to replace it")
+
+
+def threads_from(args) -> None:
+    """Apply the resolved ``--threads`` / ``MITOSEG_THREADS`` (checked in ``main``) to torch."""
+    from mitoseg.threads import apply_threads
+
+    if getattr(args, "threads_count", None) is not None:
+        apply_threads(args.threads_count)
 
 
 # What a training run writes into --out (mitoseg/engine/trainer.py, logging.py): `train --overwrite`
@@ -75,8 +168,7 @@ def remove_run_outputs(out_dir: Path) -> list[Path]:
 
 
 def cmd_train(args) -> None:
-    from mitoseg.config import check_paths_exist, config_from_dict, load_config
-    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.config import builtin_config_name, check_paths_exist, config_from_dict, load_config
 
     if args.config is None and not args.resume:
         raise MitosegError("train needs --config (or --resume --out RUN to continue a run)")
@@ -91,20 +183,26 @@ def cmd_train(args) -> None:
     from mitoseg.atomic import check_output_path
 
     check_output_path(out_dir, "--out")  # FILE/run: a parent that is a file
+    # Under torchrun every rank checks --out before any rank writes into it (no rank writes before all
+    # have joined the process group in distributed.setup).
+    if not args.resume and not args.overwrite and out_dir.exists() and any(out_dir.iterdir()):
+        raise MitosegError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace "
+                           "its run files or --resume to continue its run")
     if args.config is not None:
         cfg = load_config(args.config, args.set)
+        ensure_sample_data(cfg, builtin_config_name(args.config))
     else:
+        check_checkpoint_file(out_dir / "last.pt")
+        from mitoseg.engine.checkpoint import load_checkpoint
+
         state = load_checkpoint(out_dir / "last.pt")
         from mitoseg.config import apply_overrides
         cfg = config_from_dict(apply_overrides(state["config"], args.set))
     check_paths_exist(cfg)
+    threads_from(args)
     from mitoseg.engine import distributed
 
-    # Under torchrun every rank checks --out before any rank writes into it.
     info = distributed.setup(cfg.device)
-    if not args.resume and not args.overwrite and out_dir.exists() and any(out_dir.iterdir()):
-        raise MitosegError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace "
-                           "its run files or --resume to continue its run")
     distributed.barrier()
     from mitoseg.engine.trainer import Trainer
 
@@ -146,21 +244,23 @@ def cmd_predict(args) -> None:
     import numpy as np
 
     from mitoseg.data.readers import SliceReader, VolumeWriter, open_volume
+
+    # Everything that can be checked without torch first: the input, the checkpoint, the outputs.
+    check_input_volume(args.input)
+    check_checkpoint_file(args.checkpoint)
+    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities),
+                       ("--instances", args.instances)):
+        check_output_volume(spec, flag, args.overwrite)
+    from mitoseg.data.ngff import resolve_level
+
+    args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
+    check_dask_options(args)
+    threads_from(args)
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
     from mitoseg.engine.checkpoint import model_from_checkpoint
     from mitoseg.engine.trainer import resolve_device
     from mitoseg.inference import VolumePredictor
 
-    from mitoseg.atomic import check_output_path
-    from mitoseg.data.readers import split_spec
-
-    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
-        if spec:
-            check_output_path(split_spec(spec)[0], flag)
-    from mitoseg.data.ngff import resolve_level
-
-    args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
-    check_dask_options(args)
     # With --dask the workers run the model (each resolves --device); here the checkpoint is only checked.
     device = resolve_device(args.device if args.dask is None else "cpu")
     model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
@@ -267,6 +367,11 @@ def instance_options(args):
 
 
 def cmd_instances(args) -> None:
+    check_input_volume(args.prediction)
+    if args.probabilities:
+        check_input_volume(args.probabilities)
+    check_output_volume(args.output, "--output", args.overwrite)
+    threads_from(args)
     from mitoseg.instances.run import instances_command
 
     instances_command(args.prediction, args.output, instance_options(args), args.probabilities, args.voxel_size,
@@ -356,16 +461,19 @@ def evaluate_instance_volume(args) -> None:
 
 
 def evaluate_volume(args) -> None:
-    import torch
-
-    from mitoseg.data.datasets import check_label_values
     from mitoseg.data.readers import open_volume
-    from mitoseg.inference import iter_slabs
-    from mitoseg.metrics import confusion_matrix, format_table, scores_from_confusion
 
     slab = args.slab or 16
     json_path = Path(args.json) if args.json else default_metrics_path(args.prediction)
     check_json_target(json_path, args.overwrite)
+    check_input_volume(args.prediction)
+    check_input_volume(args.label)
+    threads_from(args)
+    import torch
+
+    from mitoseg.data.datasets import check_label_values
+    from mitoseg.inference import iter_slabs
+    from mitoseg.metrics import confusion_matrix, format_table, scores_from_confusion
     # finite: a float prediction (or label) with NaN / inf is refused by the slice that holds it.
     with open_volume(args.prediction, finite=True) as prediction, open_volume(args.label, finite=True) as label:
         if prediction.shape != label.shape:
@@ -406,10 +514,6 @@ def evaluate_checkpoint(args) -> None:
     a volume. The model is the checkpoint's; the data (root, lists, crop size, eval mode) and inference
     settings are its stored config's, or --config's, with --set applied."""
     from mitoseg.config import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
-    from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
-    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state, validated_weights
-    from mitoseg.engine.trainer import resolve_device
-    from mitoseg.metrics import format_table, scores_from_confusion
 
     for text in args.set:
         # The weights fix the architecture: a changed model key would only make them fail to load, or
@@ -418,13 +522,23 @@ def evaluate_checkpoint(args) -> None:
             raise MitosegError(f"--set {text}: the model is rebuilt from the checkpoint; only data, inference "
                                "and train.amp settings apply to evaluate")
     checkpoint = Path(args.checkpoint)
+    check_checkpoint_file(checkpoint)
+    # --image / --label are checked once the checkpoint says whether it is an EM model (they are refused
+    # for the others), in evaluate_em_checkpoint.
+    if args.json:
+        check_json_target(Path(args.json), args.overwrite)
+    cfg = load_config(args.config, args.set) if args.config is not None else None
+    threads_from(args)
+    from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
+    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state, validated_weights
+    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.metrics import format_table, scores_from_confusion
+
     device = resolve_device(args.device or "auto")
     state = load_checkpoint(checkpoint)
     weights = args.weights or validated_weights(state)
     model, stored = model_from_state(state, checkpoint, weights, device)
-    if args.config is not None:
-        cfg = load_config(args.config, args.set)
-    else:
+    if cfg is None:
         cfg = config_from_dict(apply_overrides(config_to_dict(stored), args.set))
     if stored.data.kind == "em":
         evaluate_em_checkpoint(args, checkpoint, weights, model, stored, cfg, device)
@@ -494,7 +608,8 @@ def cmd_view(args) -> None:
     try:
         from mitoseg_napari.launch import launch
     except ImportError as exc:
-        raise MitosegError("mitoseg view needs the napari plugin: pip install -e \".[napari]\"") from exc
+        raise MitosegError("mitoseg view needs the napari plugin: pip install \"mitoseg[napari]\" (in a clone: "
+                           "pip install -e \".[napari]\")") from exc
     launch(args.run, args.image)
 
 
@@ -505,6 +620,7 @@ def cmd_export(args) -> None:
         given = [flag for flag, value in (("--name", args.name), ("--author", args.author)) if value]
         if given:
             raise MitosegError(f"{', '.join(given)}: only for --format bioimageio (the package's description)")
+    check_checkpoint_file(args.checkpoint)  # export_checkpoint checks --output before it imports torch
     result = export_checkpoint(args.checkpoint, args.format, args.output, weights=args.weights,
                                overwrite=args.overwrite, name=args.name, authors=args.author or None)
     if args.format == "bioimageio":
@@ -532,6 +648,12 @@ def add_instance_options(p) -> None:
                    help="nm per voxel (default: from the file's metadata, else volumes are in voxels)")
     p.add_argument("--table", metavar="PATH",
                    help="the per-object table, .csv or .parquet (default: <instances>_objects.csv)")
+
+
+def add_threads_option(p) -> None:
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads for PyTorch (default: $MITOSEG_THREADS, else $OMP_NUM_THREADS, else the "
+                        "physical cores this process may use; fewer on a machine shared with other jobs)")
 
 
 def add_ngff_option(p) -> None:
@@ -578,19 +700,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample-data", help="write the synthetic EM sample volumes",
                        description="Write the synthetic EM sample data set (train and validation volumes with "
-                                   "mitochondria labels, as TIFF stacks) into OUT_DIR. Deterministic from --seed.")
-    p.add_argument("out_dir", metavar="OUT_DIR")
+                                   "mitochondria labels, as TIFF stacks) into OUT_DIR (default: sample_data, where "
+                                   "the built-in sample_* configs read it). Deterministic from --seed.")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default="sample_data",
+                   help="folder to write (default: sample_data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0, the shipped sample_data/)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser("configs", help="list the built-in configs, or print one (configs show NAME)",
+                       description="The configs that ship with mitoseg, one line each. `mitoseg configs show NAME` "
+                                   "prints one, to start your own from (mitoseg configs show sample_daw > my.yaml). "
+                                   "Every --config takes a built-in NAME or a YAML file.",
+                       epilog="examples:\n  mitoseg configs\n  mitoseg configs show lucchi_cpu > my.yaml\n"
+                              "  mitoseg train --config sample_daw",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="?", choices=["show"], help="show: print the config NAME")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a built-in config (or a YAML file)")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("init", help="write a config for your own image and label volumes",
+                       description="Inspect an image volume and its label volume (shape, dtype, which slices hold "
+                                   "labels, the label values) and write a commented config for them: the labeled "
+                                   "slices found, a validation slice held out when there are at least 4, the "
+                                   "unlabeled slices for a semi-supervised method, a label_map for 0 / 255 masks, "
+                                   "and a patch size and U-Net sized to the slices and the device. A slice counts as "
+                                   "labeled when any of its pixels is non-zero. Prints the command to train it.",
+                       epilog="example: mitoseg init --image stack.tif --label labels.tif --method daw --output "
+                              "my.yaml && mitoseg train --config my.yaml")
+    p.add_argument("--image", required=True, metavar="VOLUME", help="the image volume (z, y, x)")
+    p.add_argument("--label", required=True, metavar="VOLUME",
+                   help="its labels, same shape: 0 = background or unlabeled slice, > 0 = mitochondrion (or class)")
+    p.add_argument("--method", default="daw",
+                   choices=["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"],
+                   help="training method (default: daw, semi-supervised: the unlabeled slices train too)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--gpu", action="store_true", help="size network and patches for a CUDA GPU")
+    device.add_argument("--cpu", action="store_true", help="size them for the CPU (default: the GPU when CUDA is "
+                                                          "available)")
+    p.add_argument("--output", metavar="YAML", help="config to write (default: <image name>_<method>.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train a segmentation model. Writes OUT/last.pt, OUT/best.pt, "
                                    "OUT/metrics.jsonl, OUT/tb (TensorBoard), OUT/summary.json, OUT/config.json "
                                    "and, for the semi-supervised methods, OUT/inspect.",
-                       epilog="example: mitoseg train --config configs/sample_supervised.yaml --out runs/sample "
+                       epilog="example: mitoseg train --config sample_supervised --out runs/sample "
                               "--set optim.lr=0.002 --set train.iterations=500")
-    p.add_argument("--config", metavar="YAML", help="config file (see configs/ and the README's config reference)")
+    p.add_argument("--config", metavar="NAME|YAML",
+                   help="a built-in config (mitoseg configs lists them) or a YAML file (docs/configuration.md)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config value by dotted key, e.g. --set data.batch_size=4 (repeatable)")
@@ -605,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(RUN_FILES + tuple(f"{d}/" for d in RUN_DIRS))
                         + "); nothing else in --out is touched. Not with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment a volume with a trained checkpoint",
@@ -650,6 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_instance_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("instances", help="3-D objects and their measurements from a predicted mask",
@@ -671,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ngff_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=cmd_instances)
 
     p = sub.add_parser("evaluate", help="score a predicted volume, or a trained checkpoint",
@@ -716,8 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the run's data.test)")
     natural.add_argument("--slices", metavar="SELECTION",
                          help="EM model: which slices of --image / --label, e.g. '0:10' or '3,7,12' (default: all)")
-    natural.add_argument("--config", metavar="YAML",
-                         help="take data and inference settings from this config instead of the checkpoint's "
+    natural.add_argument("--config", metavar="NAME|YAML",
+                         help="take data and inference settings from this config (a built-in name or a file) "
+                              "instead of the checkpoint's "
                               "(the model is always the checkpoint's)")
     natural.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                          help="override a data or inference value, e.g. --set inference.tta=true or "
@@ -734,12 +897,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "<checkpoint>_<weights>_<mode>_metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (--checkpoint)")
+    add_threads_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("view", help="open napari with the pseudo-label inspector on a run",
                        description="Open napari with the mitoseg pseudo-label inspector docked on RUN (a train "
                                    "--out directory). With --image, the volume is opened too and predicted with "
-                                   "the run's checkpoint. Needs the napari extra: pip install -e \".[napari]\".")
+                                   "the run's checkpoint. Needs the napari extra: pip install \"mitoseg[napari]\" (in a clone: "
+                                   "pip install -e \".[napari]\").")
     p.add_argument("run", metavar="RUN", help="run directory (with inspect/ and metrics.jsonl)")
     p.add_argument("--image", metavar="VOLUME", help="an image volume to open and predict")
     p.set_defaults(func=cmd_view)
@@ -752,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "citations, checked with bioimageio.core's test_model (EM models). torchscript "
                                    "/ onnx: the network (logits) with dynamic batch and spatial sizes, checked "
                                    "against PyTorch within 1e-4; a TorchScript file carries the run's settings "
-                                   "and mitoseg predict --checkpoint takes it. Needs pip install -e \".[export]\".",
+                                   "and mitoseg predict --checkpoint takes it. Needs pip install \"mitoseg[export]\" (in a clone: "
+                                   "pip install -e \".[export]\").",
                        epilog="examples:\n"
                               "  mitoseg export --checkpoint runs/sample/best.pt --format bioimageio --output "
                               "sample_model.zip --author 'Ada Lovelace'\n"
@@ -779,6 +945,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # checked here, applied by the command once its inputs are checked
+            from mitoseg.threads import resolve_threads
+
+            args.threads_count = resolve_threads(args.threads)[0]
         if args.command == "predict" and args.overlap is not None and not 0 <= args.overlap < 1:
             raise MitosegError(f"--overlap must be in [0, 1), got {args.overlap}")
         if args.command == "predict" and args.min_object_voxels is not None and args.min_object_voxels < 0:

@@ -213,6 +213,9 @@ class DDFPConfig:
     # The perturbation's flow pass runs on blocks of this many pixels: bounds its memory and, on
     # the CPU, keeps the activations in cache; on a GPU larger blocks (e.g. 65536) launch fewer kernels.
     chunk_pixels: int = 4096
+    # The flow (and the teacher's forward that feeds it) trains every flow_every-th iteration from start_iter
+    # on, its learning rate decaying over its own steps; 1 = every iteration, as the paper.
+    flow_every: int = 1
     # Faithful to DDFP's code by default; each key restores mitoseg's earlier choice.
     flow_init: Literal["official", "identity"] = "official"  # 3-layer subnets, 0.05 N(0,1) | identity start
     # official: ddfp trains supervised only before start_iter, then the flow trains and L = L_x + L_u, and
@@ -500,6 +503,7 @@ _RANGES: dict[str, _Range] = {
     "method.ddfp.max_pixels": _AT_LEAST_1,
     "method.ddfp.noise": _AT_LEAST_0,
     "method.ddfp.chunk_pixels": _AT_LEAST_1,
+    "method.ddfp.flow_every": _AT_LEAST_1,
     "method.ddfp.perturb_iter": _AT_LEAST_0,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _AT_LEAST_0,
@@ -820,12 +824,56 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    path = Path(path)
+# The configs that ship inside the package (`mitoseg configs` lists them; `--config NAME` reads one).
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The built-in configs by name (``sample_daw`` -> ``.../mitoseg/configs/sample_daw.yaml``), sorted."""
+    return {path.stem: path for path in sorted(BUILTIN_CONFIG_DIR.glob("*.yaml"))}
+
+
+def config_description(path: Path) -> str:
+    """A config's one-line description: its first comment line (empty when it starts with a key)."""
+    for line in path.read_text().splitlines():
+        if line.strip():
+            return line.strip().lstrip("#").strip() if line.lstrip().startswith("#") else ""
+    return ""
+
+
+def builtin_config_name(spec: str | Path) -> str | None:
+    """The built-in config ``spec`` names, or None when it is a path. A file that exists wins over a built-in
+    name, so ``--config sample_daw`` reads ``./sample_daw`` only if such a file is there."""
+    text = str(spec)
+    if Path(text).exists() or "/" in text or "\\" in text:
+        return None
+    name = text[:-len(".yaml")] if text.endswith(".yaml") else text
+    return name if name in builtin_configs() else None
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """``--config``: a YAML file, or the name of a built-in config (``sample_daw``, ``lucchi_cpu``, ...)."""
+    name = builtin_config_name(spec)
+    if name is not None:
+        return builtin_configs()[name]
+    path = Path(spec)
     if path.is_dir():
         raise MitosegError(f"config file {path} is a directory; name a YAML file")
     if not path.is_file():
-        raise MitosegError(f"config file not found: {path}")
+        hint = ""
+        if "/" not in str(spec) and "\\" not in str(spec):
+            close = difflib.get_close_matches(str(spec).removesuffix(".yaml"), list(builtin_configs()), n=1)
+            hint = (f" (did you mean the built-in config {close[0]!r}? `mitoseg configs` lists them)" if close
+                    else " (nor a built-in config: `mitoseg configs` lists them)")
+        raise MitosegError(f"config file not found: {path}{hint}")
+    return path
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a config file, or a built-in config by name (:func:`resolve_config_path`), apply ``--set``
+    overrides and validate."""
+    shown = builtin_config_name(path) or path  # a built-in config's errors name it, not its installed path
+    path = resolve_config_path(path)
     try:
         data = parse_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -838,7 +886,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     try:
         return config_from_dict(data)
     except MitosegError as exc:
-        raise MitosegError(f"{path}: {exc}") from exc
+        raise MitosegError(f"{shown}: {exc}") from exc
 
 
 def check_paths_exist(cfg: Config) -> None:

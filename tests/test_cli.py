@@ -25,7 +25,8 @@ def trained_run(tmp_path_factory, tiny_volumes):
     return out
 
 
-@pytest.mark.parametrize("command", ["sample-data", "train", "predict", "evaluate", "view"])
+@pytest.mark.parametrize("command", ["sample-data", "configs", "init", "train", "predict", "evaluate", "instances",
+                                     "view", "export"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])

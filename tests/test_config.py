@@ -108,12 +108,16 @@ def test_missing_data_path_names_key_and_path(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    from pathlib import Path
+    from mitoseg.config import builtin_configs, config_description
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs, "no configs shipped"
-    for path in configs:
-        load_config(path)
+    configs = builtin_configs()
+    assert "sample_daw" in configs and "lucchi_cpu" in configs
+    for name, path in configs.items():
+        assert load_config(name) == load_config(path)  # by built-in name or by path: the same config
+        # `mitoseg configs` lists each with its first comment line: a one-line summary
+        description = config_description(path)
+        assert description and len(description) <= 120, (name, description)
+        assert path.read_text().startswith(f"# {description}\n"), name
 
 
 def test_unquoted_slice_ranges_stay_strings_and_exponents_are_floats(tmp_path):

@@ -17,7 +17,7 @@ from mitoseg.semi.flow import EXCLUDED, UNLABELED
 
 from test_semi import semi_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from mitoseg.config import BUILTIN_CONFIG_DIR as CONFIGS  # the configs shipped inside the package
 
 
 @pytest.fixture(autouse=True)

@@ -130,7 +130,7 @@ def test_voxel_sizes_are_read_from_tiff_and_hdf5_metadata(tmp_path):
     tifffile.imwrite(tmp_path / "ij.tif", volume, imagej=True, resolution=(1 / 0.005, 1 / 0.006),
                      metadata={"spacing": 0.03, "unit": "micron", "axes": "ZYX"})
     assert voxel_size_nm(tmp_path / "ij.tif") == pytest.approx((30.0, 6.0, 5.0))
-    tifffile.imwrite(tmp_path / "plain.tif", volume)
+    tifffile.imwrite(tmp_path / "plain.tif", volume, photometric="minisblack")  # (4, 16, 16): not RGB
     assert voxel_size_nm(tmp_path / "plain.tif") is None
     with h5py.File(tmp_path / "v.h5", "w") as handle:
         handle.create_dataset("raw", data=volume).attrs["element_size_um"] = [0.04, 0.008, 0.008]

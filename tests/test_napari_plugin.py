@@ -687,3 +687,12 @@ def test_view_opens_the_inspector_with_the_image_and_a_screenshot_is_not_blank(
     if os.environ.get("MITOSEG_UPDATE_SCREENSHOT"):
         (REPO / "docs" / "images").mkdir(parents=True, exist_ok=True)
         shutil.copy(ARTIFACTS / "inspector.png", REPO / "docs" / "images" / "inspector.png")
+
+
+def test_napari_runs_on_qt6():
+    """The napari extra installs Qt 6 (PyQt6): napari drops PyQt5, and .ci/system-deps.sh installs the
+    system libraries of Qt 6's xcb platform plugin."""
+    import qtpy
+
+    assert qtpy.QT_VERSION.startswith("6."), (qtpy.API_NAME, qtpy.QT_VERSION)
+    assert qtpy.API_NAME in ("PyQt6", "PySide6")

@@ -85,7 +85,8 @@ def _need_bioimageio():
         import bioimageio.core  # noqa: F401
         import bioimageio.spec  # noqa: F401
     except ImportError as exc:
-        raise MitosegError("mitoseg export --format bioimageio needs bioimageio.core: pip install -e \".[export]\"") \
+        raise MitosegError("mitoseg export --format bioimageio needs bioimageio.core: pip install \"mitoseg[export]\" "
+                           "(in a clone: pip install -e \".[export]\")") \
             from exc
 
 

@@ -29,7 +29,7 @@ def _need_onnx():
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise MitosegError(f"mitoseg export --format onnx needs onnx, onnxscript and onnxruntime ({exc.name} is "
-                           "missing): pip install -e \".[export]\"") from exc
+                           "missing): pip install \"mitoseg[export]\" (in a clone: pip install -e \".[export]\")") from exc
 
 
 @contextlib.contextmanager

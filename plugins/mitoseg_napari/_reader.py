@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,9 @@ class _LazyVolume:
         self.dtype = np.dtype(volume.dtype)
         self.ndim = len(self.shape)
         self._lock = threading.Lock()
+        # The file stays open while napari holds the layer and is closed when the layer (and this array)
+        # is collected, not left to the interpreter (a ResourceWarning of an unclosed file).
+        weakref.finalize(self, volume.close)
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)

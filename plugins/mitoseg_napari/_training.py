@@ -47,7 +47,7 @@ SEMI_SUPERVISED = ("daw", "daw_ddfp")
 STATUS_BY_EXIT = {0: "done", 130: "cancelled", 3: "diverged"}
 RUNNING, STARTING = "running", "starting"
 
-# configs/sample_daw.yaml's network and optimisation (about 5 minutes for 1000 iterations on 2 CPU cores, fg_iou
+# the built-in sample_daw config's network and optimisation (about 5 minutes for 1000 iterations on 2 CPU cores, fg_iou
 # 0.84 on the sample data): a sound start for a biologist's first round. "Extra settings" (KEY=VALUE) change any.
 BASE_SETTINGS = {
     "seed": 0,

@@ -72,7 +72,7 @@ def _require_napari():
         import napari
     except ImportError as exc:
         raise MitosegError(f"`mitoseg view` needs napari and Qt ({exc}); install them with "
-                           "pip install -e \".[napari]\"") from exc
+                           "pip install \"mitoseg[napari]\" (in a clone: pip install -e \".[napari]\")") from exc
     return napari
 
 

@@ -1,6 +1,6 @@
 """Regenerate docs/images/inspector.png, the README's screenshot of the pseudo-label inspector.
 
-    mitoseg train --config configs/sample_daw.yaml --out runs/sample_daw --max-iters 200
+    mitoseg train --config sample_daw --out runs/sample_daw --max-iters 200
     xvfb-run -a -s "-screen 0 1280x1024x24" python plugins/scripts/readme_screenshot.py \\
         runs/sample_daw sample_data/val_image.tif docs/images/inspector.png
 
