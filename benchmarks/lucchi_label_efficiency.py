@@ -281,7 +281,7 @@ def table(rows: list[dict], args) -> str:
         groups.setdefault((row["variant"], row["method"]), []).append(row)
     for (variant, method), mine in groups.items():
         best_iters = ", ".join(str(r["best_iteration"]) for r in mine)
-        lines.append(f"| {variant} | {method} | {mine[0]['iterations']} | {mean_std([r['plateau'] for r in mine])} "
+        lines.append(f"| {variant} | {method} (n = {len(mine)}) | {mine[0]['iterations']} | {mean_std([r['plateau'] for r in mine])} "
                      f"| {mean_std([r['final'] for r in mine])} "
                      f"| {mean_std([r['final_tta'] for r in mine])} | {mean_std([r['final_tta_post'] for r in mine])} "
                      f"| {mean_std([r['precision'] for r in mine])} | {mean_std([r['recall'] for r in mine])} "
@@ -362,7 +362,7 @@ def main() -> None:
     (folder / f"{stem}_table.md").write_text(text + "\n")
     print("\n" + text)
     plot(rows, folder / f"{stem}_curves.png", f"Lucchi subset, recipe '{args.recipe}': validation fg IoU, mean ± std "
-                                              f"over seeds {args.seeds}")
+                                              "over seeds (n: runs per method)")
     print(f"\ncurves: {folder / f'{stem}_curves.png'}; {len(runs)} runs in "
           f"{(time.perf_counter() - started) / 60:.1f} min")
 
