@@ -52,6 +52,17 @@ def tiny_config(tmp_path, tiny_volumes) -> Path:
     return path
 
 
+def train_tiny_run(folder: Path, volumes: dict[str, Path]) -> Path:
+    """A finished run of ``tiny_config_dict`` trained through ``mitoseg train`` in ``folder/run``."""
+    from mitoseg.cli import main
+
+    out = folder / "run"
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(volumes)))
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
 def run_cli(args, capsys):
     """``mitoseg ARGS`` in this process: (exit status, stdout, stderr)."""
     from mitoseg.cli import main

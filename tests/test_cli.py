@@ -13,16 +13,12 @@ import yaml
 from mitoseg.cli import main
 from mitoseg.data.readers import read_volume
 
-from conftest import assert_one_line_error, run_cli, tiny_config_dict
+from conftest import assert_one_line_error, run_cli, tiny_config_dict, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_volumes):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    config = out.parent / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
-    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("cli"), tiny_volumes)
 
 
 @pytest.mark.parametrize("command", ["sample-data", "configs", "init", "train", "predict", "evaluate", "instances",

@@ -19,7 +19,7 @@ from mitoseg.data.readers import read_volume
 from mitoseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, validated_weights
 from mitoseg.networks import build_model
 
-from conftest import assert_one_line_error, run_cli, tiny_config_dict
+from conftest import assert_one_line_error, run_cli, tiny_config_dict, train_tiny_run
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("bioimageio.core")
@@ -27,11 +27,7 @@ pytest.importorskip("bioimageio.core")
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_volumes):
-    out = tmp_path_factory.mktemp("export") / "run"
-    config = out.parent / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_volumes)))
-    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
-    return out
+    return train_tiny_run(tmp_path_factory.mktemp("export"), tiny_volumes)
 
 
 def synthetic_checkpoint(path, volumes, change):
