@@ -239,11 +239,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    import tempfile
-
     import numpy as np
 
-    from mitoseg.data.readers import SliceReader, VolumeWriter, open_volume
+    from mitoseg.data.readers import SliceReader, VolumeWriter, open_volume, split_spec
+    from mitoseg.data.scratch import scratch_volumes
 
     # Everything that can be checked without torch first: the input, the checkpoint, the outputs.
     check_input_volume(args.input)
@@ -312,12 +311,9 @@ def cmd_predict(args) -> None:
                 VolumeWriter(args.probabilities, (z, num_classes, y, x), np.float16, overwrite=args.overwrite, **ngff)
             )
 
-        def scratch(shape, dtype):
-            # Labels waiting for post-processing: a memory-mapped file next to the output (memory stays
-            # bounded by the slab); it has no name on disk, so nothing is left behind even after kill -9.
-            handle = stack.enter_context(tempfile.TemporaryFile(dir=Path(args.output.split(":/", 1)[0]).parent))
-            return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
-
+        # Labels waiting for post-processing go to a scratch file next to the output (memory stays bounded
+        # by the slab).
+        scratch = stack.enter_context(scratch_volumes(Path(split_spec(args.output)[0]).parent))
         predictor = VolumePredictor(model, cfg, device)
         predictor.predict_labels(
             SliceReader(volume, context=cfg.data.context_slices).read, z, normalization, labels_out.write,

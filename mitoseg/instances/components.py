@@ -60,10 +60,13 @@ class SlabComponents:
         return int(self.sizes.shape[0])
 
     def objects(self, start: int, mask: np.ndarray) -> np.ndarray:
-        """Object index + 1 of every voxel of the slab starting at ``start`` (0 outside the mask), int64."""
-        labels, _ = label_slab(mask)
-        index = start // self.slab
-        return self.obj[self.offsets[index] + labels] + 1  # the outside (obj -1) becomes 0
+        """Object index + 1 of every voxel of the slab starting at ``start`` (0 outside the mask), uint32."""
+        labels, count = label_slab(mask)
+        first = self.offsets[start // self.slab]
+        # This slab's pieces' objects, + 1 so that the outside (obj -1) becomes 0: a table as small as the
+        # pieces, indexed by the int32 labels (no int64 volume of global ids).
+        table = (self.obj[first:first + count + 1] + 1).astype(np.uint32)
+        return table[labels]
 
 
 def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
@@ -77,7 +80,8 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
         mask = np.asarray(read_mask(start, stop), dtype=bool)
         labels, count = label_slab(mask)
         offsets.append(total)
-        sizes.append(np.bincount(labels.ravel(), minlength=count + 1))
+        # A plane at a time: bincount widens its input to int64 (twice the int32 slab).
+        sizes.append(sum(np.bincount(plane.ravel(), minlength=count + 1) for plane in labels))
         boxes = np.zeros((count + 1, 6), dtype=np.int64)  # row 0: the outside, left empty
         for i, box in enumerate(ndimage.find_objects(labels), start=1):
             boxes[i] = [box[0].start + start, box[1].start, box[2].start, box[0].stop + start, box[1].stop,
@@ -97,6 +101,7 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
             edges_b.append(pairs[1])
         previous_last, previous_offset = labels[-1] + total, total
         total += count + 1
+        del mask, labels  # before the next slab is read: one slab in memory at a time, not two
         if progress is not None:
             progress(stop - start)
     offsets = np.asarray(offsets, dtype=np.int64)

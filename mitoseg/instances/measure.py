@@ -76,7 +76,7 @@ def measure_objects(ids, count: int, voxel_size_nm=None,
     yy, xx = np.mgrid[:height, :width]
     for start, stop in tqdm(list(iter_slabs(num_slices, slab)), desc="measure", unit="slab", disable=not progress,
                             leave=False):
-        block = np.asarray(ids[start:stop]).astype(np.int64)
+        block = np.asarray(ids[start:stop])
         prob = np.asarray(read_probability(start, stop), dtype=np.float64) if probability is not None else None
         for i, plane in enumerate(block):
             flat = plane.ravel()
@@ -94,6 +94,7 @@ def measure_objects(ids, count: int, voxel_size_nm=None,
             high = [box[0].stop + start, box[1].stop, box[2].stop]
             boxes[label, :3] = np.minimum(boxes[label, :3], low)
             boxes[label, 3:] = np.maximum(boxes[label, 3:], high)
+        del block, prob  # before the next slab is read
     known = voxel_size_nm is not None
     voxel_volume = float(np.prod(spacing)) / 1e9 if known else 1.0  # nm^3 -> um^3
     area_scale = 1e-6 if known else 1.0  # nm^2 -> um^2

@@ -7,7 +7,8 @@
 
 Both work slab by slab (``mitoseg.instances.components``): memory is bounded by
 the slab, whatever the volume, and the labels are rewritten in place through
-``read`` / ``write`` (a NumPy array, or a memory-mapped scratch file for ``predict``).
+``read`` / ``write`` (a NumPy array, or a scratch file on disk for ``predict``,
+:mod:`mitoseg.data.scratch`).
 """
 
 from __future__ import annotations

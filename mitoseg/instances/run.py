@@ -13,6 +13,7 @@ import numpy as np
 
 from mitoseg.data.metadata import voxel_size_nm
 from mitoseg.data.readers import VolumeWriter, open_volume, split_spec
+from mitoseg.data.scratch import scratch_volumes
 from mitoseg.errors import MitosegError
 from mitoseg.instances.components import iter_slabs
 from mitoseg.instances.measure import Measurements, measure_objects, write_table
@@ -45,18 +46,6 @@ def foreground_reader(probabilities) -> Callable[[int, int], np.ndarray]:
     return read
 
 
-@contextlib.contextmanager
-def memmap_scratch(folder: str | Path):
-    """``scratch(shape, dtype)`` making memory-mapped files in ``folder`` without a name on disk (nothing
-    is left behind, even after kill -9)."""
-    with contextlib.ExitStack() as stack:
-        def scratch(shape, dtype):
-            handle = stack.enter_context(tempfile.TemporaryFile(dir=folder))
-            return np.memmap(handle, dtype=dtype, mode="w+", shape=shape)
-
-        yield scratch
-
-
 def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[int, int, int], output: str,
                    options: InstanceOptions, voxel_size=None, read_probability=None, table: Path | None = None,
                    overwrite: bool = False, progress: bool = True,
@@ -68,7 +57,7 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
     check_table_target(table, overwrite)
     if options.split == "probability" and read_probability is None:
         raise MitosegError("--split probability needs the class probabilities: pass --probabilities")
-    with memmap_scratch(Path(split_spec(output)[0]).parent) as scratch, \
+    with scratch_volumes(Path(split_spec(output)[0]).parent) as scratch, \
             VolumeWriter(output, shape, np.uint32, overwrite=overwrite, voxel_size=voxel_size, labels=True,
                          ngff_version=ngff_version) as writer:
         ids, count = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) > 0, shape, options,
@@ -77,7 +66,7 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
         measurements = measure_objects(ids, count, voxel_size, read_probability, slab=options.slab,
                                        progress=progress)
         for start, stop in iter_slabs(shape[0], options.slab):
-            writer.write(start, np.asarray(ids[start:stop]))
+            writer.write(start, ids[start:stop])
     write_table(measurements, table)
     return measurements, table
 
@@ -132,7 +121,7 @@ def read_instances(spec: str, kind: str, slab: int, stack: contextlib.ExitStack,
         kind = "semantic" if highest <= 1 else "instance"
     if kind == "instance":
         return volume.read, volume.shape
-    scratch = stack.enter_context(memmap_scratch(tempfile.gettempdir()))
+    scratch = stack.enter_context(scratch_volumes(tempfile.gettempdir()))
     ids, _ = segment_instances(lambda s, e: volume.read(s, e) > 0, volume.shape, InstanceOptions(slab=slab),
                                scratch=scratch, progress=progress)
     return (lambda s, e: ids[s:e]), volume.shape

@@ -4,8 +4,8 @@
    (:func:`mitoseg.instances.postprocess.postprocess_labels`), so a hole joins the
    object around it;
 2. face-connected components slab by slab (:mod:`mitoseg.instances.components`),
-   written into a scratch volume of uint32 ids (a memory-mapped file for ``predict``
-   and ``instances``, so the volume never has to fit in memory);
+   written into a scratch volume of uint32 ids (a file on disk for ``predict`` and
+   ``instances``, :mod:`mitoseg.data.scratch`, so the volume never has to fit in memory);
 3. (``split``) touching objects are cut apart one object at a time, each within its
    bounding box: a watershed of the negated distance to the background
    (``distance``, scipy's EDT in the voxel size's units) or of the negated
@@ -74,8 +74,8 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
                       progress: bool = False) -> tuple[np.ndarray, int]:
     """Instance ids (uint32, 0 background, 1..N) of the foreground ``read_mask(start, stop)`` (bool slabs)
     of a (z, y, x) volume of ``shape``, in a scratch volume made by ``scratch(shape, dtype)`` (default: an
-    array in memory). ``read_probability(start, stop)``: the foreground probability, for ``split:
-    probability``. Returns (the scratch volume of ids, N)."""
+    array in memory; :class:`mitoseg.data.scratch.ScratchVolume` keeps it on disk).
+    ``read_probability(start, stop)``: the foreground probability, for ``split: probability``. Returns (the scratch volume of ids, N)."""
     if options.split not in SPLITS:
         raise ValueError(f"unknown split {options.split!r}; expected one of {SPLITS}")
     make = scratch or _scratch_array
@@ -94,7 +94,7 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
         # 2. components, numbered 1..N in order of their first voxel
         components = find_components(lambda s, e: ids[s:e] > 0, num_slices, slab)
         for start, stop in iter_slabs(num_slices, slab):
-            ids[start:stop] = components.objects(start, ids[start:stop] > 0).astype(np.uint32)
+            ids[start:stop] = components.objects(start, ids[start:stop] > 0)
         bar.update(num_slices)
         count = components.count
         # 3. splitting, object by object inside its bounding box
@@ -102,7 +102,7 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
             next_id = count + 1
             for index, box in enumerate(components.bboxes):
                 z0, y0, x0, z1, y1, x1 = (int(v) for v in box)
-                crop = ids[z0:z1, y0:y1, x0:x1]
+                crop = np.asarray(ids[z0:z1, y0:y1, x0:x1])
                 mask = crop == index + 1
                 probability = None
                 if options.split == "probability":
@@ -111,14 +111,16 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
                 k = int(pieces.max())
                 if k > 1:
                     new_ids = np.concatenate([[0, index + 1], np.arange(next_id, next_id + k - 1)]).astype(np.uint32)
-                    crop[mask] = new_ids[pieces[mask]]  # crop is a view: this writes the scratch volume
+                    crop[mask] = new_ids[pieces[mask]]
+                    ids[z0:z1, y0:y1, x0:x1] = crop
                     next_id += k - 1
             count = next_id - 1
         bar.update(num_slices)
         # 4. small objects out, ids 1..N
         sizes = np.zeros(count + 1, dtype=np.int64)
         for start, stop in iter_slabs(num_slices, slab):
-            sizes += np.bincount(np.asarray(ids[start:stop]).ravel(), minlength=count + 1)
+            for plane in ids[start:stop]:  # a plane at a time: bincount widens its input to int64
+                sizes += np.bincount(plane.ravel(), minlength=count + 1)
         keep = sizes >= max(1, options.min_voxels)
         keep[0] = False
         renumber = np.zeros(count + 1, dtype=np.uint32)
