@@ -1,11 +1,12 @@
 """Time and peak memory of `mitoseg instances` against scikit-image's whole-volume `label`.
 
-    python benchmarks/bench_instances.py --slices 64 256 --size 2048 --out /tmp/bench_instances
+    python benchmarks/bench_instances.py --slices 16 64 256 --size 2048 --out /tmp/bench_instances
 
 A synthetic prediction (uint8, 0 / 1) of SLICES x SIZE x SIZE voxels with mitochondria-like
 ellipsoids (elongated, some touching) is written slab by slab to a Zarr array (the volume is
 never whole in memory). Then, each in a fresh process whose peak resident memory is read from
-the kernel (`ru_maxrss` of the child):
+the kernel (`ru_maxrss` of the child, and the peaks of its anonymous and file-backed parts, RssAnon and
+RssFile of /proc/self/status sampled every 20 ms):
 
 - `mitoseg instances` (3-D components slab by slab, measurements, uint32 ids to Zarr);
 - scikit-image: the whole volume read into memory, `skimage.measure.label` (face connectivity),
@@ -74,7 +75,22 @@ def write_volume(path: Path, slices: int, size: int, seed: int = 0, slab: int = 
 
 
 PEAK = """
-import resource, runpy, sys
+import resource, runpy, sys, threading, time
+peaks = {"RssAnon": 0, "RssFile": 0}
+done = threading.Event()
+
+def sample():
+    # The kernel's split of resident memory, every 20 ms: anonymous (the process's own arrays) and
+    # file-backed (pages of mapped files, which the kernel can write back and drop).
+    while not done.is_set():
+        with open("/proc/self/status") as status:
+            for line in status:
+                key = line.split(":")[0]
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(line.split()[1]))
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
 sys.argv = sys.argv[1:]
 try:
     if sys.argv[0] == "-c":
@@ -83,19 +99,23 @@ try:
     else:
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 finally:
-    print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    done.set()
+    print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peaks["RssAnon"], peaks["RssFile"],
+          file=sys.stderr)
 """
 
 
-def child(args: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak resident memory in MiB, stdout) of ``python ARGS`` run in its own process."""
+def child(args: list[str]) -> tuple[float, dict, str]:
+    """(seconds, peak memory in MiB: ``rss`` (ru_maxrss), ``anon`` and ``file`` (sampled), stdout) of
+    ``python ARGS`` run in its own process."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    peak = next(int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("PEAK_KIB"))
-    return seconds, peak / 1024, result.stdout
+    line = next(line for line in result.stderr.splitlines() if line.startswith("PEAK_KIB"))
+    rss, anon, file = (int(v) / 1024 for v in line.split()[1:])
+    return seconds, {"rss": rss, "anon": anon, "file": file}, result.stdout
 
 
 def main() -> None:
@@ -115,19 +135,21 @@ def main() -> None:
                                     "--overwrite", "--no-progress"])
         objects = int(out.strip().splitlines()[-1].split()[0])
         rows.append({"tool": "mitoseg instances", "slices": slices, "objects": objects, "seconds": seconds,
-                     "peak_mib": peak, "foreground": foreground})
+                     **{f"peak_{k}_mib": v for k, v in peak.items()}, "foreground": foreground})
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_skimage:
         for slices in sorted(args.slices):
             seconds, peak, out = child(["-c", SKIMAGE, str(args.out / f"pred_{slices}.zarr")])
             result = json.loads(out)
             rows.append({"tool": "skimage label", "slices": slices, "objects": result["objects"], "seconds": seconds,
-                         "peak_mib": peak})
+                         **{f"peak_{k}_mib": v for k, v in peak.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| tool | volume | objects | seconds | peak memory (MiB) |\n| --- | --- | --- | --- | --- |")
+    print("\n| tool | volume | objects | seconds | peak resident (MiB) | peak anonymous (MiB) | peak file-backed (MiB) |"
+          "\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['tool']} | {row['slices']} x {args.size} x {args.size} | {row['objects']} | "
-              f"{row['seconds']:.0f} | {row['peak_mib']:.0f} |")
+              f"{row['seconds']:.0f} | {row['peak_rss_mib']:.0f} | {row['peak_anon_mib']:.0f} | "
+              f"{row['peak_file_mib']:.0f} |")
 
 
 if __name__ == "__main__":
