@@ -496,11 +496,15 @@ def logged_iteration(run: Path) -> int:
 
 
 def start_training(*args) -> subprocess.Popen:
-    # At a lower priority than this test, which polls its log: on 2 busy cores the tiny run could otherwise
-    # finish while the poll waits for a core, before the signal meant for iteration N is sent.
-    return subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "mitoseg", "train", *map(str, args),
-                             "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child must see Ctrl-C as a foreground terminal job does. A child inherits an ignored SIGINT (pytest
+    # started as a background job of a non-interactive shell ignores it), and mitoseg keeps an ignored Ctrl-C
+    # ignored; a handled one is reset to the default by exec, so the parent handles it while starting the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "mitoseg", "train", *map(str, args), "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for_iteration(proc: subprocess.Popen, run: Path, target: int) -> None:
