@@ -1,7 +1,8 @@
 """DAW: the statistics + alignment update against a plain per-class loop, and the cost of a daw step.
 
     python benchmarks/bench_daw.py update [--size 801 --classes 19 --batch 2 --repeat 7 --device cpu]
-    python benchmarks/bench_daw.py step [--config configs/sample_daw.yaml --iters 20 --rounds 3 --set KEY=VALUE --compile]
+    python benchmarks/bench_daw.py step [--config configs/sample_daw.yaml --iters 20 --rounds 3
+                                         --set KEY=VALUE --compile]
     python benchmarks/bench_daw.py official --official-daw PATH [--threads 1 --clock cpu --repeat 5 --previous]
     python benchmarks/bench_daw.py scaling [--sizes 101 201 401 801]
 

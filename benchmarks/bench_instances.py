@@ -144,8 +144,8 @@ def main() -> None:
             rows.append({"tool": "skimage label", "slices": slices, "objects": result["objects"], "seconds": seconds,
                          **{f"peak_{k}_mib": v for k, v in peak.items()}})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| tool | volume | objects | seconds | peak resident (MiB) | peak anonymous (MiB) | peak file-backed (MiB) |"
-          "\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| tool | volume | objects | seconds | peak resident (MiB) | peak anonymous (MiB) "
+          "| peak file-backed (MiB) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['tool']} | {row['slices']} x {args.size} x {args.size} | {row['objects']} | "
               f"{row['seconds']:.0f} | {row['peak_rss_mib']:.0f} | {row['peak_anon_mib']:.0f} | "

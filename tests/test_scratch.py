@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from mitoseg.data.scratch import ScratchVolume, scratch_volumes
+from mitoseg.data.scratch import scratch_volumes
 
 
 def resident_file_mib() -> float:

@@ -26,7 +26,8 @@ class ScratchVolume:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self._handle = handle
-        self._handle.truncate(int(np.prod(self.shape)) * self.dtype.itemsize)  # a sparse file of zeros
+        self._nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self._handle.truncate(self._nbytes)  # a sparse file of zeros
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -37,7 +38,7 @@ class ScratchVolume:
 
     def _mapped(self) -> np.ndarray:
         # A fresh map per access, dropped (unmapped) as soon as the access is done.
-        if self.dtype.itemsize * int(np.prod(self.shape)) == 0:
+        if self._nbytes == 0:
             return np.zeros(self.shape, self.dtype)  # mmap refuses an empty file
         return np.memmap(self._handle, dtype=self.dtype, mode="r+", shape=self.shape)
 

@@ -218,7 +218,8 @@ class VolumePredictor:
 
         Without post-processing each slab's labels go straight to ``write_labels``. With it they are
         collected in ``scratch(shape, dtype)`` (default: an array in memory; ``predict`` passes a
-        scratch file on disk, :mod:`mitoseg.data.scratch`, so memory stays bounded), post-processed slab by slab, then written.
+        scratch file on disk, :mod:`mitoseg.data.scratch`, so memory stays bounded), post-processed slab
+        by slab, then written.
         """
         dtype = np.uint8 if self.cfg.data.num_classes <= 256 else np.uint16
         store = None

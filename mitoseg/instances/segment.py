@@ -75,7 +75,8 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
     """Instance ids (uint32, 0 background, 1..N) of the foreground ``read_mask(start, stop)`` (bool slabs)
     of a (z, y, x) volume of ``shape``, in a scratch volume made by ``scratch(shape, dtype)`` (default: an
     array in memory; :class:`mitoseg.data.scratch.ScratchVolume` keeps it on disk).
-    ``read_probability(start, stop)``: the foreground probability, for ``split: probability``. Returns (the scratch volume of ids, N)."""
+    ``read_probability(start, stop)``: the foreground probability, for ``split: probability``.
+    Returns (the scratch volume of ids, N)."""
     if options.split not in SPLITS:
         raise ValueError(f"unknown split {options.split!r}; expected one of {SPLITS}")
     make = scratch or _scratch_array
