@@ -255,14 +255,12 @@ def cmd_predict(args) -> None:
     args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
     check_dask_options(args)
     threads_from(args)
-    from mitoseg.data.transforms import compute_normalization, sample_for_stats
-    from mitoseg.engine.checkpoint import model_from_checkpoint
-    from mitoseg.engine.trainer import resolve_device
-    from mitoseg.inference import VolumePredictor
+    from mitoseg.data.resample import volume_pixel_nm
+    from mitoseg.inference.session import input_scale, load_model, make_predictor, volume_normalization
 
     # With --dask the workers run the model (each resolves --device); here the checkpoint is only checked.
-    device = resolve_device(args.device if args.dask is None else "cpu")
-    model, cfg = model_from_checkpoint(args.checkpoint, weights=args.weights, device=device)
+    loaded = load_model(args.checkpoint, weights=args.weights, device=args.device if args.dask is None else "cpu")
+    cfg = loaded.cfg
     inference = cfg.inference
     for key in ("overlap", "slab", "sw_batch_size", "blend", "tta", "min_object_voxels", "fill_holes"):
         value = getattr(args, key)
@@ -290,19 +288,23 @@ def cmd_predict(args) -> None:
     from mitoseg.data.metadata import voxel_size_nm
 
     voxel_size = voxel_size_nm(args.input)  # the scale of OME-Zarr outputs
+    # The model's working pixel size against the input's (--voxel-size, else its metadata).
+    scale = input_scale(loaded.pixel, volume_pixel_nm(args.input, args.voxel_size), args.input,
+                        "--voxel-size Z Y X (nm per voxel of --input)")
     if args.dask is not None:
         from mitoseg.inference.dask_predict import predict_with_dask
 
         predict_with_dask(args.dask, args.checkpoint, args.weights, args.device, cfg, args.input, args.output,
                           args.probabilities, label_dtype, args.overwrite, chunk=args.dask_chunk,
-                          voxel_size=voxel_size, ngff_version=args.ngff_version, progress=not args.no_progress)
+                          voxel_size=voxel_size, ngff_version=args.ngff_version, progress=not args.no_progress,
+                          scale=scale)
         finish_predict(args)
         return
     ngff = {"voxel_size": voxel_size, "ngff_version": args.ngff_version}
     with contextlib.ExitStack() as stack:
         volume = stack.enter_context(open_volume(args.input, finite=True))
         z, y, x = volume.shape
-        normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=args.input)
+        normalization = volume_normalization(volume, cfg, what=args.input)
         labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite,
                                                       labels=True, **ngff))
         probs_out = None
@@ -314,7 +316,7 @@ def cmd_predict(args) -> None:
         # Labels waiting for post-processing go to a scratch file next to the output (memory stays bounded
         # by the slab).
         scratch = stack.enter_context(scratch_volumes(Path(split_spec(args.output)[0]).parent))
-        predictor = VolumePredictor(model, cfg, device)
+        predictor = make_predictor(loaded, scale=scale)
         predictor.predict_labels(
             SliceReader(volume, context=cfg.data.context_slices).read, z, normalization, labels_out.write,
             (lambda start, probs: probs_out.write(start, probs.cpu().numpy().astype(np.float16)))
@@ -408,8 +410,8 @@ def write_json(json_path: Path, report: dict) -> None:
 VOLUME_ONLY = {"num_classes": "--num-classes", "ignore_index": "--ignore-index", "slab": "--slab",
                "instances": "--instances", "probabilities": "--probabilities"}
 CHECKPOINT_ONLY = {"config": "--config", "set": "--set", "eval_mode": "--eval-mode", "weights": "--weights",
-                   "device": "--device", "image": "--image", "slices": "--slices"}
-EM_CHECKPOINT_ONLY = {"image": "--image", "label": "--label", "slices": "--slices"}
+                   "device": "--device", "image": "--image", "slices": "--slices", "pixel_size": "--pixel-size"}
+EM_CHECKPOINT_ONLY = {"image": "--image", "label": "--label", "slices": "--slices", "pixel_size": "--pixel-size"}
 
 
 def cmd_evaluate(args) -> None:
@@ -526,18 +528,16 @@ def evaluate_checkpoint(args) -> None:
     cfg = load_config(args.config, args.set) if args.config is not None else None
     threads_from(args)
     from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
-    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state, validated_weights
-    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.inference.session import from_state
     from mitoseg.metrics import format_table, scores_from_confusion
 
-    device = resolve_device(args.device or "auto")
-    state = load_checkpoint(checkpoint)
-    weights = args.weights or validated_weights(state)
-    model, stored = model_from_state(state, checkpoint, weights, device)
+    loaded = from_state(load_checkpoint(checkpoint), checkpoint, args.weights, args.device or "auto")
+    model, stored, weights, device = loaded.model, loaded.cfg, loaded.weights, loaded.device
     if cfg is None:
         cfg = config_from_dict(apply_overrides(config_to_dict(stored), args.set))
     if stored.data.kind == "em":
-        evaluate_em_checkpoint(args, checkpoint, weights, model, stored, cfg, device)
+        evaluate_em_checkpoint(args, checkpoint, loaded, cfg)
         return
     given = [flag for key, flag in EM_CHECKPOINT_ONLY.items() if getattr(args, key) is not None]
     if given:
@@ -566,13 +566,14 @@ def evaluate_checkpoint(args) -> None:
     })
 
 
-def evaluate_em_checkpoint(args, checkpoint: Path, weights: str, model, stored, cfg, device) -> None:
+def evaluate_em_checkpoint(args, checkpoint: Path, loaded, cfg) -> None:
     """An EM checkpoint on a labelled volume (``--image`` / ``--label``, default the run's ``data.test``),
     with the run's normalization, context and inference settings (``--set inference.*`` to change them):
     the numbers of ``data.test`` at the end of training."""
     from mitoseg.inference.evaluation import score_em_volume
     from mitoseg.metrics import format_table
 
+    stored, weights = loaded.cfg, loaded.weights
     if args.eval_mode is not None:
         raise MitosegError("--eval-mode is for Pascal VOC / Cityscapes models; an EM model is scored on a volume "
                            "with sliding windows (inference.* settings)")
@@ -580,9 +581,15 @@ def evaluate_em_checkpoint(args, checkpoint: Path, weights: str, model, stored, 
             cfg.data.num_classes != stored.data.num_classes:
         raise MitosegError(f"the evaluation config does not match {checkpoint}'s model (data.kind, "
                            "data.num_classes and data.context_slices must stay the run's)")
-    image, label, slices = args.image, args.label, args.slices
+    image, label, slices, voxel_size = args.image, args.label, args.slices, None
+    hint = "--pixel-size NM (nm per pixel of --image)"
     if image is None and label is None and cfg.data.test is not None:
         image, label, slices = cfg.data.test.image, cfg.data.test.label, cfg.data.test.slices
+        voxel_size, hint = cfg.data.test.voxel_size, "--pixel-size NM or data.test.voxel_size: [z, y, x]"
+    if args.pixel_size is not None:
+        if not args.pixel_size > 0:
+            raise MitosegError(f"--pixel-size must be a positive number of nm per pixel, got {args.pixel_size:g}")
+        voxel_size = [args.pixel_size] * 3
     if image is None or label is None:
         raise MitosegError(f"{checkpoint} is an EM model: pass --image VOLUME --label VOLUME (the run has no "
                            "data.test to default to)")
@@ -593,8 +600,9 @@ def evaluate_em_checkpoint(args, checkpoint: Path, weights: str, model, stored, 
     stem = Path(image.split(":/", 1)[0]).name.split(".")[0] or "volume"
     json_path = Path(args.json) if args.json else checkpoint.with_name(f"{checkpoint.stem}_{weights}_{stem}_metrics.json")
     check_json_target(json_path, args.overwrite)
-    scores = score_em_volume(model, cfg, image, label, slices, device, slices_key="--slices" if args.slices else
-                             "data.test.slices", progress=not args.no_progress, description="evaluate")
+    scores = score_em_volume(loaded, cfg, image, label, slices, voxel_size,
+                             slices_key="--slices" if args.slices else "data.test.slices", pixel_hint=hint,
+                             progress=not args.no_progress, description="evaluate")
     print(format_table(scores))
     write_json(json_path, {"checkpoint": str(checkpoint), "weights": weights, **scores,
                            "inference": config_to_dict(cfg)["inference"]})
@@ -641,7 +649,8 @@ def add_instance_options(p) -> None:
                    help="voxels between two seeds of a split (default: 10); larger splits less")
     p.add_argument("--min-voxels", type=int, metavar="N", help="remove objects smaller than N voxels (default: 0)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="nm per voxel (default: from the file's metadata, else volumes are in voxels)")
+                   help="nm per voxel (default: from the file's metadata, else volumes are in voxels); predict: "
+                        "also the input's pixel size that a model with data.pixel_size is rescaled against")
     p.add_argument("--table", metavar="PATH",
                    help="the per-object table, .csv or .parquet (default: <instances>_objects.csv)")
 
@@ -887,6 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     natural.add_argument("--weights", choices=["ema", "student"],
                          help="which weights (default: those the run validated, usually ema)")
     natural.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    natural.add_argument("--pixel-size", type=float, metavar="NM",
+                         help="EM model: nm per pixel (y, x) of --image, for a model with a working data.pixel_size "
+                              "(default: the image's metadata, or data.test.voxel_size)")
     p.add_argument("--json", metavar="PATH",
                    help="where to write the scores (default: <prediction>_metrics.json; for a checkpoint next to "
                         "it, <checkpoint>_<weights>_<image>_metrics.json (EM) or "

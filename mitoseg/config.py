@@ -64,6 +64,8 @@ class VolumeConfig:
     image: str = ""
     label: Optional[str] = None
     slices: Optional[SliceSelection] = None  # None: every slice
+    # (z, y, x) nm per voxel: overrides / supplies what the file's metadata says (data.pixel_size in nm needs it)
+    voxel_size: Optional[list[float]] = None
 
 
 @dataclass
@@ -142,6 +144,10 @@ class DataConfig:
     # the official Lucchi ground truth (0 / 255). Unmapped values stay as they are.
     label_map: Optional[dict[int, int]] = None
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
+    # The model's working in-plane (y, x) pixel size: nm per pixel, or a factor of each volume's own ("2x");
+    # null: the volumes' own grid. Training slices are resampled once when read; validation, data.test and
+    # predict resample each slab down, predict, and bring the probabilities back to the volume's grid.
+    pixel_size: Optional[Union[float, str]] = None
     # 2.5-D: each slice comes with this many neighbouring slices on each side as extra input channels
     # (reflected at the volume's ends), in training, views, validation and predict.
     context_slices: int = 0
@@ -606,6 +612,7 @@ def _check_values(cfg: Config) -> None:
     need(cfg.model.pretrained is None or cfg.model.name == "deeplabv3plus", "model.pretrained",
          "is only used by model.name deeplabv3plus")
     _check_fine_tuning(cfg, need)
+    _check_pixel_sizes(cfg, need)
     need(cfg.model.aspp_dilations is None or len(cfg.model.aspp_dilations) == 3, "model.aspp_dilations",
          "must have 3 values")
     need(not natural or cfg.data.context_slices == 0, "data.context_slices",
@@ -696,6 +703,31 @@ def _check_values(cfg: Config) -> None:
     need(deeplab or cfg.method.fp_placement != "backbone", "method.fp_placement",
          f"backbone drops channels of the DeepLabV3+ backbone features; use head_input for model.name "
          f"{cfg.model.name}")
+
+
+PIXEL_SIZE_NM = _Range(0.01, 100_000)  # data.pixel_size in nm: from sub-angstrom to 100 um per pixel
+PIXEL_FACTOR = _Range(0.05, 64)  # data.pixel_size "Nx": 1/20 to 64 times the volume's own pixel size
+
+
+def _check_pixel_sizes(cfg: Config, need) -> None:
+    """``data.pixel_size`` (nm or "Nx") and the ``voxel_size`` of every volume entry."""
+    import re
+
+    value = cfg.data.pixel_size
+    need(value is None or cfg.data.kind == "em", "data.pixel_size", "is for EM volumes; remove it for natural images")
+    if isinstance(value, str):
+        match = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]\s*$", value)
+        need(match is not None, "data.pixel_size",
+             f"must be a number (nm per pixel) or a factor of the volume's own pixel size such as '2x', got {value!r}")
+        need(float(match.group(1)) in PIXEL_FACTOR, "data.pixel_size", f"factor must be {PIXEL_FACTOR}, got {value!r}")
+    elif value is not None:
+        need(value in PIXEL_SIZE_NM, "data.pixel_size", f"must be {PIXEL_SIZE_NM} nm, got {value}")
+    entries = [("data.train", cfg.data.train), ("data.val", cfg.data.val), ("data.test", cfg.data.test)]
+    entries += [(f"data.unlabeled[{i}]", v) for i, v in enumerate(cfg.data.unlabeled or [])]
+    for key, entry in entries:
+        size = entry.voxel_size if entry is not None else None
+        need(size is None or (len(size) == 3 and all(v > 0 for v in size)), f"{key}.voxel_size",
+             f"must be three positive sizes [z, y, x] in nm, got {size}")
 
 
 def _check_fine_tuning(cfg: Config, need) -> None:

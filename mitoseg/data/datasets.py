@@ -26,7 +26,8 @@ from mitoseg.errors import MitosegError
 class VolumeSlices:
     """Selected slices of one volume (raw dtype), their labels and the volume's normalization."""
 
-    image: np.ndarray  # (n, y, x), or (n, 2k+1, y, x) with k neighbouring slices on each side (data.context_slices)
+    image: np.ndarray  # (n, y, x), or (n, 2k+1, y, x) with k neighbouring slices on each side (data.context_slices);
+    # float32 at the model's pixel size when resampled (``scale`` of load_volume_slices)
     label: np.ndarray | None  # (n, y, x) int64, or None
     indices: list[int]  # slice numbers in the source volume
     normalization: Normalization
@@ -63,12 +64,18 @@ def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int | 
 
 def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require_label: bool,
                        ignore_index: int | None = None, label_map: dict[int, int] | None = None,
-                       context: int = 0) -> VolumeSlices:
+                       context: int = 0, scale: float = 1.0) -> VolumeSlices:
     """Read the slices ``vol_cfg.slices`` of ``vol_cfg.image`` (and its label) into memory; with
     ``context`` k, each slice with its k neighbours in the volume on each side as channels (2.5-D).
 
-    ``key`` is the config key (e.g. ``data.train``) used in error messages.
+    ``scale`` (the model's pixel size over the volume's, ``data.pixel_size``): image and label are resampled
+    in y-x once, here (:mod:`mitoseg.data.resample`: the image anti-aliased, the label by its classes'
+    resampled indicators); the normalization statistics stay those of the volume at its own grid, as predict
+    computes them (the affine mapping commutes with the resampling). ``key`` is the config key (e.g.
+    ``data.train``) used in error messages.
     """
+    from mitoseg.data.resample import reduce_image, reduce_labels
+
     if require_label and not vol_cfg.label:
         raise MitosegError(f"config key '{key}.label' is required")
     with open_volume(vol_cfg.image, finite=True) as volume:
@@ -85,7 +92,8 @@ def load_volume_slices(vol_cfg, key: str, num_classes: int, norm_cfg, *, require
                 )
             raw = apply_label_map(label_volume.read_slices(indices), label_map)
         check_label_values(raw, num_classes, ignore_index, vol_cfg.label)
-        label = raw.astype(np.int64)
+        label = reduce_labels(raw.astype(np.int64), scale, num_classes, ignore_index)
+    image = reduce_image(image, scale)
     return VolumeSlices(image=image, label=label, indices=indices, normalization=normalization, source=vol_cfg.image)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mitoseg.device import resolve_device  # noqa: F401  (re-exported: mitoseg.engine.trainer.resolve_device)
 from mitoseg.atomic import make_folder, remove_stale_temporaries_in, write_text_atomic
 from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels, loss_ignore_index
 from mitoseg.data.readers import open_volume, select_slices
@@ -55,18 +56,6 @@ from mitoseg.losses import make_supervised_loss
 from mitoseg.methods import StepContext, build_method
 from mitoseg.metrics import headline_metric, scores_from_confusion
 from mitoseg.networks import build_model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise MitosegError(f"config key 'device': unknown device {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MitosegError(f"config key 'device': {name!r} requested but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -268,14 +257,18 @@ class Trainer:
         context = cfg.data.context_slices
         self.train_slices = load_volume_slices(cfg.data.train, "data.train", num_classes, cfg.data.normalize,
                                                require_label=True, ignore_index=ignore_index,
-                                               label_map=cfg.data.label_map, context=context)
+                                               label_map=cfg.data.label_map, context=context,
+                                               scale=self.volume_scale(cfg.data.train, "data.train", record=True))
         self.val_slices = None
         if cfg.data.val is not None:
+            # Kept at its own grid: validation scores the native labels (the predictor resamples, val_scale).
+            self.val_scale = self.volume_scale(cfg.data.val, "data.val")
             self.val_slices = load_volume_slices(cfg.data.val, "data.val", num_classes, cfg.data.normalize,
                                                  require_label=True, ignore_index=ignore_index,
                                                  label_map=cfg.data.label_map, context=context)
         if cfg.data.test is not None:
             check_test_volume(cfg.data.test)
+            self.volume_scale(cfg.data.test, "data.test")  # an unknown pixel size fails now, not after training
         self.labeled_dataset = PatchDataset(
             self.train_slices,
             weak_transform(cfg.data, with_label=True),
@@ -304,6 +297,28 @@ class Trainer:
             )
             self.inspection_patches = self._inspection_patches(sources)
 
+    def volume_scale(self, entry: VolumeConfig, key: str, record: bool = False) -> float:
+        """The factor a data entry's volume is resampled by for ``data.pixel_size`` (1.0 without one: no metadata
+        is read); ``record``: the training volume, whose pixel size times a factor ``"Nx"`` is the model's nm
+        (``self.pixel_size_nm``, stored in checkpoints so predict rescales other volumes)."""
+        from mitoseg.data.resample import parse_pixel_size, volume_pixel_nm
+
+        pixel = parse_pixel_size(self.cfg.data.pixel_size)
+        if pixel.native:
+            self.pixel_size_nm = getattr(self, "pixel_size_nm", None)
+            return 1.0
+        volume_nm = volume_pixel_nm(entry.image, entry.voxel_size)
+        scale = pixel.scale_for(volume_nm, f"{key}.image {entry.image}",
+                                f"{key}.voxel_size: [z, y, x] in nm, or data.pixel_size to a factor such as '2x'")
+        if record:
+            self.pixel_size_nm = pixel.nm if pixel.nm is not None else \
+                (pixel.factor * volume_nm if volume_nm is not None else None)
+            if self.is_main:
+                seen = f"{volume_nm:g} nm -> {volume_nm * scale:g} nm" if volume_nm is not None else "its own"
+                print(f"data.pixel_size {self.cfg.data.pixel_size}: {key} resampled {seen} per pixel (factor "
+                      f"{scale:.2f})", flush=True)
+        return scale
+
     def _unlabeled_sources(self) -> list[VolumeSlices]:
         """``data.unlabeled``, or by default the training slices not selected as labeled."""
         cfg = self.cfg
@@ -314,16 +329,18 @@ class Trainer:
             if not rest:
                 raise MitosegError(f"method '{cfg.method.name}' needs unlabeled slices, but data.train.slices "
                                    "selects every slice of data.train.image; set data.train.slices or data.unlabeled")
-            entries = [VolumeConfig(image=cfg.data.train.image, slices=rest)]
+            entries = [VolumeConfig(image=cfg.data.train.image, slices=rest, voxel_size=cfg.data.train.voxel_size)]
         else:
             # An entry without an image means the training volume.
-            entries = [VolumeConfig(image=v.image or cfg.data.train.image, label=v.label, slices=v.slices)
+            entries = [VolumeConfig(image=v.image or cfg.data.train.image, label=v.label, slices=v.slices,
+                                    voxel_size=v.voxel_size if v.image else v.voxel_size or cfg.data.train.voxel_size)
                        for v in cfg.data.unlabeled]
         sources = []
         for i, entry in enumerate(entries):
+            key = f"data.unlabeled[{i}]" if cfg.data.unlabeled is not None else "data.train"
             sources.append(load_volume_slices(entry, f"data.unlabeled[{i}]", k, norm, require_label=False,
                                               ignore_index=self.ignore_index, label_map=cfg.data.label_map,
-                                              context=cfg.data.context_slices))
+                                              context=cfg.data.context_slices, scale=self.volume_scale(entry, key)))
         return sources
 
     def _inspection_patches(self, sources: list[VolumeSlices]) -> dict[str, torch.Tensor]:
@@ -358,6 +375,7 @@ class Trainer:
             "wall_time_s": self.wall_time(),
             "bad_steps": {"count": self.bad_steps, "since": self.bad_since, "inputs": self.bad_inputs},
             "init": self.init_report,
+            "pixel_size_nm": getattr(self, "pixel_size_nm", None),  # the model's working pixel size (predict)
         }
 
     def _restore(self, state: dict, path: Path) -> None:
@@ -458,7 +476,8 @@ class Trainer:
                               rank=self.dist.rank, world_size=self.dist.world_size)
             return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
         val = self.val_slices
-        predictor = VolumePredictor(model, self.cfg, self.device)
+        # At the validation volume's own grid: the predictor resamples to data.pixel_size and back.
+        predictor = VolumePredictor(model, self.cfg, self.device, scale=self.val_scale)
         matrix = score_volume(predictor, lambda s, e: val.image[s:e], lambda s, e: val.label[s:e], len(val.image),
                               val.normalization, self.ignore_index)
         return scores_from_confusion(matrix)
@@ -482,14 +501,15 @@ class Trainer:
     def test(self) -> dict:
         """``data.test`` scored with ``best.pt`` (the weights validation chose, ``train.eval_model``), exactly as
         ``mitoseg evaluate --checkpoint RUN/best.pt --image ... --label ...`` scores it."""
-        from mitoseg.engine.checkpoint import model_from_state
         from mitoseg.inference.evaluation import score_em_volume
+        from mitoseg.inference.session import from_state
 
         state = load_checkpoint(self.out_dir / "best.pt")
         weights = validated_weights(state)
-        model, cfg = model_from_state(state, self.out_dir / "best.pt", weights, self.device)
+        loaded = from_state(state, self.out_dir / "best.pt", weights, self.device)
         test = self.cfg.data.test
-        scores = score_em_volume(model, cfg, test.image, test.label, test.slices, self.device, progress=self.progress)
+        scores = score_em_volume(loaded, loaded.cfg, test.image, test.label, test.slices, test.voxel_size,
+                                 progress=self.progress)
         scores.update({"checkpoint": "best.pt", "weights": weights,
                        "iteration": self.best["iteration"] if self.best is not None else self.iteration})
         return scores

@@ -153,6 +153,13 @@ def read_metadata(path: str | os.PathLike, map_location="cpu") -> tuple[torch.ji
 def load_torchscript_model(path: str | os.PathLike, weights: str | None = None, device="cpu"):
     """(model, config) of an exported TorchScript file, like ``model_from_checkpoint`` of a run's checkpoint:
     the model in eval mode on ``device``, the run's config as it was exported."""
+    model, cfg, _ = load_torchscript(path, weights, device)
+    return model, cfg
+
+
+def load_torchscript(path: str | os.PathLike, weights: str | None = None, device="cpu"):
+    """(model, config, metadata) of an exported TorchScript file: :func:`load_torchscript_model` with its
+    ``mitoseg.json`` (weights, iteration, the model's ``pixel_size_nm``)."""
     from mitoseg.config import config_from_dict
 
     module, metadata = read_metadata(path, map_location=device)
@@ -164,4 +171,4 @@ def load_torchscript_model(path: str | os.PathLike, weights: str | None = None, 
     except MitosegError as exc:
         raise MitosegError(f"{path}: the config stored in the TorchScript file is invalid: {exc}") from exc
     model = TorchScriptSegmenter(module, cfg.model.spatial_dims, cfg.data.num_classes)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, metadata

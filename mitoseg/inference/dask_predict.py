@@ -5,7 +5,10 @@ windows that reach into it (a halo of about half a window at overlap 0.5, at mos
 each window placed where the single-process prediction places it on whole slices, so a block's values are
 those of ``mitoseg predict`` within float rounding, at the seams too
 (:meth:`mitoseg.inference.VolumePredictor.block_slabs`: the same predictor, TTA and 2.5-D context; a 3-D
-model's slabs keep their halo of half a window of slices). Each worker loads the model once (a per-process
+model's slabs keep their halo of half a window of slices). With a working pixel size (``data.pixel_size``)
+the windows are placed on the model's grid of the whole slice and the block is read with the input pixels
+they and the resampling filter reach (the halo in input pixels: the window span times the factor, plus the
+filter's support); the resampling of a block is the same rows of the whole slice's. Each worker loads the model once (a per-process
 cache) and writes its blocks straight into the temporary Zarr store of the output; the output is moved into
 place (:class:`~mitoseg.data.readers.VolumeWriter`) only when every block is written, so it is complete or
 absent. Output Zarr chunks are the blocks' y-x tiles, one slice deep: no two blocks share a chunk.
@@ -88,6 +91,7 @@ class BlockJob:
     label_dtype: str
     torch_threads: int | None
     token: str  # one per command: a worker keeps one model, that of the running command
+    scale: float = 1.0  # the input resampled by this factor for the model (data.pixel_size), 1: its own grid
 
 
 _CACHE: dict = {}
@@ -97,21 +101,18 @@ LOADS = {"count": 0}  # models this process has loaded (the tests check: once pe
 
 def worker_predictor(job: BlockJob):
     """This process's predictor for ``job``: the model is loaded on the first block and kept."""
-    key = (job.token, job.checkpoint, job.weights, job.device)
+    key = (job.token, job.checkpoint, job.weights, job.device, job.scale)
     with _CACHE_LOCK:
         if key not in _CACHE:
             import torch
 
-            from mitoseg.engine.checkpoint import model_from_checkpoint
-            from mitoseg.engine.trainer import resolve_device
-            from mitoseg.inference import VolumePredictor
+            from mitoseg.inference.session import load_model, make_predictor
 
             _CACHE.clear()  # a worker serving a new command drops the previous one's model
             if job.torch_threads:
                 torch.set_num_threads(job.torch_threads)
-            device = resolve_device(job.device)
-            model, _ = model_from_checkpoint(job.checkpoint, weights=job.weights, device=device)
-            _CACHE[key] = VolumePredictor(model, job.cfg, device)
+            loaded = load_model(job.checkpoint, weights=job.weights, device=job.device)
+            _CACHE[key] = make_predictor(loaded, job.cfg, scale=job.scale)
             LOADS["count"] += 1
         return _CACHE[key]
 
@@ -274,19 +275,21 @@ def run_blocks(client, job: BlockJob, blocks: list, progress: bool = True) -> li
 def predict_with_dask(address: str, checkpoint: str, weights: str | None, device: str, cfg, input_spec: str,
                       output: str, probabilities: str | None, label_dtype, overwrite: bool,
                       chunk: tuple[int, int, int] | None = None, voxel_size=None, ngff_version: str | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, scale: float = 1.0) -> dict:
     """``mitoseg predict --dask``: labels (and probabilities) of ``input_spec`` written to Zarr outputs by the
     workers of the cluster at ``address``; post-processed here when ``cfg.inference`` asks for it. Returns
-    a summary (blocks, workers, seconds)."""
+    a summary (blocks, workers, seconds). ``scale``: the factor the input is resampled by for the model
+    (:func:`mitoseg.inference.session.input_scale`); each block is read with the input pixels its model-grid
+    windows and the resampling filter need (:meth:`~mitoseg.inference.VolumePredictor.block_slabs`)."""
     from mitoseg.data.readers import VolumeWriter, open_volume
-    from mitoseg.data.transforms import compute_normalization, sample_for_stats
+    from mitoseg.inference.session import volume_normalization
     from mitoseg.instances.postprocess import postprocess_labels
 
     kind, _ = parse_address(address)
     started = time.perf_counter()
     with open_volume(input_spec, finite=True) as volume:
         shape = tuple(volume.shape)
-        normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=input_spec)
+        normalization = volume_normalization(volume, cfg, what=input_spec)
     num_classes = cfg.data.num_classes
     block = block_shape(shape, chunk, cfg.inference.slab)
     blocks = plan_blocks(shape, block)
@@ -314,7 +317,7 @@ def predict_with_dask(address: str, checkpoint: str, weights: str | None, device
                        input=_absolute_spec(input_spec), shape=shape, normalization=normalization,
                        labels=labels_target, probabilities=probs_target,
                        label_dtype=np.dtype(label_dtype).str, torch_threads=_torch_threads(kind, workers),
-                       token=uuid.uuid4().hex)
+                       token=uuid.uuid4().hex, scale=float(scale))
         submitted = time.perf_counter()
         reports = run_blocks(client, job, blocks, progress=progress)
         predicted = time.perf_counter() - submitted

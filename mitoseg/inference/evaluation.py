@@ -5,33 +5,38 @@ two give the same numbers."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from mitoseg.config import loss_ignore_index
 from mitoseg.data.datasets import apply_label_map, check_label_values
 from mitoseg.data.readers import SliceReader, open_volume, select_slices
-from mitoseg.data.transforms import compute_normalization, sample_for_stats
+from mitoseg.data.resample import volume_pixel_nm
 from mitoseg.errors import MitosegError
-from mitoseg.inference.predictor import VolumePredictor, score_volume
+from mitoseg.inference.predictor import score_volume
+from mitoseg.inference.session import LoadedModel, input_scale, make_predictor, volume_normalization
 from mitoseg.metrics import scores_from_confusion
 
 
-def score_em_volume(model: torch.nn.Module, cfg, image: str, label: str, slices, device: torch.device,
-                    slices_key: str = "data.test.slices", progress: bool = False, description: str = "test") -> dict:
-    """Scores of ``model`` (a run's network, with the run's config ``cfg``: normalization, 2.5-D context,
-    inference settings and post-processing) on the slices ``slices`` of ``image`` against ``label``.
+def score_em_volume(loaded: LoadedModel, cfg, image: str, label: str, slices, voxel_size=None,
+                    slices_key: str = "data.test.slices", pixel_hint: str = "data.test.voxel_size: [z, y, x]",
+                    progress: bool = False, description: str = "test") -> dict:
+    """Scores of ``loaded`` (a run's network; ``cfg``: the run's config or an evaluation config with its
+    normalization, 2.5-D context, inference settings and post-processing) on the slices ``slices`` of ``image``
+    against ``label``, always on the volumes' own grid: with a working pixel size (``data.pixel_size``) the
+    predictor resamples the image to it and the probabilities back before the argmax.
 
     Both volumes are read slab by slab; the normalization statistics are the image volume's own, as
-    ``mitoseg predict`` computes them. ``slices_key`` names the slice selection in error messages.
+    ``mitoseg predict`` computes them. ``voxel_size`` (z, y, x nm) overrides the image's metadata;
+    ``slices_key`` / ``pixel_hint`` name the slice selection / where to set the pixel size in error messages.
     """
     ignore_index = loss_ignore_index(cfg.train)
     k = cfg.data.num_classes
+    scale = input_scale(loaded.pixel, volume_pixel_nm(image, voxel_size), image, pixel_hint)
     with open_volume(image, finite=True) as image_volume, open_volume(label) as label_volume:
         if label_volume.shape != image_volume.shape:
             raise MitosegError(f"{label}: label shape {label_volume.shape} differs from image {image} shape "
                                f"{image_volume.shape}")
         indices = select_slices(slices, len(image_volume), slices_key)
-        normalization = compute_normalization(sample_for_stats(image_volume), cfg.data.normalize, what=image)
+        normalization = volume_normalization(image_volume, cfg, what=image)
         images = SliceReader(image_volume, indices, cfg.data.context_slices)
         labels = SliceReader(label_volume, indices)
 
@@ -40,7 +45,7 @@ def score_em_volume(model: torch.nn.Module, cfg, image: str, label: str, slices,
             check_label_values(values, k, ignore_index, label)
             return values
 
-        predictor = VolumePredictor(model, cfg, device)
+        predictor = make_predictor(loaded, cfg, scale=scale)
         matrix = score_volume(predictor, images.read, read_label, len(indices), normalization, ignore_index,
                               progress=progress, description=description)
     scores = scores_from_confusion(matrix)

@@ -6,6 +6,11 @@ each of the 8 flips / quarter turns) and handed on before the next slab is read:
 memory is bounded by the slab, not the volume. Validation during training,
 ``mitoseg predict``, ``mitoseg evaluate --checkpoint`` and the napari Predict
 widget share this code.
+
+With a scale factor (``scale``: the model's working pixel size over the volume's, see
+:mod:`mitoseg.data.resample`) each slab is resampled in y-x to the model's grid after normalization, predicted
+there, and its probabilities are resampled back to the slab's own y-x size before anything else sees them:
+outputs always have the input's shape. z is never resampled (a 3-D slab likewise in y-x only).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
+from mitoseg.data.resample import apply_weights, axis_weights, is_identity, resample, scaled_shape
 from mitoseg.data.transforms import Normalization
 from mitoseg.inference.precision import autocast
 from mitoseg.inference.tta import predict_with_tta, tta_transforms
@@ -81,10 +87,14 @@ def labels_from_probabilities(probs: torch.Tensor, dtype=np.uint8) -> np.ndarray
 
 class VolumePredictor:
     """Class probabilities of the slices of a volume under a run's inference settings (``cfg.inference``:
-    window, overlap, blending, slab, TTA) with mixed precision where ``train.amp`` allows it."""
+    window, overlap, blending, slab, TTA) with mixed precision where ``train.amp`` allows it; ``scale``: the
+    factor the volume is resampled by in y-x for the model (1: its own grid, nothing resampled)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, amp: bool | None = None):
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, amp: bool | None = None,
+                 scale: float = 1.0):
         self.model = model
+        self.scale = float(scale)
+        self.resamples = not is_identity(self.scale)
         self.cfg = cfg
         self.inference = cfg.inference
         self.device = device
@@ -105,6 +115,15 @@ class VolumePredictor:
             return predict_with_tta(self._softmax, images, self.spatial_dims)
         return self._softmax(images)
 
+    def input_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized images (n, C, y, x) or (1, 1, z, y, x) at the volume's grid -> probabilities (n, K, y, x) /
+        (1, K, z, y, x) at the same grid: resampled to the model's pixel size and back when ``scale`` says so."""
+        if not self.resamples:
+            return self.probabilities(images)
+        size = tuple(images.shape[-2:])
+        small = resample(images.to(self.device), scaled_shape(size, self.scale))
+        return resample(self.probabilities(small), size)
+
     def slabs(self, read: Callable[[int, int], np.ndarray], num_slices: int,
               normalization: Normalization) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, stop, probabilities) per slab of slices ``0 .. num_slices-1`` read by ``read(start, stop)``
@@ -119,7 +138,7 @@ class VolumePredictor:
                 images = torch.from_numpy(normalization(read(start, stop)))
                 if images.dim() == 3:
                     images = images.unsqueeze(1)
-                yield start, stop, self.probabilities(images)
+                yield start, stop, self.input_probabilities(images)
         finally:
             self.model.train(was_training)
 
@@ -129,7 +148,7 @@ class VolumePredictor:
         volume allows (a shorter stack would be padded), then cut out: (n, K, y, x)."""
         low, high = self.slab_range(start, stop, num_slices)
         images = torch.from_numpy(normalization(read(low, high)))[None, None]  # (1, 1, z, y, x)
-        probs = self.probabilities(images)[0]  # (K, z, y, x)
+        probs = self.input_probabilities(images)[0]  # (K, z, y, x)
         return probs[:, start - low:stop - low].transpose(0, 1)
 
     def slab_range(self, start: int, stop: int, num_slices: int) -> tuple[int, int]:
@@ -170,13 +189,44 @@ class VolumePredictor:
         if z[0] % slab or (z[1] % slab and z[1] != shape[0]):
             raise ValueError(f"block slices {z} do not start and end on slabs of {slab} slices")
         transforms = tta_transforms(self.spatial_dims) if self.inference.tta else [None]
-        regions = self.block_regions(shape, rows, cols)
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._block_slabs(read, shape, normalization, z, rows, cols, transforms, regions)
+            if not self.resamples:
+                regions = self.block_regions(shape, rows, cols)
+                yield from self._block_slabs(read, shape, normalization, z, rows, cols, transforms, regions)
+            else:
+                yield from self._resampled_block_slabs(read, shape, normalization, z, rows, cols, transforms)
         finally:
             self.model.train(was_training)
+
+    def _resampled_block_slabs(self, read, shape, normalization, z, rows, cols, transforms):
+        """:meth:`block_slabs` at a scale: the rows / columns of the model's grid that the block's probabilities
+        are interpolated from, predicted as in :meth:`_block_slabs` on the model's grid of the whole slice (the
+        windows reaching into them); their image is the rows of the whole slice's resampling
+        (:func:`~mitoseg.data.resample.axis_weights`) applied to the input pixels they read, so the block gets
+        the values of whole-slice prediction within float rounding, at the seams too."""
+        size = tuple(shape[-2:])
+        small = scaled_shape(size, self.scale)
+        # Up: the block's input rows / columns from model rows [c0, c1) / columns [d0, d1).
+        (c0, c1, up_rows), (d0, d1, up_cols) = (axis_weights(m, n, *core) for m, n, core in
+                                                zip(small, size, (rows, cols)))
+        model_shape = (shape[0], *small)
+        regions = self.block_regions(model_shape, (c0, c1), (d0, d1))
+        w0, w1 = min(r[0][0] for r in regions), max(r[0][1] for r in regions)
+        v0, v1 = min(r[1][0] for r in regions), max(r[1][1] for r in regions)
+        # Down: model rows [w0, w1) / columns [v0, v1) from input rows [a0, a1) / columns [b0, b1).
+        a0, a1, down_rows = axis_weights(size[0], small[0], w0, w1)
+        b0, b1, down_cols = axis_weights(size[1], small[1], v0, v1)
+
+        def read_small(low: int, high: int, r: slice, c: slice) -> torch.Tensor:
+            raw = np.asarray(read(low, high, slice(a0, a1), slice(b0, b1)))
+            images = torch.from_numpy(normalization(raw))
+            return apply_weights(images.to(self.device), down_rows, down_cols)
+
+        for start, stop, total in self._block_slabs(read_small, model_shape, None, z, (c0, c1), (d0, d1),
+                                                     transforms, regions):
+            yield start, stop, apply_weights(total, up_rows, up_cols)
 
     def _block_slabs(self, read, shape, normalization, z, rows, cols, transforms, regions):
         slab = self.inference.slab
@@ -185,7 +235,8 @@ class VolumePredictor:
         for start in range(z[0], z[1], slab):
             stop = min(start + slab, z[1])
             low, high = self.slab_range(start, stop, shape[0]) if self.spatial_dims == 3 else (start, stop)
-            images = torch.from_numpy(normalization(read(low, high, slice(y0, y1), slice(x0, x1))))
+            images = read(low, high, slice(y0, y1), slice(x0, x1))
+            images = images if normalization is None else torch.from_numpy(normalization(images))
             images = images[None, None] if self.spatial_dims == 3 else images.unsqueeze(1) if images.dim() == 3 \
                 else images
             images = images.to(self.device)

@@ -94,20 +94,23 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     ``PHASE_OBJECTS``, labels the objects of the foreground (label > 0), yields ``PHASE_DONE`` and adds
     ``"objects"`` (uint32 ids), ``"count"`` and ``"measurements"`` (with the mean foreground probability,
     1 - P(background); volumes in um^3 with ``voxel_size``, nm per voxel (z, y, x), else in voxels).
+    ``voxel_size`` is also the layer's pixel size that a model with a working ``data.pixel_size`` is rescaled
+    against (as ``mitoseg predict``: :mod:`mitoseg.inference.session`).
     """
     from mitoseg.data.readers import SliceReader
-    from mitoseg.data.transforms import compute_normalization, sample_for_stats
-    from mitoseg.engine.checkpoint import model_from_checkpoint
-    from mitoseg.inference import VolumePredictor
+    from mitoseg.data.resample import in_plane_nm
+    from mitoseg.inference.session import input_scale, load_model, make_predictor, volume_normalization
     from mitoseg.instances import postprocess_labels
 
-    torch_device = check_device(device)
-    model, cfg = model_from_checkpoint(checkpoint, weights=weights, device=torch_device)
+    loaded = load_model(checkpoint, weights=weights, device=check_device(device))
+    cfg = loaded.cfg
     if tta is not None:
         cfg.inference.tta = tta
+    scale = input_scale(loaded.pixel, in_plane_nm(voxel_size), "image layer",
+                        "the layer's scale in nm per pixel (its units nm or um)")
     num_slices = len(volume)
     yield 0, num_slices
-    normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what="image layer")
+    normalization = volume_normalization(volume, cfg, what="image layer")
     k = cfg.data.num_classes
     labels = np.zeros(volume.shape, np.uint8 if k <= 256 else np.uint16)
     if output == OUTPUT_PROBABILITIES:
@@ -120,7 +123,7 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     if objects is not None and output != OUTPUT_PROBABILITIES:
         foreground = np.zeros(volume.shape, np.float32)
 
-    predictor = VolumePredictor(model, cfg, torch_device)
+    predictor = make_predictor(loaded, scale=scale)
     reader = SliceReader(volume, context=cfg.data.context_slices)
     for start, stop, probs in predictor.slabs(reader.read, num_slices, normalization):
         confidence, classes = probs.max(dim=1)
@@ -250,7 +253,7 @@ class PredictWidget(QWidget):
             report_error(exc, "Predict")
             return
         objects = self.object_options.options() if self.objects.isChecked() else None
-        voxel_size = voxel_size_nm(layer) if objects is not None else None
+        voxel_size = voxel_size_nm(layer)  # the objects' units and the pixel size a model may rescale to
         self._source = {"name": layer.name, "scale": tuple(layer.scale), "translate": tuple(layer.translate),
                         "units": getattr(layer, "units", None), "is_2d": layer.ndim == 2,
                         "output": self.output.currentText(), "total": len(volume)}
@@ -380,7 +383,7 @@ def check_device(device: str):
     """
     import torch
 
-    from mitoseg.engine.trainer import resolve_device
+    from mitoseg.device import resolve_device
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         why = "this PyTorch was built without CUDA" if torch.version.cuda is None else "no usable GPU was found"

@@ -411,27 +411,35 @@ def failure_line(run_dir: Path) -> str:
 
 def load_model(checkpoint: Path, device: str = "auto"):
     """(model, config, iteration) of a checkpoint, with the weights its run validates."""
-    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state
+    loaded = load_session_model(checkpoint, device)
+    return loaded.model, loaded.cfg, loaded.iteration
+
+
+def load_session_model(checkpoint: Path, device: str = "auto"):
+    """:func:`mitoseg.inference.session.load_model` with the weights the run validates, on the widget's device."""
+    from mitoseg.inference.session import load_model as load
     from mitoseg_napari._predict_widget import check_device
 
-    state = load_checkpoint(checkpoint)
-    model, cfg = model_from_state(state, checkpoint, None, check_device(device))
-    return model, cfg, int(state.get("iteration", 0))
+    return load(checkpoint, None, check_device(device))
 
 
-def predict_slice(volume, z: int, checkpoint: Path, device: str = "auto", normalization=None) -> dict:
+def predict_slice(volume, z: int, checkpoint: Path, device: str = "auto", normalization=None,
+                  voxel_size=None) -> dict:
     """Class labels of slice ``z`` of ``volume`` (an ``_ArrayVolume``) by ``checkpoint``:
-    ``{"z", "labels" (y, x), "iteration", "checkpoint"}``. ``normalization``: the volume's, when known."""
+    ``{"z", "labels" (y, x), "iteration", "checkpoint"}``. ``normalization``: the volume's, when known;
+    ``voxel_size``: the volume's (z, y, x) nm, for a model with a working ``data.pixel_size``."""
     from mitoseg.data.readers import SliceReader
-    from mitoseg.data.transforms import compute_normalization, sample_for_stats
-    from mitoseg.inference import VolumePredictor
+    from mitoseg.data.resample import in_plane_nm
+    from mitoseg.inference.session import input_scale, make_predictor, volume_normalization
 
-    model, cfg, iteration = load_model(checkpoint, device)
+    loaded = load_session_model(checkpoint, device)
+    cfg, iteration = loaded.cfg, loaded.iteration
     if normalization is None:
-        normalization = compute_normalization(sample_for_stats(volume), cfg.data.normalize, what="image layer")
-    device_of = next(model.parameters()).device
+        normalization = volume_normalization(volume, cfg, what="image layer")
     reader = SliceReader(volume, indices=[int(z)], context=cfg.data.context_slices)
-    predictor = VolumePredictor(model, cfg, device_of)
+    scale = input_scale(loaded.pixel, in_plane_nm(voxel_size), "image layer",
+                        "the layer's scale in nm per pixel (its units nm or um)", log=False)
+    predictor = make_predictor(loaded, scale=scale)
     labels = None
     for _, _, probs in predictor.slabs(reader.read, 1, normalization):
         labels = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)

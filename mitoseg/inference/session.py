@@ -1,0 +1,105 @@
+"""Load a model, normalise a volume, build the predictor: the one path every prediction takes.
+
+``mitoseg predict`` (in-process and its ``--dask`` workers), ``mitoseg evaluate --checkpoint`` and
+``data.test`` (:mod:`mitoseg.inference.evaluation`), the napari Predict widget and the Train widget's
+predictions all call :func:`load_model` (a run's checkpoint or a TorchScript file of ``mitoseg export``
+-> network, config, device, the model's working pixel size), :func:`volume_normalization` (the volume's
+intensity statistics, from a subsample of the volume at its own grid, as training computes them) and
+:func:`make_predictor` (a :class:`~mitoseg.inference.VolumePredictor` resampling the input to the model's
+pixel size: :func:`input_scale`). Nothing here imports the training loop (``mitoseg.engine.trainer``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mitoseg.data.resample import PixelSize, is_identity, parse_pixel_size
+from mitoseg.data.transforms import Normalization, compute_normalization, sample_for_stats
+from mitoseg.device import resolve_device
+
+
+@dataclass
+class LoadedModel:
+    """A trained network ready to predict (eval mode, on ``device``) with its run's config."""
+
+    model: torch.nn.Module
+    cfg: object  # mitoseg.config.Config
+    device: torch.device
+    path: Path
+    weights: str | None  # "ema" / "student" (None: unknown)
+    iteration: int
+    pixel: PixelSize  # the model's working pixel size
+
+
+def recorded_pixel_size(record: dict, cfg) -> PixelSize:
+    """The model's working pixel size as a checkpoint or an export's ``mitoseg.json`` records it:
+    ``pixel_size_nm`` (the resolved nm, when the training volume's pixel size was known) and the config's
+    ``data.pixel_size`` (a number: nm; ``"2x"``: a factor of the input's own pixel size)."""
+    configured = parse_pixel_size(getattr(cfg.data, "pixel_size", None))
+    nm = record.get("pixel_size_nm")
+    nm = float(nm) if isinstance(nm, (int, float)) and nm > 0 else configured.nm
+    return PixelSize(nm=nm, factor=configured.factor)
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def load_model(path: str | Path, weights: str | None = None, device: str | torch.device = "auto") -> LoadedModel:
+    """A run's checkpoint (``torch.load(weights_only=True)``; ``weights`` None: those its run validated) or a
+    TorchScript file of ``mitoseg export`` (recognised by its archive), on ``device`` (``auto``, ``cpu``,
+    ``cuda:N`` or a torch device)."""
+    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.export.torchscript import is_torchscript_file, load_torchscript
+
+    torch_device = as_device(device)
+    if is_torchscript_file(path):
+        model, cfg, metadata = load_torchscript(path, weights, torch_device)
+        return LoadedModel(model, cfg, torch_device, Path(path), metadata.get("weights"),
+                           int(metadata.get("iteration") or 0), recorded_pixel_size(metadata, cfg))
+    return from_state(load_checkpoint(path), path, weights, torch_device)
+
+
+def from_state(state: dict, path: str | Path, weights: str | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """:func:`load_model` of a checkpoint already read with ``engine.checkpoint.load_checkpoint``."""
+    from mitoseg.engine.checkpoint import model_from_state, validated_weights
+
+    torch_device = as_device(device)
+    weights = weights or validated_weights(state)
+    model, cfg = model_from_state(state, path, weights, torch_device)
+    return LoadedModel(model, cfg, torch_device, Path(path), weights, int(state.get("iteration", 0) or 0),
+                       recorded_pixel_size(state, cfg))
+
+
+def volume_normalization(volume, cfg, what: str = "volume") -> Normalization:
+    """The intensity mapping of ``volume`` (a reader's volume or an array (z, y, x)) under ``cfg.data.normalize``:
+    statistics of a strided subsample at the volume's own grid, as training computes them."""
+    return compute_normalization(sample_for_stats(volume), cfg.data.normalize, what=what)
+
+
+def input_scale(pixel: PixelSize, volume_nm: float | None, what: str, hint: str, log: bool = True) -> float:
+    """The factor a volume of ``volume_nm`` nm per pixel (None: unknown) is resampled by for a model working at
+    ``pixel`` (1.0: its own grid), said in one line on stderr when it is not 1."""
+    factor = pixel.scale_for(volume_nm, what, hint)
+    if log and not is_identity(factor):
+        if volume_nm is not None:
+            target = volume_nm * factor
+            print(f"mitoseg: rescaling the input {volume_nm:g} nm -> {target:g} nm per pixel (factor {factor:.2f})",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"mitoseg: rescaling the input by the model's data.pixel_size {pixel.factor:g}x (factor "
+                  f"{factor:.2f}; the input's pixel size is unknown)", file=sys.stderr, flush=True)
+    return factor
+
+
+def make_predictor(loaded: LoadedModel, cfg=None, scale: float = 1.0, amp: bool | None = None):
+    """The :class:`~mitoseg.inference.VolumePredictor` of ``loaded`` under ``cfg`` (default: the run's), its
+    input resampled by ``scale`` (:func:`input_scale`)."""
+    from mitoseg.inference.predictor import VolumePredictor
+
+    return VolumePredictor(loaded.model, cfg if cfg is not None else loaded.cfg, loaded.device, amp, scale=scale)
