@@ -15,8 +15,8 @@ import yaml
 from mitoseg.config import config_from_dict
 from mitoseg.data.resample import (
     PixelSize,
-    apply_weights,
-    axis_weights,
+    apply_taps,
+    axis_taps,
     output_size,
     parse_pixel_size,
     reduce_image,
@@ -76,17 +76,21 @@ def test_probabilities_come_back_to_the_input_grid():
     assert resample(probs, (23, 27)) is probs
 
 
-@pytest.mark.parametrize("sizes", [(45, 23), (64, 32), (60, 25), (23, 45), (101, 50)])
-def test_axis_weights_are_the_rows_of_the_whole_axis_resampling(sizes):
-    """A block resampled with the rows of :func:`axis_weights` equals the same rows of the whole slice."""
+@pytest.mark.parametrize("sizes", [(45, 23), (64, 32), (60, 25), (23, 45), (101, 50), (106, 71)])
+def test_resampling_is_torchs_antialiased_bilinear_and_a_block_gets_the_whole_slices_values(sizes):
+    """The taps are ``F.interpolate(bilinear, antialias)``'s weights; a block resampled with the rows of
+    :func:`axis_taps` equals the same rows of the whole slice bit for bit (predict --dask relies on it)."""
     n_in, n_out = sizes
     image = torch.rand(2, n_in, n_in)
     whole = resample(image, (n_out, n_out))
+    reference = torch.nn.functional.interpolate(image[None], size=(n_out, n_out), mode="bilinear",
+                                                antialias=True, align_corners=False)[0]
+    torch.testing.assert_close(whole, reference, atol=1e-5, rtol=0)
     for start, stop in [(0, n_out), (n_out // 3, n_out // 2 + 1), (n_out - 1, n_out)]:
-        a, b, rows = axis_weights(n_in, n_out, start, stop)
-        c, d, cols = axis_weights(n_in, n_out, 0, n_out)
-        part = apply_weights(image[:, a:b, c:d], rows, cols)
-        torch.testing.assert_close(part, whole[:, start:stop], atol=3e-6, rtol=0)
+        rows = axis_taps(n_in, n_out, start, stop)
+        cols = axis_taps(n_in, n_out, n_out // 4, n_out)
+        part = apply_taps(image[:, rows[0]:rows[1], cols[0]:cols[1]], rows, cols)
+        assert torch.equal(part, whole[:, start:stop, n_out // 4:])
 
 
 def test_pixel_sizes_parse_and_need_the_volume_size_in_nm():

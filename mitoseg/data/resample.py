@@ -13,8 +13,8 @@ because it also handles factors that are not whole numbers (6 nm -> 10 nm is 1.6
 a proper low-pass filter when reducing (a triangle of ``factor`` input pixels each side: a checkerboard
 comes out a flat grey); when enlarging it is plain bilinear interpolation. Its weights along an axis sum to 1,
 so the affine intensity normalization commutes with it (normalizing before or after is the same up to float
-rounding). :func:`axis_weights` gives the same weights as a matrix for a range of output pixels, so a block
-of a volume (``predict --dask``) is resampled exactly as the whole slice would be.
+rounding). The weights are applied tap by tap (:func:`axis_taps`, :func:`apply_taps`), so a range of output
+pixels computed from a block of a volume (``predict --dask``) is bit for bit that of the whole slice.
 """
 
 from __future__ import annotations
@@ -114,14 +114,16 @@ def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
 
 def resample(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``tensor`` (..., y, x) resampled in y-x to ``size`` (float32, same device); the input itself when the
-    size is already right. Every leading axis (slices, channels, classes, z of a 3-D slab) is kept."""
+    size is already right. Every leading axis (slices, channels, classes, z of a 3-D slab) is kept. The
+    weights are ``F.interpolate(mode="bilinear", antialias=True, align_corners=False)``'s (equal within float
+    rounding), applied tap by tap (:func:`axis_taps`), y first, so a block of a volume resampled with the
+    same rows (:func:`axis_taps`) gets bit for bit the values of the whole slice."""
     size = (int(size[0]), int(size[1]))
     if tuple(tensor.shape[-2:]) == size:
         return tensor
-    lead = tensor.shape[:-2]
-    flat = tensor.reshape(1, -1, *tensor.shape[-2:]).float()
-    out = F.interpolate(flat, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.reshape(*lead, *size)
+    rows = axis_taps(tensor.shape[-2], size[0], 0, size[0])
+    cols = axis_taps(tensor.shape[-1], size[1], 0, size[1])
+    return apply_taps(tensor, rows, cols)
 
 
 def reduce_image(array: np.ndarray, factor: float, chunk: int = 16) -> np.ndarray:
@@ -160,29 +162,41 @@ def reduce_labels(label: np.ndarray, factor: float, num_classes: int, ignore_ind
     return out
 
 
-def axis_weights(size_in: int, size_out: int, start: int, stop: int) -> tuple[int, int, torch.Tensor]:
-    """Rows ``start .. stop-1`` of the matrix :func:`resample` applies along one axis of ``size_in`` ->
-    ``size_out`` pixels (PyTorch's anti-aliased bilinear weights: a triangle of half-width
-    ``max(1, size_in / size_out)`` input pixels, normalised over the pixels inside the axis), restricted to
-    the input pixels they read: ``(first, stop_in, weights (stop - start, stop_in - first))`` float64. A block
-    resampled with these rows equals the same rows of the whole axis resampled (within float rounding)."""
+def axis_taps(size_in: int, size_out: int, start: int, stop: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Output pixels ``start .. stop-1`` of an axis of ``size_in`` -> ``size_out`` pixels as taps: PyTorch's
+    anti-aliased bilinear weights (a triangle of half-width ``max(1, size_in / size_out)`` input pixels,
+    normalised over the pixels inside the axis). Returns ``(first, stop_in, index, weight)``: the input pixels
+    ``first .. stop_in-1`` they read, and per output pixel a fixed number of taps (that of the axis, whatever
+    the range): ``index`` into that range, float32 ``weight`` (0 for padding taps). A row's taps do not depend
+    on the range asked for, which is what makes a block's resampling the whole slice's."""
     scale = size_in / size_out
     support = scale if scale >= 1.0 else 1.0
     invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    count = int(math.ceil(2 * support)) + 1
     centre = scale * (np.arange(start, stop, dtype=np.float64) + 0.5)
     low = np.maximum((centre - support + 0.5).astype(np.int64), 0)
     high = np.minimum((centre + support + 0.5).astype(np.int64), size_in)
-    first, last = int(low.min()), int(high.max())
-    j = np.arange(first, last, dtype=np.float64)
-    w = np.clip(1.0 - np.abs((j[None, :] - centre[:, None] + 0.5) * invscale), 0.0, None)
-    w[(j[None, :] < low[:, None]) | (j[None, :] >= high[:, None])] = 0.0
+    j = low[:, None] + np.arange(count)[None, :]
+    w = np.clip(1.0 - np.abs((j - centre[:, None] + 0.5) * invscale), 0.0, None)
+    w[j >= high[:, None]] = 0.0
     w /= w.sum(axis=1, keepdims=True)
-    return first, last, torch.from_numpy(w)
+    first, last = int(low.min()), int(high.max())
+    index = np.clip(j, first, last - 1) - first
+    return first, last, torch.from_numpy(index), torch.from_numpy(w.astype(np.float32))
 
 
-def apply_weights(tensor: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (..., h, w) -> (..., rows, cols) by the matrices of :func:`axis_weights` (float32 out)."""
-    rows = rows.to(tensor.device, torch.float64)
-    cols = cols.to(tensor.device, torch.float64)
-    out = torch.einsum("ij,...jk,lk->...il", rows, tensor.double(), cols)
-    return out.float()
+def _apply_axis(tensor: torch.Tensor, axis: int, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    index, weight = index.to(tensor.device), weight.to(tensor.device)
+    shape = (-1, 1) if axis == -2 else (-1,)
+    out = None
+    for t in range(index.shape[1]):  # a handful of taps, each one vectorised over the whole tensor
+        part = tensor.index_select(tensor.dim() + axis, index[:, t]) * weight[:, t].view(shape)
+        out = part if out is None else out + part
+    return out
+
+
+def apply_taps(tensor: torch.Tensor, rows, cols) -> torch.Tensor:
+    """``tensor`` (..., h, w) covering the input pixels of ``rows`` / ``cols`` (:func:`axis_taps`) -> the
+    output pixels they describe (..., len(rows), len(cols)), float32; y first, then x."""
+    tensor = tensor.float()
+    return _apply_axis(_apply_axis(tensor, -2, rows[2], rows[3]), -1, cols[2], cols[3])

@@ -22,7 +22,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from tqdm.auto import tqdm
 
-from mitoseg.data.resample import apply_weights, axis_weights, is_identity, resample, scaled_shape
+from mitoseg.data.resample import apply_taps, axis_taps, is_identity, resample, scaled_shape
 from mitoseg.data.transforms import Normalization
 from mitoseg.inference.precision import autocast
 from mitoseg.inference.tta import predict_with_tta, tta_transforms
@@ -204,29 +204,29 @@ class VolumePredictor:
         """:meth:`block_slabs` at a scale: the rows / columns of the model's grid that the block's probabilities
         are interpolated from, predicted as in :meth:`_block_slabs` on the model's grid of the whole slice (the
         windows reaching into them); their image is the rows of the whole slice's resampling
-        (:func:`~mitoseg.data.resample.axis_weights`) applied to the input pixels they read, so the block gets
-        the values of whole-slice prediction within float rounding, at the seams too."""
+        (:func:`~mitoseg.data.resample.axis_taps`) applied to the input pixels they read, so the block gets the
+        values of whole-slice prediction, at the seams too."""
         size = tuple(shape[-2:])
         small = scaled_shape(size, self.scale)
         # Up: the block's input rows / columns from model rows [c0, c1) / columns [d0, d1).
-        (c0, c1, up_rows), (d0, d1, up_cols) = (axis_weights(m, n, *core) for m, n, core in
-                                                zip(small, size, (rows, cols)))
+        up_rows, up_cols = (axis_taps(m, n, *core) for m, n, core in zip(small, size, (rows, cols)))
+        (c0, c1), (d0, d1) = up_rows[:2], up_cols[:2]
         model_shape = (shape[0], *small)
         regions = self.block_regions(model_shape, (c0, c1), (d0, d1))
         w0, w1 = min(r[0][0] for r in regions), max(r[0][1] for r in regions)
         v0, v1 = min(r[1][0] for r in regions), max(r[1][1] for r in regions)
         # Down: model rows [w0, w1) / columns [v0, v1) from input rows [a0, a1) / columns [b0, b1).
-        a0, a1, down_rows = axis_weights(size[0], small[0], w0, w1)
-        b0, b1, down_cols = axis_weights(size[1], small[1], v0, v1)
+        down_rows, down_cols = axis_taps(size[0], small[0], w0, w1), axis_taps(size[1], small[1], v0, v1)
+        (a0, a1), (b0, b1) = down_rows[:2], down_cols[:2]
 
         def read_small(low: int, high: int, r: slice, c: slice) -> torch.Tensor:
             raw = np.asarray(read(low, high, slice(a0, a1), slice(b0, b1)))
             images = torch.from_numpy(normalization(raw))
-            return apply_weights(images.to(self.device), down_rows, down_cols)
+            return apply_taps(images.to(self.device), down_rows, down_cols)
 
         for start, stop, total in self._block_slabs(read_small, model_shape, None, z, (c0, c1), (d0, d1),
                                                      transforms, regions):
-            yield start, stop, apply_weights(total, up_rows, up_cols)
+            yield start, stop, apply_taps(total, up_rows, up_cols)
 
     def _block_slabs(self, read, shape, normalization, z, rows, cols, transforms, regions):
         slab = self.inference.slab
