@@ -289,3 +289,55 @@ def test_training_without_a_known_pixel_size_names_the_key(tiny_volumes, tmp_pat
     code, out, err = run_cli(["train", "--config", config, "--out", tmp_path / "run2", "--no-progress"], capsys)
     assert code == 0, err
     assert "data.pixel_size 2x: data.train resampled its own per pixel (factor 2.00)" in out
+
+
+def test_exports_carry_the_pixel_size(pixel_run, tmp_path):
+    from mitoseg.export import export_checkpoint
+    from mitoseg.export.bioimageio_package import _axes
+    from mitoseg.export.source import load_source
+    from mitoseg.inference.session import load_model
+
+    root, _ = pixel_run
+    source = load_source(root / "run" / "best.pt")
+    assert source.metadata()["pixel_size_nm"] == 10.0
+    spaces = {axis["id"]: axis for axis in _axes(source, output=False) if axis["type"] == "space"}
+    assert spaces["y"]["scale"] == spaces["x"]["scale"] == 10.0 and spaces["y"]["unit"] == "nanometer"
+    outputs = {axis["id"]: axis for axis in _axes(source, output=True) if axis["type"] == "space"}
+    assert outputs["x"]["scale"] == 10.0
+    export_checkpoint(root / "run" / "best.pt", "torchscript", tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt", device="cpu").pixel == PixelSize(nm=10.0)  # predict rescales with it
+
+
+def test_init_writes_the_working_pixel_size_of_fine_volumes(tmp_path, monkeypatch, capsys):
+    from mitoseg.data.synthetic import make_em_volume
+    from mitoseg.init_config import EM_WORKING_PIXEL_NM, working_pixel_size
+
+    assert working_pixel_size((30, 5, 5)) == EM_WORKING_PIXEL_NM and working_pixel_size((30, 12, 12)) is None
+    assert working_pixel_size(None) is None
+    monkeypatch.chdir(tmp_path)
+    image, label = make_em_volume((12, 64, 64), seed=0)
+    painted = np.zeros_like(label)
+    painted[[1, 4, 7, 10]] = (label[[1, 4, 7, 10]] > 0) * 255
+    expected = {}
+    for nm, pixel in ((5.0, 10.0), (12.0, None)):
+        _write_tiff(tmp_path / f"stack{nm:g}.tif", image, nm)
+        tifffile.imwrite(tmp_path / "labels.tif", painted)
+        code, out, err = run_cli(["init", "--image", f"stack{nm:g}.tif", "--label", "labels.tif", "--cpu",
+                                  "--output", f"c{nm:g}.yaml"], capsys)
+        assert code == 0, err
+        text = (tmp_path / f"c{nm:g}.yaml").read_text()
+        expected[nm] = yaml.safe_load(text)["data"]
+        assert expected[nm]["pixel_size"] == pixel
+        assert "pixel_size: " + ("10  # nm per pixel the model works at" if pixel else "null  # 12 nm") in text
+    assert expected[5.0]["patch_size"] == [32, 32]  # sized to the 32 x 32 slices at 10 nm
+
+
+def test_prediction_never_imports_the_training_loop():
+    import subprocess
+    import sys
+
+    code = ("import sys; import mitoseg.cli, mitoseg.inference.session, mitoseg.inference.evaluation, "
+            "mitoseg.inference.dask_predict, mitoseg_napari._predict_widget, mitoseg_napari._training; "
+            "assert 'mitoseg.engine.trainer' not in sys.modules, 'engine.trainer imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

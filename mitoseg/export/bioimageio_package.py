@@ -376,12 +376,16 @@ def _axes(source: ExportSource, output: bool) -> list[dict]:
         channel = {"type": "channel", "channel_names": ["em"]}
     spatial = ["z", "y", "x"] if source.spatial_dims == 3 else ["y", "x"]
     axes = [{"type": "batch"}, channel]
+    pixel_nm = source.pixel_size_nm  # the model's working pixel size (data.pixel_size): the y / x axes' scale
     for axis in spatial:
         if output:
             size = {"tensor_id": INPUT_ID, "axis_id": axis}
         else:
             size = {"min": source.size_step, "step": source.size_step}
-        axes.append({"type": "space", "id": axis, "size": size})
+        entry = {"type": "space", "id": axis, "size": size}
+        if pixel_nm is not None and axis in ("y", "x"):
+            entry.update(scale=float(pixel_nm), unit="nanometer")
+        axes.append(entry)
     return axes
 
 

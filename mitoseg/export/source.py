@@ -70,6 +70,14 @@ class ExportSource:
             return (base, base, base), (base + step, base, base + 2 * step)
         return (base, base), (base + step, base + 3 * step)
 
+    @property
+    def pixel_size_nm(self) -> float | None:
+        """The model's working in-plane pixel size in nm (``data.pixel_size``, resolved when the run started;
+        None: the training volume's own grid, or a factor ``"Nx"`` of a volume without a stored pixel size)."""
+        from mitoseg.inference.session import recorded_pixel_size
+
+        return recorded_pixel_size(self.state, self.cfg).nm
+
     def metadata(self, output: str = "logits") -> dict:
         """The run's settings an exported file carries: the whole resolved config (normalisation,
         2.5-D context, inference and post-processing settings), which weights, from which checkpoint."""
@@ -86,6 +94,8 @@ class ExportSource:
             "input_channels": self.in_channels,
             "num_classes": self.num_classes,
             "output": output,
+            # predict rescales an input of another pixel size to this (with data.pixel_size in the config)
+            "pixel_size_nm": self.pixel_size_nm,
             "config": config_to_dict(self.cfg),
         }
 
