@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from mitoseg import __version__
-from mitoseg.config import config_to_dict, input_channels
+from mitoseg.config import config_to_dict, input_channels, size_multiple, size_multiple_reason
 from mitoseg.errors import MitosegError
 
 EXAMPLES = """\
@@ -273,12 +273,10 @@ def cmd_predict(args) -> None:
                                f"{cfg.model.spatial_dims}-D model, got {args.roi_size}")
         # As data.patch_size / inference.roi_size in a config: windows the U-Net cannot halve evenly are
         # padded inside every forward pass (a 7 x 7 window costs as much as a 32 x 32 one).
-        factor = 1
-        for stride in cfg.model.strides if cfg.model.name == "unet" else ():
-            factor *= stride
+        factor = size_multiple(cfg.model)
         if any(size % factor for size in args.roi_size):
-            raise MitosegError(f"--roi-size must be multiples of {factor} (the product of {args.checkpoint}'s "
-                               f"model.strides {cfg.model.strides}), got {' '.join(map(str, args.roi_size))}")
+            raise MitosegError(f"--roi-size must be multiples of {factor} ({size_multiple_reason(cfg.model)} of "
+                               f"{args.checkpoint}), got {' '.join(map(str, args.roi_size))}")
         inference.roi_size = list(args.roi_size)
     num_classes = cfg.data.num_classes
     if (inference.min_object_voxels or inference.fill_holes) and num_classes != 2:

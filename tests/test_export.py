@@ -57,6 +57,11 @@ def three_d(data):
     data["inference"]["roi_size"] = [8, 32, 32]
 
 
+def wide_unet(data):
+    data["model"] = {"name": "wide_unet", "channels": [16, 24, 32], "strides": [2, 2], "stem": 2,
+                     "num_res_units": 1, "feature_channels": 16, "head_channels": 8}
+
+
 def deeplab_em(data):
     data["model"] = {"name": "deeplabv3plus", "backbone": "resnet50", "width": 8, "feature_channels": 32,
                      "head_channels": 16}
@@ -139,8 +144,8 @@ def test_onnx_equals_pytorch_in_onnxruntime_with_dynamic_sizes(trained_run, tmp_
         assert np.abs(got - expected).max() <= 1e-4
 
 
-@pytest.mark.parametrize("change", [with_context, three_d, deeplab_em, deeplab_pascal],
-                         ids=["2.5d", "3d", "deeplabv3plus", "deeplabv3plus_pascal"])
+@pytest.mark.parametrize("change", [with_context, three_d, wide_unet, deeplab_em, deeplab_pascal],
+                         ids=["2.5d", "3d", "wide_unet", "deeplabv3plus", "deeplabv3plus_pascal"])
 def test_2_5d_3d_and_deeplab_export_to_torchscript_and_onnx(change, tmp_path, tiny_volumes):
     from mitoseg.export import export_checkpoint
 
@@ -320,7 +325,8 @@ def test_bioimageio_package_passes_bioimageio_core_test_offline(trained_run, tin
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-@pytest.mark.parametrize("change", [with_context, three_d, deeplab_em], ids=["2.5d", "3d", "deeplabv3plus"])
+@pytest.mark.parametrize("change", [with_context, three_d, wide_unet, deeplab_em],
+                         ids=["2.5d", "3d", "wide_unet", "deeplabv3plus"])
 def test_bioimageio_packages_of_2_5d_3d_and_deeplab_models_pass_the_test(change, tmp_path, tiny_volumes,
                                                                          offline):
     from mitoseg.export import export_checkpoint

@@ -273,6 +273,10 @@ def readme_text(source: ExportSource, name: str, test_origin: str, summary: dict
         network = (f"{model.spatial_dims}-D residual U-Net (MONAI `UNet`: channels {model.channels}, strides "
                    f"{model.strides}, {model.num_res_units} residual units, {model.norm} norm) and a "
                    f"{model.head_channels}-channel 3x3 head")
+    elif model.name == "wide_unet":
+        network = (f"2-D U-Net for the CPU (mitoseg `wide_unet`: a {model.stem}x{model.stem} space-to-depth stem, "
+                   f"levels of {model.channels} channels with {model.num_res_units} residual blocks each) and a "
+                   f"{model.head_channels}-channel 3x3 head")
     else:
         network = (f"DeepLabV3+ ({model.backbone}, output stride {model.output_stride}, decoder {model.decoder}, "
                    f"width {model.width})")
@@ -471,7 +475,7 @@ def build_package_files(source: ExportSource, folder: Path, name: str, summary: 
         "format_version": ModelDescr.implemented_format_version,
         "name": name,
         "description": (f"Mitochondria segmentation in EM volumes: a {source.spatial_dims}-D "
-                        f"{'U-Net' if cfg.model.name == 'unet' else 'DeepLabV3+'} trained with mitoseg "
+                        f"{'DeepLabV3+' if cfg.model.name == 'deeplabv3plus' else 'U-Net'} trained with mitoseg "
                         f"({cfg.method.name})."),
         "authors": [],
         "cite": CITATIONS,

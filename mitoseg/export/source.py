@@ -5,14 +5,13 @@ each exported file (so ``mitoseg predict`` can use a TorchScript file with the r
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mitoseg import __version__
-from mitoseg.config import Config, config_to_dict, input_channels
+from mitoseg.config import Config, config_to_dict, input_channels, size_multiple
 from mitoseg.errors import MitosegError
 
 # The JSON stored with an exported file: the TorchScript file's extra file ``mitoseg.json``, the ONNX model's
@@ -46,11 +45,11 @@ class ExportSource:
 
     @property
     def size_step(self) -> int:
-        """Input sizes along each spatial axis are multiples of this: the product of a U-Net's strides (each
-        level halves and the decoder doubles back exactly), a DeepLabV3+'s output stride."""
-        if self.cfg.model.name == "unet":
-            return math.prod(self.cfg.model.strides)
-        return self.cfg.model.output_stride
+        """Input sizes along each spatial axis are multiples of this: ``config.size_multiple`` for the U-Nets, a
+        DeepLabV3+'s output stride (it runs at any size, but its features then align with the input's)."""
+        if self.cfg.model.name == "deeplabv3plus":
+            return self.cfg.model.output_stride
+        return size_multiple(self.cfg.model)
 
     @property
     def axes(self) -> str:

@@ -11,5 +11,6 @@ from mitoseg.networks.base import SegmentationHead, SegmentationModel
 from mitoseg.networks.registry import build_model, register_model
 from mitoseg.networks import unet as _unet  # noqa: F401  (registers "unet")
 from mitoseg.networks import deeplab as _deeplab  # noqa: F401  (registers "deeplabv3plus")
+from mitoseg.networks import wide_unet as _wide_unet  # noqa: F401  (registers "wide_unet")
 
 __all__ = ["SegmentationHead", "SegmentationModel", "build_model", "register_model"]
