@@ -160,7 +160,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet", "deeplabv3plus"] = "unet"
+    # unet: MONAI's residual U-Net (2-D or 3-D); wide_unet: a 2-D U-Net for the CPU (space-to-depth stem, wide
+    # levels: mitoseg/networks/wide_unet.py); deeplabv3plus: natural images.
+    name: Literal["unet", "wide_unet", "deeplabv3plus"] = "unet"
     # unet: 2 (slices) or 3 (volumes: data.patch_size and inference.roi_size are (z, y, x))
     spatial_dims: Literal[2, 3] = 2
     in_channels: int = 1
@@ -171,6 +173,8 @@ class ModelConfig:
     feature_channels: int = 32  # channels of the last decoder feature map
     head_channels: int = 32  # channels of the head's conv block (its penultimate features)
     dropout: float = 0.0
+    # wide_unet only: each stem x stem block of pixels becomes channels before the first convolution (1: none)
+    stem: int = 2
     # deeplabv3plus only
     backbone: Literal["resnet50", "resnet101"] = "resnet101"
     output_stride: Literal[8, 16] = 16  # 16: dilation in the last ResNet stage; 8: in the last two
@@ -278,6 +282,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 2000
+    # A time budget: the learning-rate schedule spans this many minutes of the run's wall time (validation and
+    # checkpoints included, summed over resumed sessions) and reaches zero when they are spent, which ends the
+    # run; train.iterations is then an upper bound. The schedule follows the clock, so a resumed run is not
+    # bit-identical to an uninterrupted one. null: the schedule spans train.iterations.
+    max_minutes: Optional[float] = None
     # Natural data: train this many passes over the unlabeled list (semi-supervised) or the labeled list
     # (supervised) instead; sets iterations = epochs * (list length // (batch size * ranks)).
     epochs: Optional[int] = None
@@ -491,6 +500,8 @@ _RANGES: dict[str, _Range] = {
     "model.feature_channels": _AT_LEAST_1,
     "model.head_channels": _AT_LEAST_1,
     "model.dropout": _UNIT,
+    "model.stem": _Range(1, 8),
+    "train.max_minutes": _Range(0, low_open=True),
     "model.width": _Range(4),
     "model.freeze_iters": _AT_LEAST_1,  # 0 would freeze nothing
     "method.threshold": _PROBABILITY,
@@ -673,12 +684,12 @@ def _check_values(cfg: Config) -> None:
          "model.spatial_dims 3")
     need(len(cfg.data.patch_size) == dims, "data.patch_size", f"must have {dims} values {axes}")
     need(len(cfg.inference.roi_size) == dims, "inference.roi_size", f"must have {dims} values {axes}")
-    factor = 1
-    for s in cfg.model.strides if cfg.model.name == "unet" else ():
-        factor *= s
+    need(cfg.model.name != "wide_unet" or all(s == 2 for s in cfg.model.strides), "model.strides",
+         f"must all be 2 for model.name wide_unet (each level halves the resolution), got {cfg.model.strides}")
+    factor = size_multiple(cfg.model)
     for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.inference.roi_size)):
         need(all(s > 0 and s % factor == 0 for s in size), key,
-             f"must be positive multiples of {factor} (the product of model.strides), got {size}")
+             f"must be positive multiples of {factor} ({size_multiple_reason(cfg.model)}), got {size}")
     # A quarter turn swaps y and x: patches of one batch would differ in shape and fail to stack.
     need(natural or not cfg.data.augment.rot90 or cfg.data.patch_size[-2] == cfg.data.patch_size[-1],
          "data.augment.rot90", f"needs a square data.patch_size, got {cfg.data.patch_size}; "
@@ -809,6 +820,25 @@ def loss_ignore_index(train_cfg) -> int | None:
     """The label value the supervised loss skips: ``train.ignore_index`` for the ``ce`` and ``ohem`` losses,
     None for ``dice_ce`` (every label value is a class)."""
     return train_cfg.ignore_index if train_cfg.loss in ("ce", "ohem") else None
+
+
+def size_multiple(model_cfg: ModelConfig) -> int:
+    """Window sizes (``data.patch_size``, ``inference.roi_size``, ``predict --roi-size``) along each spatial axis
+    must be multiples of this: the product of a U-Net's strides (each level halves and the decoder doubles back
+    exactly), times a wide_unet's stem; 1 for DeepLabV3+ (it resizes its logits to any input)."""
+    if model_cfg.name == "deeplabv3plus":
+        return 1
+    factor = model_cfg.stem if model_cfg.name == "wide_unet" else 1
+    for stride in model_cfg.strides:
+        factor *= stride
+    return factor
+
+
+def size_multiple_reason(model_cfg: ModelConfig) -> str:
+    """Where :func:`size_multiple` comes from, for error messages."""
+    if model_cfg.name == "wide_unet":
+        return f"model.stem {model_cfg.stem} times the product of model.strides {model_cfg.strides}"
+    return f"the product of model.strides {model_cfg.strides}"
 
 
 def input_channels(cfg: Config) -> int:

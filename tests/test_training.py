@@ -97,3 +97,41 @@ def test_best_of_validates_student_and_teacher_and_keeps_the_better(tmp_path, ti
     # a plain run validates its eval_model
     assert validated_weights({"config": {"train": {"eval_model": "student"}}}) == "student"
     assert validated_weights({}) == "ema"
+
+
+def test_time_budget_schedule_decays_with_the_progress_and_ends_at_zero():
+    from mitoseg.config import OptimConfig
+    from mitoseg.engine.trainer import TimeBudget, lr_factor
+
+    optim = OptimConfig(schedule="poly", poly_power=1.0)
+    # The time fraction replaces iteration / iterations.
+    assert lr_factor(10, 1000, optim, progress=0.25) == pytest.approx(0.75)
+    assert lr_factor(10, 1000, optim, progress=1.5) == 0.0
+    budget = TimeBudget(minutes=1.0)
+    budget.observe(0, 0.0)
+    assert budget.progress(50) == 0.0  # nothing measured yet
+    budget.observe(10, 6.0)  # 0.6 s per iteration
+    assert budget.progress(10) == pytest.approx(0.1)
+    assert budget.progress(30) == pytest.approx(0.3)  # extrapolated between log steps
+    budget.observe(20, 9.0)  # the mean since the start: 0.45 s per iteration
+    assert budget.progress(30) == pytest.approx(0.3)  # never goes back ...
+    assert budget.progress(40) == pytest.approx((9.0 + 20 * 0.45) / 60)  # ... and goes on from the clock
+    assert budget.progress(1000) == 1.0 and not budget.spent()
+    budget.observe(100, 60.0)
+    assert budget.spent()
+
+
+def test_max_minutes_ends_the_run_with_the_learning_rate_at_zero(tmp_path, tiny_volumes):
+    cfg = config_from_dict(tiny_config_dict(tiny_volumes, iterations=100000, max_minutes=0.1, log_every=2,
+                                            val_every=100000, checkpoint_every=100000))
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert summary["budget_spent"] and summary["completed"]
+    assert 4 <= summary["iterations"] < 100000
+    assert summary["wall_time_s"] >= 6.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["split"] == "train"]
+    assert lrs[0] > 0.0 and all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays with the clock ...
+    assert any(0.0 < lr < lrs[0] for lr in lrs)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0  # ... and ends at zero
+    assert [r for r in records if r["split"] == "val"]  # the last iteration validates

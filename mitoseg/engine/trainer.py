@@ -96,20 +96,63 @@ def resolve_epochs(cfg: Config, world_size: int) -> Config:
     return cfg
 
 
-def lr_factor(iteration: int, total_iterations: int, optim_cfg) -> float:
+def lr_factor(iteration: int, total_iterations: int, optim_cfg, progress: float | None = None) -> float:
     """The learning rate of ``iteration`` as a fraction of ``optim.lr``: a linear warm-up from
     ``warmup_ratio`` to 1 over ``warmup_iters``, then poly or cosine decay to 0 at ``total_iterations``
-    (the decay spans the whole run, warm-up included, so a warm-up does not shift the schedule)."""
+    (the decay spans the whole run, warm-up included, so a warm-up does not shift the schedule).
+    ``progress``: the fraction of the run done, when a time budget (``train.max_minutes``) rather than the
+    iterations measures it (:class:`TimeBudget`)."""
     if iteration < optim_cfg.warmup_iters:
         return optim_cfg.warmup_ratio + (1.0 - optim_cfg.warmup_ratio) * iteration / optim_cfg.warmup_iters
-    progress = min(1.0, iteration / total_iterations)
+    if progress is None:
+        progress = iteration / total_iterations
+    progress = min(1.0, max(0.0, progress))
     if optim_cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return (1.0 - progress) ** optim_cfg.poly_power
 
 
-def lr_schedule(optimizer, total_iterations: int, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg))
+def lr_schedule(optimizer, total_iterations: int, optim_cfg,
+                budget: "TimeBudget | None" = None) -> torch.optim.lr_scheduler.LambdaLR:
+    if budget is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg, budget.progress(it)))
+
+
+class TimeBudget:
+    """``train.max_minutes``: the schedule spans a time budget instead of ``train.iterations``.
+
+    The run's wall time (training, validation and checkpoints, summed over resumed sessions) is read at log
+    steps only, where it is averaged over the ranks with the logs (so every rank decays its learning rate
+    alike and no step waits for the clock); between two log steps the progress of iteration ``i`` is
+    extrapolated with this session's mean seconds per iteration, and it never goes back (a validation makes
+    the time jump ahead of the extrapolation). The run ends at the first log step at or past the budget, with
+    the learning rate at zero from the moment the budget is spent.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.start: tuple[int, float] | None = None  # (iteration, wall time) of this session's first observation
+        self.iteration = 0  # the last observed log step ...
+        self.elapsed = 0.0  # ... and the run's wall time then
+        self.seconds_per_iteration = 0.0
+        self.reached = 0.0  # the largest progress given so far
+
+    def observe(self, iteration: int, elapsed: float) -> None:
+        if self.start is None:
+            self.start = (iteration, elapsed)
+        elif iteration > self.start[0]:
+            self.seconds_per_iteration = max(0.0, elapsed - self.start[1]) / (iteration - self.start[0])
+        self.iteration, self.elapsed = iteration, elapsed
+
+    def progress(self, iteration: int) -> float:
+        estimate = self.elapsed + max(0, iteration - self.iteration) * self.seconds_per_iteration
+        self.reached = max(self.reached, min(1.0, estimate / self.seconds))
+        return self.reached
+
+    def spent(self) -> bool:
+        return self.elapsed >= self.seconds
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -207,7 +250,8 @@ class Trainer:
         self.ema = ModelEMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.freezer = PartFreezer(self.model, cfg.model.freeze, cfg.model.freeze_iters)
-        self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim)
+        self.budget = TimeBudget(cfg.train.max_minutes) if cfg.train.max_minutes is not None else None
+        self.scheduler = lr_schedule(self.optimizer, self.total_iterations, cfg.optim, self.budget)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device, cfg.train.amp) == torch.float16)
         # Divergence (train_step): consecutive skipped steps, the iteration that began the streak and whether
         # one of its steps had non-finite inputs. Kept on the device and read at log steps with the logs.
@@ -219,10 +263,14 @@ class Trainer:
         self.iteration = 0  # number of completed iterations
         self.best: dict | None = None
         self.last_scores: dict | None = None
-        self.previous_wall_time = 0.0
+        self.previous_wall_time = self.previous_cpu_time = 0.0
         self._start_time: float | None = None
+        self._start_cpu = 0.0
         if resume_state is not None:
             self._restore(resume_state, self.out_dir / "last.pt")
+            if self.budget is not None:  # the optimizer's restored learning rate is the one of this wall time
+                self.budget.observe(self.iteration, self.previous_wall_time)
+                self.budget.reached = min(1.0, self.previous_wall_time / self.budget.seconds)
         if self.is_main and self.init_report is not None and resume_state is None:
             print(describe_initialisation(self.init_report, num_classes), flush=True)
         if self.is_main and cfg.model.freeze and self.freezer.frozen_at(self.iteration):
@@ -373,6 +421,7 @@ class Trainer:
             "best": self.best,
             "last_scores": self.last_scores,
             "wall_time_s": self.wall_time(),
+            "cpu_time_s": self.cpu_time(),
             "bad_steps": {"count": self.bad_steps, "since": self.bad_since, "inputs": self.bad_inputs},
             "init": self.init_report,
             "pixel_size_nm": getattr(self, "pixel_size_nm", None),  # the model's working pixel size (predict)
@@ -400,11 +449,17 @@ class Trainer:
         self.best = state["best"]
         self.last_scores = state.get("last_scores")
         self.previous_wall_time = float(state["wall_time_s"])
+        self.previous_cpu_time = float(state.get("cpu_time_s", 0.0))  # older checkpoints did not count it
         bad = state.get("bad_steps")  # absent from checkpoints of mitoseg <= 0.2
         if bad is not None:
             self.bad_steps.copy_(bad["count"])
             self.bad_since.copy_(bad["since"])
             self.bad_inputs.copy_(bad["inputs"])
+
+    def cpu_time(self) -> float:
+        """CPU seconds of this process (all its threads) since the run started, summed over resumed sessions."""
+        running = time.process_time() - self._start_cpu if self._start_time is not None else 0.0
+        return self.previous_cpu_time + running
 
     def wall_time(self) -> float:
         running = time.perf_counter() - self._start_time if self._start_time is not None else 0.0
@@ -640,6 +695,8 @@ class Trainer:
 
     def _validate_and_keep_best(self, logger: RunLogger) -> None:
         scores = self.validate()
+        # When in the run this validation happened (the x axis of accuracy-per-minute curves; summed over resumes).
+        scores["wall_time_s"], scores["cpu_time_s"] = self.wall_time(), self.cpu_time()
         self.last_scores = scores
         name, value = headline_metric(scores)
         logger.log_validation(self.iteration, scores)
@@ -649,7 +706,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg.train
-        self._start_time = time.perf_counter()
+        self._start_time, self._start_cpu = time.perf_counter(), time.process_time()
         if self.is_main:
             make_folder(self.out_dir, "--out")
             # Temporaries (.NAME.tmp-PID) of a run that was killed while writing: its process is gone.
@@ -665,7 +722,7 @@ class Trainer:
         postfix: dict[str, str] = {}
         interrupt = InterruptRequest()
         saved_on_interrupt = False
-        timed_out = False
+        timed_out = budget_spent = False
         try:
             with interrupt:
                 for labeled, unlabeled in self.batches(start):
@@ -686,10 +743,18 @@ class Trainer:
                         if self.max_seconds is not None:
                             elapsed = time.perf_counter() - self._start_time
                             extra["_timeout"] = torch.tensor(float(elapsed >= self.max_seconds), device=self.device)
+                        if self.budget is not None:
+                            extra["_wall_time"] = torch.tensor(self.wall_time(), device=self.device)
                         tensors = [v.float().reshape(()) for v in (*logs.values(), *extra.values())]
                         stacked = distributed.all_reduce_mean(torch.stack(tensors))
                         values = dict(zip([*logs, *extra], stacked.tolist()))
                         stop = stop or values.pop("_interrupt", 0.0) > 0
+                        if self.budget is not None:
+                            self.budget.observe(self.iteration, values.pop("_wall_time"))
+                            if self.budget.spent() and not done:
+                                # train.max_minutes: the schedule has reached zero; this is the last iteration.
+                                done, budget_spent = True, True
+                                self.stop_iteration = self.total_iterations = self.iteration
                         if values.pop("_timeout", 0.0) > 0 and not done:
                             # --max-minutes: this iteration ends the run as if it were the last one (validation,
                             # inspection, last.pt); the schedule still spans train.iterations, so --resume continues.
@@ -744,12 +809,14 @@ class Trainer:
             "total_iterations": self.total_iterations,
             "completed": self.iteration >= self.total_iterations,
             "wall_time_s": round(self.wall_time(), 3),
+            "cpu_time_s": round(self.cpu_time(), 3),
             "device": str(self.device),
             "final": self.last_scores,
             "best": self.best,
             "test": test,
             "init": self.init_report,
             "time_limit_reached": timed_out,
+            "budget_spent": budget_spent,
         }
         if self.is_main:
             write_text_atomic(self.out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
