@@ -306,6 +306,11 @@ def test_exports_carry_the_pixel_size(pixel_run, tmp_path):
     assert outputs["x"]["scale"] == 10.0
     export_checkpoint(root / "run" / "best.pt", "torchscript", tmp_path / "m.pt")
     assert load_model(tmp_path / "m.pt", device="cpu").pixel == PixelSize(nm=10.0)  # predict rescales with it
+    # The bioimage.io test input is at the model's pixel size: the 96 x 96 validation slice at 5 nm -> 48 x 48.
+    from mitoseg.export.bioimageio_package import run_test_input
+
+    array, origin = run_test_input(source)
+    assert array.shape == (1, 1, 48, 48) and "validation volume" in origin
 
 
 def test_init_writes_the_working_pixel_size_of_fine_volumes(tmp_path, monkeypatch, capsys):

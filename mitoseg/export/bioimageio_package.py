@@ -137,9 +137,11 @@ def _centre_crop(size: int, step: int, limit: int, what: str) -> slice:
     return slice(start, start + side)
 
 
-def _read_input(source: ExportSource, volume, indices: list[int], what: str) -> np.ndarray:
-    """(1, C, y, x) or (1, 1, z, y, x) raw intensities (float32) from the centre of ``indices``."""
+def _read_input(source: ExportSource, volume, indices: list[int], what: str, factor: float = 1.0) -> np.ndarray:
+    """(1, C, y, x) or (1, 1, z, y, x) raw intensities (float32) from the centre of ``indices``, resampled in
+    y-x by ``factor`` to the model's working pixel size (the package's input is at that pixel size)."""
     from mitoseg.data.readers import SliceReader
+    from mitoseg.data.resample import reduce_image
 
     cfg, step = source.cfg, source.size_step
     if not indices:
@@ -156,6 +158,7 @@ def _read_input(source: ExportSource, volume, indices: list[int], what: str) -> 
         centre = indices[len(indices) // 2]
         stack = np.asarray(SliceReader(volume, [centre], cfg.data.context_slices).read(0, 1))
         array = stack[:, None] if stack.ndim == 3 else stack  # (1, C, y, x)
+    array = reduce_image(array[0], factor)[None]  # the leading axes (channels, or z of a 3-D block) kept
     y = _centre_crop(array.shape[-2], step, TEST_SIDE, f"{what} (y)")
     x = _centre_crop(array.shape[-1], step, TEST_SIDE, f"{what} (x)")
     array = np.ascontiguousarray(array[..., y, x], dtype=np.float32)
@@ -168,12 +171,17 @@ def run_test_input(source: ExportSource) -> tuple[np.ndarray, str]:
     """The raw test input and a sentence on where it comes from: the run's validation volume (``data.val``)
     when its file exists, else the synthetic sample volume."""
     from mitoseg.data.readers import open_volume, select_slices
+    from mitoseg.data.resample import volume_pixel_nm
+    from mitoseg.inference.session import recorded_pixel_size
 
     val = source.cfg.data.val
     if val is not None and val.image and _file_exists(val.image):
+        pixel = recorded_pixel_size(source.state, source.cfg)
+        factor = 1.0 if pixel.native else pixel.scale_for(volume_pixel_nm(val.image, val.voxel_size), val.image,
+                                                          "data.val.voxel_size")
         with open_volume(val.image, finite=True) as volume:
             indices = select_slices(val.slices, len(volume), "data.val.slices")
-            array = _read_input(source, volume, indices, val.image)
+            array = _read_input(source, volume, indices, val.image, factor)
         where = indices[len(indices) // 2]
         kind = "a block of slices around slice" if source.spatial_dims == 3 else "slice"
         return array, f"the run's validation volume `{val.image}` ({kind} {where}, centre crop)"
