@@ -89,6 +89,11 @@ VARIANTS: dict[str, dict] = {
     "wide2_20nm_p128": {**UNET_5NM, **_wide([64, 128, 192, 256], 2), "data.pixel_size": 20},
     "wide4_5nm_p256": {**UNET_5NM, **_wide([96, 128, 192, 256], 4, features=96), "data.patch_size": [256, 256]},
     "unet_10nm_p256": {**UNET_5NM, "data.pixel_size": 10, "data.patch_size": [256, 256]},
+    "unet_5nm_p256": {**UNET_5NM, "data.patch_size": [256, 256]},
+    "wide2_5nm_p128": {**UNET_5NM, **_wide([64, 128, 192, 256], 2)},
+    "unet_5nm_p128_ctx1": {**UNET_5NM, "data.context_slices": 1},
+    "unet_5nm_p128_b8": {**UNET_5NM, "data.batch_size": 8},
+    "unet_5nm_p128_lr4": {**UNET_5NM, "optim.lr": 0.004},
     "wide4_10nm_p256": {**UNET_5NM, **_wide([96, 128, 192, 256], 4, features=96), "data.pixel_size": 10,
                         "data.patch_size": [256, 256]},
 }

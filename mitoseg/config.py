@@ -304,6 +304,9 @@ class TrainConfig:
     # Which weights validation and best.pt measure: the EMA teacher, the student, or both, keeping the better
     # (DAW's code evaluates both every epoch); predict / evaluate then default to the weights that won.
     eval_model: Literal["ema", "student", "best_of"] = "ema"
+    # Test-time augmentation in the validations during training (null: as inference.tta). false keeps a time
+    # budget for training while predict, evaluate and data.test still use inference.tta.
+    val_tta: Optional[bool] = None
     val_every: int = 200
     log_every: int = 20
     checkpoint_every: int = 200

@@ -135,3 +135,21 @@ def test_max_minutes_ends_the_run_with_the_learning_rate_at_zero(tmp_path, tiny_
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.0  # ... and ends at zero
     assert [r for r in records if r["split"] == "val"]  # the last iteration validates
+
+
+def test_val_tta_false_validates_without_tta_while_inference_keeps_it(tmp_path, tiny_volumes, monkeypatch):
+    import mitoseg.inference.predictor as predictor
+
+    calls = []
+    original = predictor.predict_with_tta
+    monkeypatch.setattr(predictor, "predict_with_tta", lambda *a, **k: calls.append(1) or original(*a, **k))
+    data = tiny_config_dict(tiny_volumes, iterations=2, val_every=2, log_every=2, checkpoint_every=2)
+    data["inference"]["tta"] = True
+    data["train"]["val_tta"] = False
+    cfg = config_from_dict(data)
+    assert cfg.train.val_tta is False and cfg.inference.tta is True
+    Trainer(cfg, tmp_path / "off", progress=False).fit()
+    assert calls == []
+    data["train"]["val_tta"] = None  # null: as inference.tta
+    Trainer(config_from_dict(data), tmp_path / "default", progress=False).fit()
+    assert calls

@@ -532,7 +532,7 @@ class Trainer:
             return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
         val = self.val_slices
         # At the validation volume's own grid: the predictor resamples to data.pixel_size and back.
-        predictor = VolumePredictor(model, self.cfg, self.device, scale=self.val_scale)
+        predictor = VolumePredictor(model, self.cfg, self.device, scale=self.val_scale, tta=self.cfg.train.val_tta)
         matrix = score_volume(predictor, lambda s, e: val.image[s:e], lambda s, e: val.label[s:e], len(val.image),
                               val.normalization, self.ignore_index)
         return scores_from_confusion(matrix)

@@ -91,8 +91,9 @@ class VolumePredictor:
     factor the volume is resampled by in y-x for the model (1: its own grid, nothing resampled)."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: torch.device, amp: bool | None = None,
-                 scale: float = 1.0):
+                 scale: float = 1.0, tta: bool | None = None):
         self.model = model
+        self.tta = cfg.inference.tta if tta is None else tta  # validation during training may leave it out
         self.scale = float(scale)
         self.resamples = not is_identity(self.scale)
         self.cfg = cfg
@@ -111,7 +112,7 @@ class VolumePredictor:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(n, C, y, x) normalized images -> (n, K, y, x) float32 probabilities on the device."""
         images = images.to(self.device)
-        if self.inference.tta:
+        if self.tta:
             return predict_with_tta(self._softmax, images, self.spatial_dims)
         return self._softmax(images)
 
@@ -171,7 +172,7 @@ class VolumePredictor:
         roi = tuple(self.inference.roi_size[-2:])
         size = shape[-2:]
         regions = []
-        for transform in tta_transforms(self.spatial_dims) if self.inference.tta else [None]:
+        for transform in tta_transforms(self.spatial_dims) if self.tta else [None]:
             axes = transformed_axes(transform, self.spatial_dims)
             regions.append(tuple(window_span(core, n, roi[axes[a][0]], self.inference.overlap, axes[a][1])
                                  for a, (core, n) in enumerate(zip((rows, cols), size))))
@@ -188,7 +189,7 @@ class VolumePredictor:
         slab = self.inference.slab
         if z[0] % slab or (z[1] % slab and z[1] != shape[0]):
             raise ValueError(f"block slices {z} do not start and end on slabs of {slab} slices")
-        transforms = tta_transforms(self.spatial_dims) if self.inference.tta else [None]
+        transforms = tta_transforms(self.spatial_dims) if self.tta else [None]
         was_training = self.model.training
         self.model.eval()
         try:

@@ -61,6 +61,7 @@ from superqt.utils import create_worker
 
 from mitoseg.errors import MitosegError
 from mitoseg_napari._layers import LAYER_KEY, report_error
+from mitoseg_napari._objects import voxel_size_nm
 from mitoseg_napari._plots import TrainingPlots
 from mitoseg_napari._predict_widget import DEVICES, predict_steps, volume_from_layer
 from mitoseg_napari._qt_utils import LayerCombo, PathEdit
@@ -118,6 +119,7 @@ class TrainWidget(QWidget):
         self._checkpoint_stamp = None
         self._inspections = 0
         self._volume = None  # the image layer's data of the running round, as an _ArrayVolume
+        self._voxel_size = None  # its (z, y, x) nm from the layer's scale and units, when they are lengths
         self._image_name = ""
         self._layer_place: dict = {}
         self._normalization = None
@@ -317,6 +319,7 @@ class TrainWidget(QWidget):
         layer = self.image_layer.layer()
         self._layer_place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
         self._volume = volume_from_layer(layer)
+        self._voxel_size = voxel_size_nm(layer)
         self._normalization = None
         worker = create_worker(prepare_round, request, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_prepared)
@@ -561,6 +564,7 @@ class TrainWidget(QWidget):
                 report_error(MitosegError("choose an image layer"), "Predict slice")
                 return
             self._volume = volume_from_layer(layer)
+            self._voxel_size = voxel_size_nm(layer)
             self._image_name = layer.name
             self._layer_place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
             self._normalization = None
@@ -576,12 +580,13 @@ class TrainWidget(QWidget):
     def _run_prediction(self, job: tuple) -> None:
         if job[0] == "slice":
             _, z, checkpoint = job
+            # The layer's scale in physical units: a model with a working pixel size in nm rescales the slice.
             worker = create_worker(predict_slice, self._volume, z, checkpoint, self.device.currentText(),
-                                   self._normalization, _start_thread=False, _ignore_errors=True)
+                                   self._normalization, self._voxel_size, _start_thread=False, _ignore_errors=True)
             worker.returned.connect(self._on_slice_predicted)
         else:
             worker = create_worker(predict_steps, self._volume, str(job[1]), None, self.device.currentText(),
-                                   _start_thread=False, _ignore_errors=True)
+                                   voxel_size=self._voxel_size, _start_thread=False, _ignore_errors=True)
             worker.yielded.connect(self._on_volume_progress)
             worker.returned.connect(self._on_volume_predicted)
         worker.errored.connect(self._on_prediction_failed)
