@@ -142,11 +142,14 @@ def config_for(method: str, subset: Path, overrides: dict, seed: int) -> dict:
     cfg["train"].setdefault("val_every", max(iterations // 20, 1))
     cfg["train"].setdefault("checkpoint_every", max(iterations // 10, 1))
     cfg["train"].setdefault("inspect_every", iterations)
-    cfg["data"]["train"] = {"image": image, "label": label, "slices": TRAINING if oracle else LABELED}
-    cfg["data"]["val"] = {"image": image, "label": label, "slices": VALIDATION}
+    # The subset's TIFF stores no pixel size: Lucchi's is 5 nm (a recipe with data.pixel_size in nm needs it).
+    voxel = [5.0, 5.0, 5.0]
+    cfg["data"]["train"] = {"image": image, "label": label, "slices": TRAINING if oracle else LABELED,
+                            "voxel_size": voxel}
+    cfg["data"]["val"] = {"image": image, "label": label, "slices": VALIDATION, "voxel_size": voxel}
     cfg.setdefault("method", {})["name"] = "supervised" if oracle else method
     if method in SEMI_SUPERVISED:
-        cfg["data"]["unlabeled"] = [{"image": image, "label": label, "slices": UNLABELED}]
+        cfg["data"]["unlabeled"] = [{"image": image, "label": label, "slices": UNLABELED, "voxel_size": voxel}]
     if method in ("ddfp", "daw_ddfp"):
         # The flow warms up for the first quarter of the run (method.ddfp.start_iter defaults to 500).
         cfg["method"].setdefault("ddfp", {})["start_iter"] = iterations // 4

@@ -110,7 +110,7 @@ def set_key(cfg: dict, dotted: str, value) -> None:
 
 
 def run_config(volume: Path, variant: str, labels: str, method: str, seed: int, minutes: float | None,
-               tiny: bool) -> dict:
+               tiny: bool, voxel_size=None) -> dict:
     cfg = yaml.safe_load((BUILTIN_CONFIG_DIR / "lucchi_cpu.yaml").read_text())
     labeled = LABELED[labels]
     image, label = str(volume / IMAGE), str(volume / LABEL)
@@ -118,12 +118,17 @@ def run_config(volume: Path, variant: str, labels: str, method: str, seed: int, 
     data = cfg["data"]
     data["train"] = {"image": image, "label": label, "slices": labeled}
     data["val"] = {"image": image, "label": label, "slices": VALIDATION}
+    if voxel_size is not None:  # a volume whose file stores no pixel size
+        for entry in (data["train"], data["val"]):
+            entry["voxel_size"] = list(voxel_size)
     data.pop("test", None)  # the official test volume is not in shared/
     data.pop("label_map", None)  # the volume's masks are 0 / 1
     if method != "supervised":
         data["unlabeled"] = [{"slices": unlabeled_slices(labeled)}]
+        if voxel_size is not None:
+            data["unlabeled"][0].update(image=image, voxel_size=list(voxel_size))
     cfg["method"] = {"name": method}
-    cfg["inference"]["tta"] = False  # validation during training; the final score adds TTA
+    cfg["train"]["val_tta"] = False  # validation during training; the final score adds TTA
     for key, value in VARIANTS[variant].items():
         set_key(cfg, key, value)
     if minutes is not None:
@@ -216,6 +221,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--minutes", type=float, help="train.max_minutes of every run (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                        help="nm per voxel, for a volume whose file does not store it (default: its metadata)")
     parser.add_argument("--tiny", action="store_true", help="18-second runs, to try the script")
     args = parser.parse_args()
     for name in (IMAGE, LABEL):
@@ -229,7 +236,8 @@ def main() -> None:
             name = f"{variant} / {args.labels} / {method}"
             for seed in args.seeds:
                 folder = args.out / variant / args.labels / method / f"seed{seed}"
-                cfg = run_config(args.volume, variant, args.labels, method, seed, args.minutes, args.tiny)
+                cfg = run_config(args.volume, variant, args.labels, method, seed, args.minutes, args.tiny,
+                                 args.voxel_size)
                 if not (folder / "summary.json").is_file():
                     print(f"training {folder}", flush=True)
                     train(folder, cfg, args.threads)

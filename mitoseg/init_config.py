@@ -57,12 +57,15 @@ class Profile:
     strides: list[int]
     max_patch: int
     batch_size: int
-    iterations: int
+    iterations: int  # the schedule's length; with ``minutes`` an upper bound
     roi: int
     lr: float
+    minutes: float | None = None  # train.max_minutes: the schedule spans a time budget
 
 
-CPU = Profile("cpu", [16, 32, 64, 128], [2, 2, 2], 128, 4, 1000, 256, 0.002)
+# The CPU recipe of configs/lucchi_cpu.yaml (BENCHMARKS.md, "Accuracy per CPU minute on the Lucchi volume"):
+# the 16-128 U-Net on 256-pixel patches at the working pixel size, its schedule a 30-minute budget.
+CPU = Profile("cpu", [16, 32, 64, 128], [2, 2, 2], 256, 4, 1000000, 256, 0.002, minutes=30.0)
 GPU = Profile("cuda", [32, 64, 128, 256, 512], [2, 2, 2, 2], 256, 8, 10000, 512, 0.001)
 
 
@@ -209,7 +212,8 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
         raise MitosegError(f"--label {label_arg}: every slice holds labels, so there are no unlabeled slices "
                            f"for --method {method}; use --method supervised")
     iterations = profile.iterations
-    interval = max(1, iterations // 5)
+    # Validation and checkpoints every fifth of the run; under a time budget every 500 iterations.
+    interval = 500 if profile.minutes is not None else max(1, iterations // 5)
     batch = profile.batch_size if semi else 2 * profile.batch_size
     train_sel = train_slices if len(train_slices) <= 20 else format_selection(train_slices)
 
@@ -283,7 +287,8 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
         f"  name: {method}",
     ]
     if method in ("ddfp", "daw_ddfp"):
-        lines += ["  ddfp:", f"    start_iter: {iterations // 4}  # the density model (flow) trains from here; "
+        start = 250 if profile.minutes is not None else iterations // 4
+        lines += ["  ddfp:", f"    start_iter: {start}  # the density model (flow) trains from here; "
                              "the perturbed term from twice that"]
     lines += [
         "optim:",
@@ -291,10 +296,21 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
         f"  lr: {profile.lr}",
         "  weight_decay: 0.0001",
         "train:",
-        f"  iterations: {iterations}  # --max-minutes M stops earlier with a checkpoint; --resume continues",
+    ]
+    if profile.minutes is not None:
+        lines += [
+            f"  iterations: {iterations}  # an upper bound: the time budget below ends the run",
+            f"  max_minutes: {profile.minutes:g}  # the learning-rate schedule spans this many minutes and ends "
+            "at zero (more minutes: a better model, up to a point)",
+        ]
+    else:
+        lines.append(f"  iterations: {iterations}  # --max-minutes M stops earlier with a checkpoint; --resume "
+                     "continues")
+    lines += [
         "  loss: dice_ce",
         "  ema_decay: 0.99",
         f"  val_every: {interval}",
+        "  val_tta: false  # validations without test-time augmentation: the time goes to training",
         "  log_every: 20",
         f"  checkpoint_every: {interval}",
     ]
@@ -305,6 +321,8 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
         f"  roi_size: [{roi}, {roi}]  # sliding window of validation and mitoseg predict",
         "  overlap: 0.25",
         "  sw_batch_size: 4",
+        "  tta: true  # predict and best.pt's scores average the 8 flips / quarter turns: more accurate, 8x the "
+        "prediction time",
         "",
     ]
     summary = {"patch": patch, "classes": num_classes, "label_map": label_map, "train": train_slices,
@@ -348,7 +366,9 @@ def init_command(image: str, label: str, method: str, device: str | None, output
              else ", none held out for validation (fewer than 4)")
           + (f"; {len(summary['unlabeled'])} unlabeled slices" if method in SEMI_SUPERVISED else ""))
     print(f"{method} on {profile.device}: U-Net {profile.channels[0]}-{profile.channels[-1]}, patches "
-          f"{summary['patch']} x {summary['patch']}, batch {summary['batch']}, {summary['iterations']} iterations")
+          f"{summary['patch']} x {summary['patch']}, batch {summary['batch']}, "
+          + (f"a {profile.minutes:g}-minute schedule" if profile.minutes is not None
+             else f"{summary['iterations']} iterations"))
     run = Path("runs") / out.stem
     print(f"wrote {out}; train with:")
     print(f"  mitoseg train --config {out} --out {run}")

@@ -207,6 +207,9 @@ def test_init_writes_a_commented_config_for_the_painted_slices_that_trains(paint
     assert raw["data"]["unlabeled"][0]["slices"] == "0, 2:4, 5:7, 8:10, 11"
     assert cfg.data.patch_size == [64, 64] and cfg.inference.roi_size == [64, 64]  # sized to the 64 x 64 slices
     assert cfg.model.channels == [16, 32, 64, 128]
+    # the CPU recipe: a time budget, validations without TTA, predictions with it
+    assert cfg.train.max_minutes == 30 and cfg.train.val_tta is False and cfg.inference.tta is True
+    assert "a 30-minute schedule" in out
     # the config it writes trains
     code, out, err = run_cli(["train", "--config", "out.yaml", "--max-iters", "2", "--no-progress",
                               "--out", "run"], capsys)
