@@ -86,7 +86,6 @@ VARIANTS: dict[str, dict] = {
     "wide2_10nm_p128": {**UNET_5NM, **_wide([64, 128, 192, 256], 2), "data.pixel_size": 10},
     "wide2_10nm_p256": {**UNET_5NM, **_wide([64, 128, 192, 256], 2), "data.pixel_size": 10,
                         "data.patch_size": [256, 256]},
-    "wide2_20nm_p128": {**UNET_5NM, **_wide([64, 128, 192, 256], 2), "data.pixel_size": 20},
     "wide4_5nm_p256": {**UNET_5NM, **_wide([96, 128, 192, 256], 4, features=96), "data.patch_size": [256, 256]},
     "unet_10nm_p256": {**UNET_5NM, "data.pixel_size": 10, "data.patch_size": [256, 256]},
     "unet_5nm_p256": {**UNET_5NM, "data.patch_size": [256, 256]},
@@ -97,8 +96,9 @@ VARIANTS: dict[str, dict] = {
     "wide4_10nm_p256": {**UNET_5NM, **_wide([96, 128, 192, 256], 4, features=96), "data.pixel_size": 10,
                         "data.patch_size": [256, 256]},
 }
-SCREEN = ["unet_5nm_p128", "unet_10nm_p128", "unet_20nm_p128", "wide2_10nm_p128", "wide2_10nm_p256",
-          "wide2_20nm_p128", "wide4_5nm_p256"]
+SCREEN = ["unet_5nm_p128", "unet_10nm_p128", "unet_20nm_p128", "unet_10nm_p256", "unet_5nm_p256",
+          "unet_5nm_p128_ctx1", "wide2_5nm_p128", "wide2_10nm_p128", "wide2_10nm_p256", "wide4_5nm_p256",
+          "wide4_10nm_p256"]
 
 
 def set_key(cfg: dict, dotted: str, value) -> None:
