@@ -80,6 +80,7 @@ UNET_5NM = {"data.pixel_size": None, "model.name": "unet", "model.channels": [16
 # screen changes one thing at a time from the old recipe, then takes the CPU network at each pixel size.
 VARIANTS: dict[str, dict] = {
     "recipe": {},
+    "recipe_15min": {"train.max_minutes": 15},  # the same recipe on half the budget
     "unet_5nm_p128": UNET_5NM,
     "unet_10nm_p128": {**UNET_5NM, "data.pixel_size": 10},
     "unet_20nm_p128": {**UNET_5NM, "data.pixel_size": 20},
