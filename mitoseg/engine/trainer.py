@@ -114,10 +114,8 @@ def lr_factor(iteration: int, total_iterations: int, optim_cfg, progress: float 
 
 def lr_schedule(optimizer, total_iterations: int, optim_cfg,
                 budget: "TimeBudget | None" = None) -> torch.optim.lr_scheduler.LambdaLR:
-    if budget is None:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total_iterations, optim_cfg, budget.progress(it)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
+        it, total_iterations, optim_cfg, budget.progress(it) if budget is not None else None))
 
 
 class TimeBudget:
@@ -270,7 +268,6 @@ class Trainer:
             self._restore(resume_state, self.out_dir / "last.pt")
             if self.budget is not None:  # the optimizer's restored learning rate is the one of this wall time
                 self.budget.observe(self.iteration, self.previous_wall_time)
-                self.budget.reached = min(1.0, self.previous_wall_time / self.budget.seconds)
         if self.is_main and self.init_report is not None and resume_state is None:
             print(describe_initialisation(self.init_report, num_classes), flush=True)
         if self.is_main and cfg.model.freeze and self.freezer.frozen_at(self.iteration):
