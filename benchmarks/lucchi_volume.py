@@ -81,6 +81,12 @@ UNET_5NM = {"data.pixel_size": None, "model.name": "unet", "model.channels": [16
 VARIANTS: dict[str, dict] = {
     "recipe": {},
     "recipe_15min": {"train.max_minutes": 15},  # the same recipe on half the budget
+    # The semi-supervised setting (--labels 3) on a 30-minute budget, and each safeguard of the unlabeled
+    # loss alone and together (mitoseg/semi/safeguard.py); a supervised run ignores the method keys.
+    "semi30": {"train.max_minutes": 30},
+    "semi30_warmup": {"train.max_minutes": 30, "method.warmup": 0.5},
+    "semi30_guard": {"train.max_minutes": 30, "method.guard_tolerance": 1.5},
+    "semi30_safe": {"train.max_minutes": 30, "method.warmup": 0.5, "method.guard_tolerance": 1.5},
     "unet_5nm_p128": UNET_5NM,
     "unet_10nm_p128": {**UNET_5NM, "data.pixel_size": 10},
     "unet_20nm_p128": {**UNET_5NM, "data.pixel_size": 20},

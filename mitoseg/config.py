@@ -262,6 +262,15 @@ class MethodConfig:
     # second unlabeled batch) or DDFP's (with probability data.cutmix_prob for the whole batch, a box of half
     # the area from the next sample of the same batch; ddfp's default).
     cutmix: Literal["unimatch", "ddfp"] = "unimatch"
+    # Safeguards of the unlabeled loss (mitoseg/semi/safeguard.py), for every semi-supervised method:
+    # the first `warmup` of the schedule (a fraction of train.iterations or of train.max_minutes) trains on
+    # the labeled batch alone, at a supervised step's cost (no unlabeled batch is drawn; DAW's statistics
+    # already follow the model); the unlabeled terms then ramp up from 0 over the next `rampup` of it
+    # (exp(-5 (1 - t)^2)); with `guard_tolerance` T, the unlabeled terms are down-weighted by (T / d)^2 when
+    # the running class shares of the pseudo-labels differ from the labeled batches' by a ratio d > T.
+    warmup: float = 0.0
+    rampup: float = 0.0
+    guard_tolerance: Optional[float] = None
     daw: DAWConfig = field(default_factory=DAWConfig)
     ddfp: DDFPConfig = field(default_factory=DDFPConfig)
 
@@ -509,6 +518,9 @@ _RANGES: dict[str, _Range] = {
     "model.freeze_iters": _AT_LEAST_1,  # 0 would freeze nothing
     "method.threshold": _PROBABILITY,
     "method.fp_dropout": _UNIT,
+    "method.warmup": _UNIT,  # 1 would never use the unlabeled slices
+    "method.rampup": _PROBABILITY,
+    "method.guard_tolerance": _Range(1, low_open=True),  # a ratio: 1 or less would always act
     "method.daw.momentum": _PROBABILITY,
     "method.daw.alpha": _POSITIVE,
     "method.daw.initial_threshold": _PROBABILITY,

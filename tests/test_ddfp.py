@@ -91,14 +91,14 @@ def test_official_schedule_phases_by_iteration_and_the_teacher_restart(tiny_volu
 
     ddfp = method("ddfp")
     assert ddfp.official and (ddfp.flow_start, ddfp.perturb_start) == (10, 20)  # perturb_iter: 2 * start_iter
-    assert [ddfp.supervised_only(i) for i in (0, 9, 10, 25)] == [True, True, False, False]
+    assert [ddfp.supervised_only(i, 0.0) for i in (0, 9, 10, 25)] == [True, True, False, False]
     assert ddfp.teacher_restart_iteration() == 10
     assert method("ddfp", perturb_iter=15).perturb_start == 15
     joint = method("ddfp", schedule="joint")
-    assert (joint.flow_start, joint.perturb_start) == (10, 10) and not joint.supervised_only(0)
+    assert (joint.flow_start, joint.perturb_start) == (10, 10) and not joint.supervised_only(0, 0.0)
     assert joint.teacher_restart_iteration() is None
     daw_ddfp = method("daw_ddfp")
-    assert not daw_ddfp.supervised_only(0) and daw_ddfp.teacher_restart_iteration() is None
+    assert not daw_ddfp.supervised_only(0, 0.0) and daw_ddfp.teacher_restart_iteration() is None
     with pytest.raises(Exception, match="perturb_iter"):
         method("ddfp", perturb_iter=5)
 
@@ -349,7 +349,9 @@ def test_ddfp_cutmix_is_half_the_area_for_the_whole_batch_from_the_next_sample(t
     cfg = config_from_dict(ddfp_config(tiny_volumes, "ddfp"))
     assert cfg.method.cutmix == "ddfp" and build_method(cfg, None).unlabeled_per_batch == 1
     trainer = Trainer(cfg, Path("/nonexistent/never-written"), progress=False)
-    _, unlabeled = next(trainer.batches(0))
+    # (none before start_iter: the official schedule's supervised phase draws no unlabeled batch)
+    assert next(trainer.batches(0))[1] is None
+    _, unlabeled = next(trainer.batches(trainer.method.flow_start))
     assert unlabeled["weak"].shape[0] == cfg.data.unlabeled_batch_size
     t = torch.arange(3)
     assert trainer.method.partner(t, 3).tolist() == [1, 2, 0]

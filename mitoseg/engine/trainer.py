@@ -501,16 +501,35 @@ class Trainer:
         for batch in loader:
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def schedule_progress(self, iteration: int) -> float:
+        """The fraction of the schedule done at ``iteration``: of the time budget, or of train.iterations."""
+        if self.budget is not None:
+            return self.budget.progress(iteration)
+        return iteration / max(1, self.total_iterations)
+
     def batches(self, start_iteration: int):
         """(labeled, unlabeled or None) per iteration."""
         labeled = self.stream(self.labeled_dataset, self.cfg.data.batch_size, start_iteration, self.cfg.seed)
         if self.unlabeled_dataset is None:
             return ((batch, None) for batch in labeled)
-        # Per iteration unlabeled_batch_size samples, and as many CutMix partners after them unless the
-        # method mixes within the batch (method.unlabeled_per_batch).
-        unlabeled = self.stream(self.unlabeled_dataset, self.method.unlabeled_per_batch * self.unlabeled_batch_size,
-                                start_iteration, self.cfg.seed + 1)
-        return zip(labeled, unlabeled)
+        return self._with_unlabeled(labeled, start_iteration)
+
+    def _with_unlabeled(self, labeled, start_iteration: int):
+        """The labeled batches with their unlabeled ones, none while the method trains supervised only (its
+        warm-up: no unlabeled batch is loaded for those steps). The unlabeled stream starts at the first
+        iteration that needs it; iteration i reads the same samples whenever the stream started."""
+        unlabeled = None
+        for iteration, batch in enumerate(labeled, start_iteration):
+            if unlabeled is None:
+                if self.method.supervised_only(iteration, self.schedule_progress(iteration)):
+                    yield batch, None
+                    continue
+                # Per iteration unlabeled_batch_size samples, and as many CutMix partners after them unless the
+                # method mixes within the batch (method.unlabeled_per_batch).
+                unlabeled = self.stream(self.unlabeled_dataset,
+                                        self.method.unlabeled_per_batch * self.unlabeled_batch_size, iteration,
+                                        self.cfg.seed + 1)
+            yield batch, next(unlabeled)
 
     # ------------------------------------------------------------- validation
 
@@ -620,7 +639,7 @@ class Trainer:
         if self.iteration == self.method.teacher_restart_iteration():
             self.ema.restart(self.model)
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
-                          total_iterations=self.total_iterations)
+                          total_iterations=self.total_iterations, progress=self.schedule_progress(self.iteration))
         self.model.train()
         buffers = self._running_buffers()
         torch._foreach_copy_(self._saved_buffers, buffers)
@@ -760,6 +779,9 @@ class Trainer:
                         diverged = self._divergence(values)
                         values["lr"] = self.optimizer.param_groups[0]["lr"]
                         logger.log_train(self.iteration, values)
+                        if self.is_main:
+                            for line in self.method.notices(self.iteration, values):
+                                tqdm.write(line)
                         if diverged is not None:
                             raise diverged
                         postfix["loss"] = f"{values['loss']:.4f}"

@@ -18,6 +18,8 @@ class StepContext:
     teacher: torch.nn.Module  # the EMA copy (eval mode, no gradients)
     iteration: int  # 0-based index of this step
     total_iterations: int
+    # The fraction of the schedule done (of train.iterations, or of train.max_minutes under a time budget).
+    progress: float = 0.0
 
 
 @dataclass
@@ -42,6 +44,16 @@ class Method:
 
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
         raise NotImplementedError
+
+    def supervised_only(self, iteration: int, progress: float) -> bool:
+        """Whether the step at ``iteration`` (``progress``: the fraction of the schedule done) trains on the
+        labeled batch alone: the trainer then draws no unlabeled batch for it and passes None. A
+        semi-supervised method's warm-up (``method.warmup``)."""
+        return self.uses_unlabeled and progress < self.cfg.method.warmup
+
+    def notices(self, iteration: int, values: dict[str, float]) -> list[str]:
+        """Lines worth a user's attention, read off a log step's values (host floats); each said once."""
+        return []
 
     def teacher_restart_iteration(self) -> int | None:
         """The iteration at whose start the EMA teacher becomes a copy of the student and averaging starts

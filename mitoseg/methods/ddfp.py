@@ -132,8 +132,10 @@ class DensityDescendingMethod(PseudoLabelMethod):
         """Whether the flow takes a step at ``iteration``: every ``method.ddfp.flow_every``-th from start_iter."""
         return iteration >= self.flow_start and (iteration - self.flow_start) % self.ddfp.flow_every == 0
 
-    def supervised_only(self, iteration: int) -> bool:
-        return self.supervised_warmup and self.official and iteration < self.flow_start
+    def supervised_only(self, iteration: int, progress: float) -> bool:
+        """``method.warmup``, and the official ddfp schedule's supervised phase before start_iter."""
+        return super().supervised_only(iteration, progress) or (
+            self.supervised_warmup and self.official and iteration < self.flow_start)
 
     def teacher_restart_iteration(self) -> int | None:
         return self.flow_start if self.supervised_warmup and self.official and self.flow_start > 0 else None
@@ -206,16 +208,16 @@ class DensityDescendingMethod(PseudoLabelMethod):
         return self.flow.step(flatten_pixels(penultimate.float()), labels)
 
     def supervised_step(self, ctx: StepContext, labeled: dict) -> StepOutput:
-        """The official schedule's first phase: the labeled loss alone (unsupervised logs are NaN)."""
-        loss_x = self.supervised_loss(ctx.student(labeled["image"]), labeled["label"])
-        nan = torch.full((), float("nan"), device=loss_x.device)
-        logs = {"loss_x": loss_x.detach(), "loss_s": nan, "mask_ratio": nan,
-                "tau": self.threshold_tensor(loss_x.device), "loss_ddfp": loss_x.new_zeros(())}
-        logs.update({key: nan for key in DDFP_LOGS[1:]})
-        return StepOutput(loss=loss_x, logs=logs)
+        """The labeled loss alone (the official schedule's first phase, ``method.warmup``): the unsupervised
+        and flow logs are NaN."""
+        out = super().supervised_step(ctx, labeled)
+        nan = torch.full((), float("nan"), device=out.loss.device)
+        out.logs["loss_ddfp"] = out.loss.new_zeros(())
+        out.logs.update({key: nan for key in DDFP_LOGS[1:]})
+        return out
 
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
-        if self.supervised_only(ctx.iteration):
+        if unlabeled is None or self.supervised_only(ctx.iteration, ctx.progress):
             return self.supervised_step(ctx, labeled)
         student = ctx.student
         x, y = labeled["image"], labeled["label"]
@@ -311,10 +313,13 @@ class DensityDescendingMethod(PseudoLabelMethod):
         logs["loss_ddfp"] = loss_p.detach()
 
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
-        loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p, perturbing)
-
         logs.update(self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
                                            loss_fp if pred_fp is not None else None))
+        w = self.unsupervised_weight(ctx, pl, n_u, valid_all, y, logs)
+        if isinstance(w, float) and w == 1.0:
+            loss = self.combine_ddfp(loss_x, losses_s[0], loss_s2, loss_fp, loss_p, perturbing)
+        else:
+            loss = self.combine_ddfp(loss_x, w * losses_s[0], w * loss_s2, w * loss_fp, w * loss_p, perturbing)
         return StepOutput(loss=loss, logs=logs)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from mitoseg.config import loss_ignore_index
 from mitoseg.methods.base import Method, StepContext, StepOutput, register_method
 from mitoseg.semi.daw import DAWState, alignment_scale, correct_and_wrong, softmax_confidence
+from mitoseg.semi.safeguard import ShareGuard, rampup_weight
 
 HISTOGRAM_BINS = 50
 
@@ -102,6 +103,15 @@ def pseudo_label_quality(used: torch.Tensor, pseudo_label: torch.Tensor, truth: 
     }
 
 
+def foreground_share(label: torch.Tensor, valid: torch.Tensor | None, ignore_index: int | None = None) -> torch.Tensor:
+    """Share of the valid pixels of ``label`` that are not background (class 0); ``ignore_index`` pixels are
+    not valid."""
+    valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
+    if ignore_index is not None:
+        valid = valid & (label != ignore_index)
+    return ((label != 0) & valid).sum() / valid.sum().clamp_min(1)
+
+
 @dataclass
 class PseudoLabels:
     confidence: torch.Tensor  # (B, H, W) max probability (of the aligned probabilities for DAW)
@@ -129,6 +139,9 @@ class PseudoLabelMethod(Method):
                                 initial_threshold=d.initial_threshold)
         # The last labeled batch, for inspection: DAW's statistics, or (logits, label).
         self._last_labeled = None
+        m = cfg.method
+        self.guard = ShareGuard(self.num_classes, m.guard_tolerance) if m.guard_tolerance is not None else None
+        self._guard_noted = False  # the guard's first action is said once (notices)
 
     # The loss of each configuration.
     def combine(self, loss_x, loss_s1, loss_s2, loss_fp):
@@ -188,7 +201,51 @@ class PseudoLabelMethod(Method):
         stats = self._last_labeled
         return stats.confidence, stats.positive, stats.negative
 
+    def supervised_step(self, ctx: StepContext, labeled: dict) -> StepOutput:
+        """A step on the labeled batch alone (the warm-up, ``supervised_only``); DAW's Gaussians of correct /
+        wrong confidences follow the model meanwhile, so its threshold is the model's when the unlabeled terms
+        start. The unsupervised logs are NaN."""
+        x, y = labeled["image"], labeled["label"]
+        logits = ctx.student(x)
+        loss_x = self.supervised_loss(logits, y)
+        if self.daw is not None:
+            self._last_labeled, _, _ = self.daw.update_logits(logits.detach(), y, ignore_index=self.ignore_index)
+        else:
+            self._last_labeled = (logits.detach(), y)
+        nan = torch.full((), float("nan"), device=loss_x.device)
+        logs = {"loss_x": loss_x.detach(), "loss_s": nan, "mask_ratio": nan,
+                "tau": self.threshold_tensor(loss_x.device)}
+        if self.daw is not None:
+            logs.update(self.daw.log_values())
+        return StepOutput(loss=loss_x, logs=logs)
+
+    def unsupervised_weight(self, ctx: StepContext, pl: PseudoLabels, n_u: int, valid: torch.Tensor,
+                            label: torch.Tensor, logs: dict) -> torch.Tensor | float:
+        """The factor of every unsupervised term this step: the ramp after the warm-up (``method.rampup``)
+        times the class-share guard's (``method.guard_tolerance``); 1.0 without either."""
+        m = self.cfg.method
+        weight = rampup_weight(ctx.progress, m.warmup, m.rampup) if m.rampup > 0 else 1.0
+        if m.rampup > 0:
+            logs["rampup"] = torch.full((), weight, device=label.device)
+        if self.guard is not None:
+            factor = self.guard.update(pl.label[:n_u], valid[:n_u], label, self.ignore_index)
+            logs["guard"], logs["guard_acted"] = factor, self.guard.acted.float()
+            weight = weight * factor
+        return weight
+
+    def notices(self, iteration: int, values: dict[str, float]) -> list[str]:
+        if self.guard is None or self._guard_noted or not values.get("guard_acted", 0.0) > 0:
+            return []
+        self._guard_noted = True
+        return [f"iteration {iteration}: the pseudo-labels' class shares have drifted from the labeled slices' "
+                f"(foreground {values.get('pseudo_fg', float('nan')):.1%} of the pseudo-labels against "
+                f"{values.get('label_fg', float('nan')):.1%} of the labels this step): the unlabeled loss is "
+                f"down-weighted while they differ by more than method.guard_tolerance = "
+                f"{self.guard.tolerance:g} (now x{values.get('guard', float('nan')):.2f})"]
+
     def training_step(self, ctx: StepContext, labeled: dict, unlabeled: dict | None) -> StepOutput:
+        if unlabeled is None or self.supervised_only(ctx.iteration, ctx.progress):
+            return self.supervised_step(ctx, labeled)
         student = ctx.student
         x, y = labeled["image"], labeled["label"]
         n_x = x.shape[0]
@@ -230,10 +287,14 @@ class PseudoLabelMethod(Method):
         if pred_fp is not None:
             loss_fp = self.unsupervised_loss(pred_fp, pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
-        loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
-
         logs = self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
                                       loss_fp if pred_fp is not None else None)
+        logs["label_fg"] = foreground_share(y, None, self.ignore_index)
+        w = self.unsupervised_weight(ctx, pl, n_u, valid_all, y, logs)
+        if isinstance(w, float) and w == 1.0:
+            loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
+        else:
+            loss = self.combine(loss_x, w * losses_s[0], w * loss_s2, w * loss_fp)
         return StepOutput(loss=loss, logs=logs)
 
     def unsupervised_logs(self, pl: PseudoLabels, n_u: int, valid_all: torch.Tensor, unlabeled: dict,
@@ -247,12 +308,16 @@ class PseudoLabelMethod(Method):
             "loss_s": (sum(losses_s) / len(losses_s)).detach(),
             "mask_ratio": (pl.weight[:n_u] * valid_u).sum() / valid_u.sum().clamp_min(1),
             "tau": self.threshold_tensor(loss_x.device),
+            # Share of the pseudo-labels (used or not) that are not background (class 0), against the labeled
+            # batch's label_fg: the first sign of pseudo-labels that spread foreground.
+            "pseudo_fg": foreground_share(pl.label[:n_u], valid_u),
         }
         if loss_fp is not None:
             logs["loss_fp"] = loss_fp.detach()
         if self.daw is not None:
             logs.update(self.daw.log_values())
         if "label" in unlabeled:
+            logs["true_fg"] = foreground_share(unlabeled["label"][:n_u], valid_u)
             logs.update(pseudo_label_quality(pl.weight[:n_u] > 0, pl.label[:n_u], unlabeled["label"][:n_u], valid_u))
         return logs
 
@@ -294,15 +359,23 @@ class PseudoLabelMethod(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"daw": self.daw.state_dict()} if self.daw is not None else {}
+        state = {"daw": self.daw.state_dict()} if self.daw is not None else {}
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.daw is not None:
             self.daw.load_state_dict(state["daw"])
+        if self.guard is not None and "guard" in state:  # checkpoints from before the guard have none
+            self.guard.load_state_dict(state["guard"])
+            self._guard_noted = bool(self.guard.acted)
 
     def to(self, device) -> "PseudoLabelMethod":
         if self.daw is not None:
             self.daw.to(device)
+        if self.guard is not None:
+            self.guard.to(device)
         return self
 
 

@@ -449,7 +449,10 @@ class DAWState:
 
     def log_values(self) -> dict[str, torch.Tensor]:
         sigma = self.var.sqrt()
+        scale = alignment_scale(self.labeled_class_mean, self.unlabeled_class_mean)
         return {"tau": self.threshold, "safe_tau": self.safe_threshold,
+                # How far alignment tilts the classes: the largest per-class factor over the smallest.
+                "align_ratio": scale.max() / scale.min().clamp_min(1e-12),
                 "mu_pos": self.mean[0], "mu_neg": self.mean[1],
                 "sigma_pos": sigma[0], "sigma_neg": sigma[1]}
 
