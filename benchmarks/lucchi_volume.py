@@ -140,8 +140,12 @@ def run_config(volume: Path, variant: str, labels: str, method: str, seed: int, 
         set_key(cfg, key, value)
     if minutes is not None:
         cfg["train"]["max_minutes"] = minutes
-    if tiny:
-        cfg["train"].update({"max_minutes": 0.3, "val_every": 20, "log_every": 10, "checkpoint_every": 20})
+    if tiny:  # seconds, on any volume of 165 slices of at least 64 x 64 pixels (the suite's synthetic one)
+        cfg["train"].update({"max_minutes": 0.05, "val_every": 10, "log_every": 5, "checkpoint_every": 10})
+        cfg["data"].update({"pixel_size": None, "patch_size": [64, 64], "batch_size": 2})
+        cfg["model"].update({"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1,
+                             "feature_channels": 8, "head_channels": 8})
+        cfg["inference"].update({"roi_size": [64, 64], "tta": False})
     return cfg
 
 
@@ -168,6 +172,64 @@ def score_final(folder: Path, cfg: dict, threads: int, weights: str, tta: bool) 
                         str(out), "--overwrite", "--no-progress", "--threads", str(threads)],
                        stdout=subprocess.DEVNULL, check=True)
     return json.loads(out.read_text())["fg_iou"]
+
+
+def pseudo_label_diagnostics(folder: Path, cfg: dict) -> dict:
+    """The final pseudo-labels of a semi-supervised run, where they can be checked: on the oracle slices that
+    ``--labels 3`` never trains on (their labels known). The student's probabilities (eval mode, no TTA), DAW's
+    alignment and threshold as ``last.pt`` holds them (fixmatch / unimatch: method.threshold): the share of
+    wrong pseudo-labels used, of correct ones discarded, and the pseudo-labels' foreground share against the
+    truth's (spreading foreground shows there first)."""
+    import torch
+
+    from mitoseg.data.readers import SliceReader, open_volume
+    from mitoseg.data.resample import volume_pixel_nm
+    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.inference.session import from_state, input_scale, make_predictor, volume_normalization
+
+    out = folder / "pseudo_labels.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    state = load_checkpoint(folder / "last.pt")
+    loaded = from_state(state, folder / "last.pt", "student")
+    run_cfg = loaded.cfg
+    run_cfg.inference.tta = False
+    daw = state.get("method", {}).get("daw")
+    tau = float(daw["threshold"]) if daw is not None else run_cfg.method.threshold
+    scale = None
+    if daw is not None and run_cfg.method.daw.alignment:
+        scale = (daw["labeled_class_mean"] / daw["unlabeled_class_mean"].clamp_min(1e-8)).float()
+    slices = [s for s in LABELED["oracle"] if s not in LABELED["3"]]
+    image, label = cfg["data"]["val"]["image"], cfg["data"]["val"]["label"]
+    voxel = cfg["data"]["val"].get("voxel_size")
+    counts = dict.fromkeys(("wrong", "wrong_used", "correct", "correct_discarded", "pseudo_fg", "true_fg", "n"), 0)
+    with open_volume(image) as volume, open_volume(label) as truth_volume:
+        predictor = make_predictor(loaded, run_cfg, scale=input_scale(loaded.pixel, volume_pixel_nm(image, voxel),
+                                                                       image, "", log=False))
+        reader = SliceReader(volume, slices, run_cfg.data.context_slices)
+        truth = SliceReader(truth_volume, slices)
+        for start, stop, probs in predictor.slabs(reader.read, len(slices), volume_normalization(volume, run_cfg)):
+            if scale is not None:
+                probs = probs * scale.view(1, -1, 1, 1)
+                probs = probs / probs.sum(dim=1, keepdim=True)
+            confidence, pseudo = probs.max(dim=1)
+            y = torch.from_numpy(truth.read(start, stop).astype(np.int64)) > 0
+            used, pseudo = confidence.cpu() >= tau, pseudo.cpu() > 0
+            correct = pseudo == y
+            counts["wrong"] += int((~correct).sum())
+            counts["wrong_used"] += int((~correct & used).sum())
+            counts["correct"] += int(correct.sum())
+            counts["correct_discarded"] += int((correct & ~used).sum())
+            counts["pseudo_fg"] += int(pseudo.sum())
+            counts["true_fg"] += int(y.sum())
+            counts["n"] += y.numel()
+    result = {"tau": tau, "align_fg_over_bg": float(scale[1] / scale[0]) if scale is not None else 1.0,
+              "wrong_used": counts["wrong_used"] / max(1, counts["wrong"]),
+              "correct_discarded": counts["correct_discarded"] / max(1, counts["correct"]),
+              "pseudo_accuracy": counts["correct"] / max(1, counts["n"]),
+              "pseudo_fg": counts["pseudo_fg"] / max(1, counts["n"]), "true_fg": counts["true_fg"] / max(1, counts["n"])}
+    out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def read_run(folder: Path) -> dict:
@@ -257,6 +319,8 @@ def main() -> None:
                 run["final_tta"] = score_final(folder, cfg, args.threads, cfg["train"].get("eval_model", "ema")
                                                if cfg["train"].get("eval_model") in ("ema", "student") else
                                                max(("ema", "student"), key=lambda w: run[f"final_{w}"]), tta=True)
+                if method != "supervised":
+                    run["pseudo_labels"] = pseudo_label_diagnostics(folder, cfg)
                 results.setdefault(name, []).append(run)
                 print(f"{name} seed {seed}: {run['iterations']} iterations, {run['cpu_minutes']:.1f} CPU min, "
                       f"final fg IoU EMA {run['final_ema']:.4f}, student {run['final_student']:.4f}, "
@@ -270,6 +334,17 @@ def main() -> None:
                     f"{np.mean([r['cpu_minutes'] for r in runs]):.1f} | {np.mean([r['wall_minutes'] for r in runs]):.1f} | "
                     f"{mean_std([r['final_ema'] for r in runs])} | {mean_std([r['final_student'] for r in runs])} | "
                     f"{mean_std(tta)} | {', '.join(f'{v:.3f}' for v in tta)} |")
+    semi = [(name, r) for name, runs in results.items() for r in runs if "pseudo_labels" in r]
+    if semi:
+        rows += ["", "Final pseudo-labels on the 13 oracle slices no `--labels 3` run trains on (student, no TTA, the "
+                 "run's last threshold and alignment):", "",
+                 "| variant / labels / method | seed | threshold | alignment fg / bg | wrong used | correct discarded | "
+                 "pseudo-label accuracy | foreground: pseudo / true |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in semi:
+            p = r["pseudo_labels"]
+            rows.append(f"| {name} | {r['seed']} | {p['tau']:.3f} | {p['align_fg_over_bg']:.3f} | {p['wrong_used']:.3f} | "
+                        f"{p['correct_discarded']:.3f} | {p['pseudo_accuracy']:.3f} | {p['pseudo_fg']:.3f} / "
+                        f"{p['true_fg']:.3f} |")
     table = "\n".join(rows)
     print(table)
     (args.out / "table.md").write_text(table + "\n")

@@ -275,6 +275,13 @@ class MethodConfig:
     ddfp: DDFPConfig = field(default_factory=DDFPConfig)
 
 
+# The safeguards mitoseg writes for a semi-supervised method where a user starts (``mitoseg init``, the napari
+# Train widget, the EM configs lucchi_daw / lucchi_cpu's note): each measured alone in BENCHMARKS.md
+# ("Semi-supervised on the Lucchi volume", "Safeguards on volumes like a user's"). The dataclass defaults
+# above stay the papers' (no warm-up, no guard), so the paper configs run DAW, UniMatch and DDFP as published.
+SEMI_SUPERVISED_SAFEGUARDS = {"warmup": 0.5, "guard_tolerance": 1.5}
+
+
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"

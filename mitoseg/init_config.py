@@ -286,6 +286,13 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
         "method:",
         f"  name: {method}",
     ]
+    if semi:
+        from mitoseg.config import SEMI_SUPERVISED_SAFEGUARDS as safe
+
+        lines += [f"  warmup: {safe['warmup']}  # the first {safe['warmup']:.0%} of the schedule trains on the "
+                  "labeled slices alone (BENCHMARKS.md: a semi-supervised default must never lose to that)",
+                  f"  guard_tolerance: {safe['guard_tolerance']}  # down-weight the unlabeled loss when the "
+                  "pseudo-labels' foreground share drifts from the labels' by more than this ratio"]
     if method in ("ddfp", "daw_ddfp"):
         start = 250 if profile.minutes is not None else iterations // 4
         lines += ["  ddfp:", f"    start_iter: {start}  # the density model (flow) trains from here; "

@@ -210,6 +210,11 @@ def test_init_writes_a_commented_config_for_the_painted_slices_that_trains(paint
     # the CPU recipe: a time budget, validations without TTA, predictions with it
     assert cfg.train.max_minutes == 30 and cfg.train.val_tta is False and cfg.inference.tta is True
     assert "a 30-minute schedule" in out
+    # a semi-supervised default carries the safeguards of the unlabeled loss (one source: the config module)
+    from mitoseg.config import SEMI_SUPERVISED_SAFEGUARDS
+
+    assert raw["method"] == {"name": "daw", **SEMI_SUPERVISED_SAFEGUARDS}
+    assert cfg.method.warmup > 0 and cfg.method.guard_tolerance is not None
     # the config it writes trains
     code, out, err = run_cli(["train", "--config", "out.yaml", "--max-iters", "2", "--no-progress",
                               "--out", "run"], capsys)
@@ -229,6 +234,11 @@ def test_init_sizes_for_a_gpu_and_handles_supervised_and_few_labels(painted, mon
     cfg = load_config("gpu.yaml")
     assert cfg.device == "cuda" and cfg.model.channels == [32, 64, 128, 256, 512] and cfg.model.strides == [2] * 4
     assert cfg.data.patch_size == [64, 64] and cfg.data.unlabeled is None and cfg.method.name == "supervised"
+    assert cfg.method.warmup == 0 and cfg.method.guard_tolerance is None  # nothing to guard
+    code, _, err = run_cli(["init", "--image", "stack.tif", "--label", "labels.tif", "--gpu", "--output",
+                            "gpu_daw.yaml"], capsys)
+    assert code == 0, err
+    assert load_config("gpu_daw.yaml").method.guard_tolerance is not None  # the GPU default is guarded too
     # two painted slices: both train, no validation
     label = tifffile.imread("labels.tif")
     label[7:] = 0

@@ -284,6 +284,9 @@ def test_round_helpers_find_labeled_slices_follow_metrics_and_build_the_config(t
     assert cfg.data.unlabeled[0].slices == [0, 2, 3, 5] and cfg.data.val.slices == [4]
     assert (cfg.train.val_every, cfg.train.checkpoint_every, cfg.train.log_every) == (20, 20, 4)
     assert cfg.train.eval_model == "best_of"
+    from mitoseg.config import SEMI_SUPERVISED_SAFEGUARDS  # the widget's default method is guarded as init's
+
+    assert {k: getattr(cfg.method, k) for k in SEMI_SUPERVISED_SAFEGUARDS} == SEMI_SUPERVISED_SAFEGUARDS
     command = training_command(tmp_path / "round_001", max_minutes=2.5)
     assert command[3:] == ["train", "--config", str(tmp_path / "round_001" / "train.yaml"), "--out",
                            str(tmp_path / "round_001"), "--overwrite", "--no-progress", "--max-minutes", "2.5"]

@@ -226,6 +226,10 @@ def build_round_config(request: RoundRequest, image_path: Path, labels_path: Pat
         rest = sorted(set(range(z)) - set(request.train_slices) - set(request.val_slices))
         cfg["data"]["unlabeled"] = [{"image": str(image_path), "slices": rest}]
     cfg["method"] = {"name": request.method}
+    if request.method in SEMI_SUPERVISED:
+        from mitoseg.config import SEMI_SUPERVISED_SAFEGUARDS
+
+        cfg["method"].update(SEMI_SUPERVISED_SAFEGUARDS)
     if request.method == "daw_ddfp":
         cfg["method"]["ddfp"] = {"start_iter": max(1, request.iterations // 5)}
     cfg["train"].update(iterations=request.iterations, **_intervals(request.iterations))
