@@ -3,8 +3,10 @@ environment, run from a directory that is not the repository.
 
 The wheel must carry the built-in configs (``--config sample_daw``), the napari manifest and the license;
 ``mitoseg train --config sample_daw`` must work where there is no ``sample_data/`` (it writes the sample
-data there first). The venv sees the already installed dependencies (``--system-site-packages``) and gets
-mitoseg only from the wheel (``--no-deps``), so nothing is downloaded.
+data there first). The venv sees the already installed dependencies of the environment running the tests (a
+``.pth`` file naming its site-packages: ``--system-site-packages`` would show the *base* interpreter's packages
+when the tests run inside a venv, without torch) and gets mitoseg only from the wheel (``--no-deps``), so
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -26,6 +30,19 @@ def run(cmd, cwd, env, timeout=300):
                             timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, cmd))}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+def outer_site_packages(venv: Path, python: Path, env: dict) -> None:
+    """Make the site-packages of the interpreter running the tests (a venv's own, or the system's, and the
+    user's) importable in ``venv``, after its own: a ``.pth`` file of plain paths (their own ``.pth`` files, such
+    as an editable install's finder, are not run, so mitoseg comes from the venv alone)."""
+    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        paths.append(site.getusersitepackages())
+    paths = [p for p in dict.fromkeys(paths) if Path(p).is_dir()]
+    purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], venv, env).strip()
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    (Path(purelib) / "_outer_environment.pth").write_text("\n".join(paths) + "\n")
 
 
 def test_wheel_installs_in_a_fresh_venv_and_trains_the_built_in_sample_config_outside_the_repository(tmp_path):
@@ -49,9 +66,10 @@ def test_wheel_installs_in_a_fresh_venv_and_trains_the_built_in_sample_config_ou
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
+    run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)
     python, mitoseg = venv / "bin" / "python", venv / "bin" / "mitoseg"
-    # The outer pip (seen through the system site-packages) installs into the venv; --ignore-installed
+    outer_site_packages(venv, python, env)
+    # The outer pip (seen through the outer site-packages) installs into the venv; --ignore-installed
     # because the outer environment may hold mitoseg already (an editable install of this repository).
     run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--quiet", wheel], tmp_path, env)
 
