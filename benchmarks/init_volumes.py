@@ -10,8 +10,9 @@ judged on), three ways, paired by volume and seed:
 - ``daw``: what ``mitoseg init --cpu`` writes.
 
 Each run trains on ``--minutes`` of wall time (``train.max_minutes``; init writes 30) with ``--threads``
-threads, and its final weights (``best.pt``: without validation slices, the last ones) are scored by ``mitoseg
-evaluate --checkpoint`` (the run's TTA) on every slice that was not painted.
+threads, and its final weights (``best.pt``: without validation slices, the last ones; the student's or the EMA
+teacher's as the config's ``train.eval_model`` says) are scored by ``mitoseg evaluate --checkpoint`` (the
+run's TTA) on every slice that was not painted; both weights are also scored without TTA.
 
 Volumes (``--volumes``):
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import yaml
 
 WAYS = {
     "supervised": ("supervised", []),
@@ -100,6 +102,16 @@ def run(command: list[str], log: Path) -> None:
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
+def evaluate(checkpoint: Path, image: Path, truth: Path, scored: list[int], out: Path, threads: int, log: Path,
+             weights: str | None = None, tta: bool = True) -> dict:
+    if not out.is_file():
+        command = ["mitoseg", "evaluate", "--checkpoint", str(checkpoint), "--image", str(image), "--label",
+                   str(truth), "--slices", ",".join(map(str, scored)), "--json", str(out), "--overwrite",
+                   "--no-progress", "--threads", str(threads), "--set", f"inference.tta={str(tta).lower()}"]
+        run(command + (["--weights", weights] if weights else []), log)
+    return json.loads(out.read_text())
+
+
 def one_run(folder: Path, image: Path, painted: Path, truth: Path, scored: list[int], way: str, seed: int,
             minutes: float, threads: int, tiny: bool) -> dict:
     result_path = folder / "score.json"
@@ -109,29 +121,36 @@ def one_run(folder: Path, image: Path, painted: Path, truth: Path, scored: list[
     method, overrides = WAYS[way]
     config = folder / "config.yaml"
     log = folder / "log.txt"
+    # The config is written again each time (cheap): what init writes now, also for a run trained earlier
+    # (train.eval_model, the one key init may have changed since, does not act during a run without validation).
     run(["mitoseg", "init", "--image", str(image), "--label", str(painted), "--cpu", "--method", method,
          "--output", str(config), "--overwrite"], log)
     sets = [f"seed={seed}", f"train.max_minutes={minutes}", *overrides]
     if tiny:
         sets += ["data.patch_size=[64,64]", "inference.roi_size=[64,64]", "train.log_every=5",
                  "train.val_every=20", "train.checkpoint_every=20"]
-    train = ["mitoseg", "train", "--config", str(config), "--out", str(folder / "run"), "--no-progress",
-             "--threads", str(threads), "--overwrite"]
-    for item in sets:
-        train += ["--set", item]
-    run(train, log)
-    out = folder / "evaluate.json"
-    run(["mitoseg", "evaluate", "--checkpoint", str(folder / "run" / "best.pt"), "--image", str(image), "--label",
-         str(truth), "--slices", ",".join(map(str, scored)), "--json", str(out), "--overwrite", "--no-progress",
-         "--threads", str(threads)], log)
-    scores = json.loads(out.read_text())
+    if not (folder / "run" / "summary.json").is_file():
+        train = ["mitoseg", "train", "--config", str(config), "--out", str(folder / "run"), "--no-progress",
+                 "--threads", str(threads), "--overwrite"]
+        for item in sets:
+            train += ["--set", item]
+        run(train, log)
+    # What the user gets: best.pt's weights as the config chooses them, with the config's TTA; and both
+    # weights without TTA (the EMA teacher lags a short run: BENCHMARKS.md).
+    eval_model = yaml.safe_load(config.read_text())["train"].get("eval_model", "ema")
+    checkpoint = folder / "run" / "best.pt"
+    scores = evaluate(checkpoint, image, truth, scored, folder / f"evaluate_{eval_model}.json", threads, log,
+                      weights=eval_model if eval_model in ("ema", "student") else None)
+    both = {w: evaluate(checkpoint, image, truth, scored, folder / f"evaluate_{w}_no_tta.json", threads, log,
+                        weights=w, tta=False)["fg_iou"] for w in ("ema", "student")}
     summary = json.loads((folder / "run" / "summary.json").read_text())
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
     last = train_records[-1] if train_records else {}
     precision, recall = scores["per_class"]["precision"][1], scores["per_class"]["recall"][1]
-    result = {"fg_iou": scores["fg_iou"], "precision": precision if precision is not None else float("nan"),
-              "recall": recall,
+    result = {"fg_iou": scores["fg_iou"], "weights": scores.get("weights"),
+              "precision": precision if precision is not None else float("nan"), "recall": recall,
+              "ema_no_tta": both["ema"], "student_no_tta": both["student"],
               "iterations": summary["iterations"], "cpu_minutes": summary.get("cpu_time_s", 0.0) / 60,
               "pseudo_fg": last.get("pseudo_fg"), "label_fg": last.get("label_fg"), "guard": last.get("guard"),
               "tau": last.get("tau")}
@@ -165,8 +184,8 @@ def main() -> None:
                 results.setdefault(name, {}).setdefault(way, []).append(r)
                 print(f"  fg IoU {r['fg_iou']:.4f} (precision {r['precision']:.3f}, recall {r['recall']:.3f}), "
                       f"{r['iterations']} iterations", flush=True)
-    rows = ["| volume | way | n | fg IoU | precision | recall | iterations | minus supervised, per seed |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| volume | way | n | fg IoU (best.pt, TTA) | precision | recall | EMA / student, no TTA | iterations | "
+            "minus supervised, per seed |", "|---|---|---|---|---|---|---|---|---|"]
     for name, ways in results.items():
         base = {r["seed"]: r["fg_iou"] for r in ways.get("supervised", [])}
         for way, runs in ways.items():
@@ -175,6 +194,7 @@ def main() -> None:
             spread = f" ± {np.std(values):.3f}" if len(values) > 1 else ""
             rows.append(f"| {name} | {way} | {len(runs)} | {np.mean(values):.3f}{spread} | "
                         f"{np.mean([r['precision'] for r in runs]):.3f} | {np.mean([r['recall'] for r in runs]):.3f} | "
+                        f"{np.mean([r['ema_no_tta'] for r in runs]):.3f} / {np.mean([r['student_no_tta'] for r in runs]):.3f} | "
                         f"{np.mean([r['iterations'] for r in runs]):.0f} | {deltas if way != 'supervised' else '-'} |")
     table = "\n".join(rows)
     print(table)

@@ -285,14 +285,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=["recipe"], choices=sorted(VARIANTS))
     parser.add_argument("--screen", action="store_true", help="the screening variants")
-    parser.add_argument("--labels", choices=sorted(LABELED), default="oracle")
+    parser.add_argument("--labels", nargs="+", choices=sorted(LABELED), default=["oracle"])
     parser.add_argument("--methods", nargs="+", default=["supervised"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--minutes", type=float, help="train.max_minutes of every run (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
                         help="nm per voxel, for a volume whose file does not store it (default: its metadata)")
-    parser.add_argument("--tiny", action="store_true", help="18-second runs, to try the script")
+    parser.add_argument("--tiny", action="store_true", help="3-second runs on small models, to try the script")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the table and curves of the finished runs among those named")
     args = parser.parse_args()
     for name in (IMAGE, LABEL):
         if not (args.volume / name).is_file():
@@ -300,31 +302,34 @@ def main() -> None:
     variants = SCREEN if args.screen else args.variants
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     results: dict[str, list[dict]] = {}
-    for variant in variants:
-        for method in args.methods:
-            name = f"{variant} / {args.labels} / {method}"
-            for seed in args.seeds:
-                folder = args.out / variant / args.labels / method / f"seed{seed}"
-                cfg = run_config(args.volume, variant, args.labels, method, seed, args.minutes, args.tiny,
-                                 args.voxel_size)
-                if not (folder / "summary.json").is_file():
-                    print(f"training {folder}", flush=True)
-                    train(folder, cfg, args.threads)
-                run = read_run(folder)
-                run["seed"] = seed
-                # The final weights both ways: the EMA lags far behind a short run's student (its BatchNorm
-                # statistics and weights average a fast-moving trajectory), which a fixed budget makes visible.
-                for weights in ("ema", "student"):
-                    run[f"final_{weights}"] = score_final(folder, cfg, args.threads, weights, tta=False)
-                run["final_tta"] = score_final(folder, cfg, args.threads, cfg["train"].get("eval_model", "ema")
-                                               if cfg["train"].get("eval_model") in ("ema", "student") else
-                                               max(("ema", "student"), key=lambda w: run[f"final_{w}"]), tta=True)
-                if method != "supervised":
-                    run["pseudo_labels"] = pseudo_label_diagnostics(folder, cfg)
-                results.setdefault(name, []).append(run)
-                print(f"{name} seed {seed}: {run['iterations']} iterations, {run['cpu_minutes']:.1f} CPU min, "
-                      f"final fg IoU EMA {run['final_ema']:.4f}, student {run['final_student']:.4f}, "
-                      f"with TTA {run['final_tta']:.4f}", flush=True)
+    runs = [(v, labels, m) for v in variants for labels in args.labels for m in args.methods
+            if not (labels == "oracle" and m != "supervised")]  # the oracle has no unlabeled slices to speak of
+    for variant, labels, method in runs:
+        name = f"{variant} / {labels} / {method}"
+        for seed in args.seeds:
+            folder = args.out / variant / labels / method / f"seed{seed}"
+            cfg = run_config(args.volume, variant, labels, method, seed, args.minutes, args.tiny,
+                             args.voxel_size)
+            if not (folder / "summary.json").is_file():
+                if args.report:
+                    continue
+                print(f"training {folder}", flush=True)
+                train(folder, cfg, args.threads)
+            run = read_run(folder)
+            run["seed"] = seed
+            # The final weights both ways: the EMA lags far behind a short run's student (its BatchNorm
+            # statistics and weights average a fast-moving trajectory), which a fixed budget makes visible.
+            for weights in ("ema", "student"):
+                run[f"final_{weights}"] = score_final(folder, cfg, args.threads, weights, tta=False)
+            run["final_tta"] = score_final(folder, cfg, args.threads, cfg["train"].get("eval_model", "ema")
+                                           if cfg["train"].get("eval_model") in ("ema", "student") else
+                                           max(("ema", "student"), key=lambda w: run[f"final_{w}"]), tta=True)
+            if method != "supervised":
+                run["pseudo_labels"] = pseudo_label_diagnostics(folder, cfg)
+            results.setdefault(name, []).append(run)
+            print(f"{name} seed {seed}: {run['iterations']} iterations, {run['cpu_minutes']:.1f} CPU min, "
+                  f"final fg IoU EMA {run['final_ema']:.4f}, student {run['final_student']:.4f}, "
+                  f"with TTA {run['final_tta']:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = ["| variant / labels / method | n | iterations | CPU min | wall min | final EMA | final student | "
             "validated weights + TTA | seeds (TTA) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -316,6 +316,11 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
     lines += [
         "  loss: dice_ce",
         "  ema_decay: 0.99",
+        # Without validation slices the final weights are the model: the student's, since the EMA teacher
+        # lags a short run (BENCHMARKS.md, "Safeguards on volumes like a user's": 0.13 against 0.88).
+        "  eval_model: best_of  # validations score the student and the EMA teacher; best.pt keeps the better"
+        if val_slices else
+        "  eval_model: student  # no validation slices: the final model is the student (the EMA teacher lags a short run)",
         f"  val_every: {interval}",
         "  val_tta: false  # validations without test-time augmentation: the time goes to training",
         "  log_every: 20",

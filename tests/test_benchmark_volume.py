@@ -40,3 +40,7 @@ def test_volume_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     # A second call reads the finished runs back instead of training again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "training " not in again.stdout
+    # --report trains nothing: a method never run is left out of the table.
+    report = subprocess.run([*command[:-4], "unimatch", "--seeds", "0", "--report"], capture_output=True, text=True,
+                            timeout=600)
+    assert report.returncode == 0 and "training " not in report.stdout and "unimatch" not in report.stdout

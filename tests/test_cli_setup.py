@@ -215,6 +215,7 @@ def test_init_writes_a_commented_config_for_the_painted_slices_that_trains(paint
 
     assert raw["method"] == {"name": "daw", **SEMI_SUPERVISED_SAFEGUARDS}
     assert cfg.method.warmup > 0 and cfg.method.guard_tolerance is not None
+    assert cfg.train.eval_model == "best_of"  # validation slices pick the better of student and EMA teacher
     # the config it writes trains
     code, out, err = run_cli(["train", "--config", "out.yaml", "--max-iters", "2", "--no-progress",
                               "--out", "run"], capsys)
@@ -248,6 +249,8 @@ def test_init_sizes_for_a_gpu_and_handles_supervised_and_few_labels(painted, mon
     assert code == 0, err
     raw = yaml.safe_load(open("few.yaml"))
     assert raw["data"]["train"]["slices"] == [1, 4] and "val" not in raw["data"]
+    # no validation: the final model is the student (the EMA teacher lags a short run)
+    assert raw["train"]["eval_model"] == "student"
 
 
 def test_init_refuses_what_it_cannot_configure(painted, monkeypatch, capsys):
