@@ -118,7 +118,9 @@ def test_label_train_watch_correct_and_continue(painted_viewer, qtbot, tmp_path)
     assert progress[-1] == (30, 30) and widget.progress.value() == 30
     drawn = widget.plots.drawn
     assert drawn["loss"][0] == list(range(1, 31))
-    assert drawn["mask_ratio"][1] == pytest.approx([r["mask_ratio"] for r in records if r["split"] == "train"])
+    # (the warm-up's steps have no mask ratio: the plot starts where the unlabeled loss does)
+    assert drawn["mask_ratio"][1] == pytest.approx([r["mask_ratio"] for r in records
+                                                    if r["split"] == "train" and r["mask_ratio"] is not None])
     assert drawn["tau"][0] == list(range(1, 31)) and drawn["fg_iou"][0] == list(range(3, 31, 3))
     assert predicted and all(z == 3 for z, _ in predicted) and all(0 < it <= 30 for _, it in predicted)
     assert widget.inspector is not None and widget.inspector.run_dir == run
@@ -287,6 +289,9 @@ def test_round_helpers_find_labeled_slices_follow_metrics_and_build_the_config(t
     from mitoseg.config import SEMI_SUPERVISED_SAFEGUARDS  # the widget's default method is guarded as init's
 
     assert {k: getattr(cfg.method, k) for k in SEMI_SUPERVISED_SAFEGUARDS} == SEMI_SUPERVISED_SAFEGUARDS
+    unvalidated = build_round_config(RoundRequest(**{**request.__dict__, "val_slices": []}), tmp_path / "em.tif",
+                                     tmp_path / "labels.tif", 3)
+    assert config_from_dict(unvalidated).train.eval_model == "student"  # no validation: the student, as init
     command = training_command(tmp_path / "round_001", max_minutes=2.5)
     assert command[3:] == ["train", "--config", str(tmp_path / "round_001" / "train.yaml"), "--out",
                            str(tmp_path / "round_001"), "--overwrite", "--no-progress", "--max-minutes", "2.5"]

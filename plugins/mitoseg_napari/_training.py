@@ -221,6 +221,8 @@ def build_round_config(request: RoundRequest, image_path: Path, labels_path: Pat
     if request.val_slices:
         cfg["data"]["val"] = {"image": str(image_path), "label": str(labels_path),
                               "slices": sorted(request.val_slices)}
+    else:  # no validation: the final model is the student's (the EMA teacher lags a short round), as mitoseg init
+        cfg["train"]["eval_model"] = "student"
     if request.method in SEMI_SUPERVISED:
         # Explicit: the default (every slice not trained on) would also take the validation slices.
         rest = sorted(set(range(z)) - set(request.train_slices) - set(request.val_slices))
