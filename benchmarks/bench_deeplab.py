@@ -48,7 +48,7 @@ class _StepOnly:
     """The parts of :class:`mitoseg.engine.trainer.Trainer` one step touches, without data sets."""
 
     def __init__(self, cfg, device: torch.device):
-        from mitoseg.engine import distributed
+        from mitoseg import distributed
         from mitoseg.engine.ema import ModelEMA
         from mitoseg.engine.trainer import Trainer, lr_schedule, make_optimizer
         from mitoseg.inference import amp_dtype

@@ -200,7 +200,7 @@ def cmd_train(args) -> None:
         cfg = config_from_dict(apply_overrides(state["config"], args.set))
     check_paths_exist(cfg)
     threads_from(args)
-    from mitoseg.engine import distributed
+    from mitoseg import distributed
 
     info = distributed.setup(cfg.device)
     distributed.barrier()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from mitoseg.engine import distributed
+from mitoseg import distributed
 
 from test_natural import make_pascal, tiny_natural_config
 

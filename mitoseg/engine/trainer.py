@@ -40,7 +40,7 @@ from mitoseg.engine.checkpoint import (
     validated_weights,
     weights_are_finite,
 )
-from mitoseg.engine import distributed
+from mitoseg import distributed
 from mitoseg.engine.ema import ModelEMA
 from mitoseg.engine.finetune import (
     PartFreezer,
@@ -88,9 +88,9 @@ def resolve_epochs(cfg: Config, world_size: int) -> Config:
     import copy
 
     from mitoseg.data.natural import iterations_per_epoch
-    from mitoseg.methods.base import _METHODS
+    from mitoseg.methods import method_class
 
-    uses_unlabeled = getattr(_METHODS.get(cfg.method.name), "uses_unlabeled", False)
+    uses_unlabeled = method_class(cfg.method.name).uses_unlabeled
     cfg = copy.deepcopy(cfg)
     cfg.train.iterations = cfg.train.epochs * iterations_per_epoch(cfg, uses_unlabeled, world_size)
     return cfg

@@ -84,9 +84,13 @@ def register_method(name: str):
     return decorator
 
 
-def build_method(cfg, supervised_loss) -> Method:
+def method_class(name: str) -> type[Method]:
+    """The registered method class of ``name``."""
     try:
-        cls = _METHODS[cfg.method.name]
+        return _METHODS[name]
     except KeyError:
-        raise MitosegError(f"unknown method '{cfg.method.name}'; available: {', '.join(sorted(_METHODS))}") from None
-    return cls(cfg, supervised_loss)
+        raise MitosegError(f"unknown method '{name}'; available: {', '.join(sorted(_METHODS))}") from None
+
+
+def build_method(cfg, supervised_loss) -> Method:
+    return method_class(cfg.method.name)(cfg, supervised_loss)

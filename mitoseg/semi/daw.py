@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mitoseg.engine import distributed
+from mitoseg import distributed
 
 MIN_SET_SIZE = 10  # a confidence set smaller than this keeps its previous statistics
 

@@ -28,7 +28,7 @@ from torch import nn
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 
-from mitoseg.engine.distributed import all_reduce_gradients
+from mitoseg.distributed import all_reduce_gradients
 
 LOG_2PI = math.log(2 * math.pi)
 UNLABELED = -1  # flow training label of an unlabeled feature: scored by the mixture
