@@ -262,10 +262,12 @@ def plot(results: dict, path: Path) -> None:
         curves = [r["curve"] for r in runs if r["curve"]]
         if not curves:
             continue
-        end = min(c[-1][0] for c in curves)
-        grid = np.linspace(0, end, 60)
+        # Between the first and the last validation every seed has (no line before a run's first point).
+        start, end = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+        grid = np.linspace(start, end, 60)
         values = np.array([np.interp(grid, [t for t, _ in c], [v for _, v in c]) for c in curves])
         line, = ax.plot(grid, values.mean(0), label=f"{name} (n={len(curves)})")
+        ax.plot([t for t, _ in curves[0]], [v for _, v in curves[0]], "o", color=line.get_color(), markersize=3)
         if len(curves) > 1:
             ax.fill_between(grid, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("CPU minutes of the run (all threads)")
