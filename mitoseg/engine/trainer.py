@@ -771,6 +771,10 @@ class Trainer:
                                 # train.max_minutes: the schedule has reached zero; this is the last iteration.
                                 done, budget_spent = True, True
                                 self.stop_iteration = self.total_iterations = self.iteration
+                                # The step's extrapolated progress may have fallen short of 1 (a slow last
+                                # stretch): the schedule's end, zero, is what last.pt records.
+                                for group in self.optimizer.param_groups:
+                                    group["lr"] = 0.0
                         if values.pop("_timeout", 0.0) > 0 and not done:
                             # --max-minutes: this iteration ends the run as if it were the last one (validation,
                             # inspection, last.pt); the schedule still spans train.iterations, so --resume continues.
