@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mitoseg import distributed
+from mitoseg.semi.state import TensorState
 
 MIN_SET_SIZE = 10  # a confidence set smaller than this keeps its previous statistics
 
@@ -319,11 +320,13 @@ class DAWStatistics:
         return (self.group >= self.num_classes) & (self.group < 2 * self.num_classes)
 
 
-class DAWState:
+class DAWState(TensorState):
     """Running Gaussians of correct / wrong confidences, the threshold, and the alignment means.
 
     Tensors live on the device; ``state_dict`` holds plain tensors for checkpoints.
     """
+
+    TENSORS = ("mean", "var", "threshold", "safe_threshold", "labeled_class_mean", "unlabeled_class_mean")
 
     def __init__(self, num_classes: int, momentum: float = 0.99, alpha: float = 1.0,
                  initial_threshold: float = 0.95, device=None):
@@ -346,14 +349,6 @@ class DAWState:
             self._workspace = torch.empty(like.numel(), device=like.device, dtype=torch.uint8)
         return self._workspace[: like.numel()].view(like.shape)
 
-    def to(self, device) -> "DAWState":
-        for name in self._tensor_names():
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
-    @staticmethod
-    def _tensor_names():
-        return ("mean", "var", "threshold", "safe_threshold", "labeled_class_mean", "unlabeled_class_mean")
 
     @torch.no_grad()
     def update(self, labeled_probs: torch.Tensor, target: torch.Tensor, unlabeled_probs: torch.Tensor | None = None,
@@ -456,10 +451,3 @@ class DAWState:
                 "mu_pos": self.mean[0], "mu_neg": self.mean[1],
                 "sigma_pos": sigma[0], "sigma_neg": sigma[1]}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().clone() for name in self._tensor_names()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in self._tensor_names():
-            current = getattr(self, name)
-            setattr(self, name, state[name].to(current.device, current.dtype))

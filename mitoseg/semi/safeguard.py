@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from mitoseg.semi.state import TensorState
+
 SHARE_MOMENTUM = 0.9  # running class shares: about the last ten steps
 MIN_REFERENCE_SHARE = 0.01  # classes rarer than this in the labeled data are not compared (too noisy)
 
@@ -72,12 +74,14 @@ def guard_weight(drift: torch.Tensor, tolerance: float) -> torch.Tensor:
     return (tolerance / drift).clamp(max=1.0) ** 2
 
 
-class ShareGuard:
+class ShareGuard(TensorState):
     """Running class shares of the pseudo-labels and of the labeled labels, and the guard's factor.
 
     ``update`` returns the factor of this step (a device scalar); the first update sets the shares (no
     start value to forget). ``acted`` records, on the device, whether the factor has been below 1 yet.
     """
+
+    TENSORS = ("pseudo_share", "reference_share", "started", "acted", "factor")
 
     def __init__(self, num_classes: int, tolerance: float, momentum: float = SHARE_MOMENTUM, device=None):
         self.num_classes = num_classes
@@ -102,19 +106,4 @@ class ShareGuard:
         self.acted = self.acted | (self.factor < 1)
         return self.factor
 
-    def to(self, device) -> "ShareGuard":
-        for name in self._tensor_names():
-            setattr(self, name, getattr(self, name).to(device))
-        return self
 
-    @staticmethod
-    def _tensor_names():
-        return ("pseudo_share", "reference_share", "started", "acted", "factor")
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().clone() for name in self._tensor_names()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name in self._tensor_names():
-            current = getattr(self, name)
-            setattr(self, name, state[name].to(current.device, current.dtype))
