@@ -81,7 +81,7 @@ def single_process(checkpoint: Path, volume: str, output: Path, device: str) -> 
 
 
 def dask_run(workers: int, checkpoint: Path, volume: str, output: Path, device: str, chunk) -> dict:
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.networks.loading import model_from_checkpoint
     from mitoseg.inference.dask_predict import predict_with_dask
 
     _, cfg = model_from_checkpoint(checkpoint)
@@ -115,7 +115,7 @@ def main() -> None:
         checkpoint = args.out / "untrained.pt"
         make_checkpoint(checkpoint, args.roi, args.slab)
     from mitoseg.data.readers import read_volume
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.networks.loading import model_from_checkpoint
 
     slab = model_from_checkpoint(checkpoint)[1].inference.slab
     from mitoseg.inference.dask_predict import block_shape

@@ -137,7 +137,7 @@ def bench_update(args) -> None:
 def bench_step(args) -> None:
     from mitoseg.config import load_config
     from mitoseg.engine.trainer import Trainer
-    from mitoseg.inference import autocast
+    from mitoseg.device import autocast
 
     cfg = load_config(args.config, [f"train.val_every={10**9}", f"train.checkpoint_every={10**9}",
                                     f"train.inspect_every={10**9}", *args.set])

@@ -51,7 +51,7 @@ class _StepOnly:
         from mitoseg import distributed
         from mitoseg.engine.ema import ModelEMA
         from mitoseg.engine.trainer import Trainer, lr_schedule, make_optimizer
-        from mitoseg.inference import amp_dtype
+        from mitoseg.device import amp_dtype
         from mitoseg.networks import build_model
 
         self.cfg, self.device = cfg, device

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mitoseg.config import config_from_dict
-from mitoseg.inference.precision import amp_dtype, fast_memory_format
+from mitoseg.device import amp_dtype, fast_memory_format
 from mitoseg.networks import build_model
 
 UNET = {"name": "unet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2,

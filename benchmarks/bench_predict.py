@@ -32,7 +32,8 @@ import torch
 from mitoseg.config import input_channels, load_config
 from mitoseg.data.readers import open_volume, write_volume
 from mitoseg.data.transforms import compute_normalization, sample_for_stats
-from mitoseg.inference import autocast, fast_memory_format, make_inferer, predict_volume
+from mitoseg.device import autocast, fast_memory_format
+from mitoseg.inference import make_inferer, predict_volume
 from mitoseg.networks import build_model
 
 CLOCK = time.perf_counter

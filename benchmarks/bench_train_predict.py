@@ -25,7 +25,8 @@ from mitoseg.config import load_config
 from mitoseg.data.readers import open_volume, write_volume
 from mitoseg.data.transforms import compute_normalization, sample_for_stats
 from mitoseg.engine.trainer import Trainer
-from mitoseg.inference import autocast, make_inferer, predict_volume
+from mitoseg.device import autocast
+from mitoseg.inference import make_inferer, predict_volume
 
 
 def bench_training(config: str, iters: int, out: Path) -> tuple[float, Trainer]:

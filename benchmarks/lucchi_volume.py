@@ -184,7 +184,7 @@ def pseudo_label_diagnostics(folder: Path, cfg: dict) -> dict:
 
     from mitoseg.data.readers import SliceReader, open_volume
     from mitoseg.data.resample import volume_pixel_nm
-    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.runs import load_checkpoint
     from mitoseg.inference.session import from_state, input_scale, make_predictor, volume_normalization
 
     out = folder / "pseudo_labels.json"

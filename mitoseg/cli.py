@@ -19,6 +19,7 @@ from pathlib import Path
 from mitoseg import __version__
 from mitoseg.config import config_to_dict, input_channels, size_multiple, size_multiple_reason
 from mitoseg.errors import MitosegError
+from mitoseg.runs import LAST, RUN_DIRS, RUN_FILES
 
 EXAMPLES = """\
 examples:
@@ -116,9 +117,9 @@ def check_output_volume(spec: str | None, flag: str, overwrite: bool) -> None:
         return
     file = split_spec(spec)[0]
     check_output_path(file, flag)
-    from mitoseg.data.readers import WRITABLE, ZARR_SUFFIX, _suffix
+    from mitoseg.data.paths import WRITABLE, ZARR_SUFFIX, file_suffix
 
-    if Path(file).is_dir() and _suffix(file) != ZARR_SUFFIX:
+    if Path(file).is_dir() and file_suffix(file) != ZARR_SUFFIX:
         raise MitosegError(f"{file} is a directory; name the file to write ({WRITABLE})")
     if Path(file).exists() or Path(file).is_symlink():
         if not overwrite:
@@ -133,11 +134,6 @@ def threads_from(args) -> None:
         apply_threads(args.threads_count)
 
 
-# What a training run writes into --out (mitoseg/engine/trainer.py, logging.py): `train --overwrite`
-# removes exactly these before the new run starts, so no file of the old run mixes with the new one,
-# and never touches anything else in the folder.
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "config.json")
-RUN_DIRS = ("tb", "inspect")
 
 
 def remove_run_outputs(out_dir: Path) -> list[Path]:
@@ -168,7 +164,8 @@ def remove_run_outputs(out_dir: Path) -> list[Path]:
 
 
 def cmd_train(args) -> None:
-    from mitoseg.config import builtin_config_name, check_paths_exist, config_from_dict, load_config
+    from mitoseg.config import builtin_config_name, config_from_dict, load_config
+    from mitoseg.data.factory import check_paths_exist
 
     if args.config is None and not args.resume:
         raise MitosegError("train needs --config (or --resume --out RUN to continue a run)")
@@ -192,10 +189,10 @@ def cmd_train(args) -> None:
         cfg = load_config(args.config, args.set)
         ensure_sample_data(cfg, builtin_config_name(args.config))
     else:
-        check_checkpoint_file(out_dir / "last.pt")
-        from mitoseg.engine.checkpoint import load_checkpoint
+        check_checkpoint_file(out_dir / LAST)
+        from mitoseg.runs import load_checkpoint
 
-        state = load_checkpoint(out_dir / "last.pt")
+        state = load_checkpoint(out_dir / LAST)
         from mitoseg.config import apply_overrides
         cfg = config_from_dict(apply_overrides(state["config"], args.set))
     check_paths_exist(cfg)
@@ -329,12 +326,12 @@ def check_dask_options(args) -> None:
         if args.dask_chunk is not None:
             raise MitosegError("--dask-chunk sets the blocks of --dask; pass --dask local:N or --dask tcp://HOST:PORT")
         return
-    from mitoseg.data.readers import ZARR_SUFFIX, _suffix, split_spec
+    from mitoseg.data.paths import ZARR_SUFFIX, file_suffix, split_spec
     from mitoseg.inference.dask_predict import parse_address
 
     parse_address(args.dask)
     for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
-        if spec and _suffix(split_spec(spec)[0]) != ZARR_SUFFIX:
+        if spec and file_suffix(split_spec(spec)[0]) != ZARR_SUFFIX:
             raise MitosegError(f"--dask: {flag} {spec}: the workers write Zarr outputs; name DIR.zarr, "
                                "DIR.zarr:/ARRAY or DIR.ome.zarr")
 
@@ -395,7 +392,7 @@ def write_json(json_path: Path, report: dict) -> None:
     """Written to a temporary file (``.NAME.tmp-PID``) and renamed: an interrupted run or a full disk never
     leaves half a report or the temporary; temporaries of killed runs are removed first."""
     from mitoseg.atomic import make_folder, remove_path, remove_stale_temporaries, write_text_atomic
-    from mitoseg.engine.logging import json_safe
+    from mitoseg.runs import json_safe
 
     make_folder(json_path.parent, "--json")
     remove_stale_temporaries(json_path)
@@ -525,8 +522,9 @@ def evaluate_checkpoint(args) -> None:
         check_json_target(Path(args.json), args.overwrite)
     cfg = load_config(args.config, args.set) if args.config is not None else None
     threads_from(args)
-    from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode, evaluate
-    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.data.natural import build_eval_dataset, class_names, eval_mode
+    from mitoseg.inference.images import evaluate
+    from mitoseg.runs import load_checkpoint
     from mitoseg.inference.session import from_state
     from mitoseg.metrics import format_table, scores_from_confusion
 

@@ -971,30 +971,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return config_from_dict(data)
     except MitosegError as exc:
         raise MitosegError(f"{shown}: {exc}") from exc
-
-
-def check_paths_exist(cfg: Config) -> None:
-    """Every data file named by the config must exist (the error names key and path)."""
-    if cfg.model.pretrained and Path(cfg.model.pretrained).is_dir():
-        raise MitosegError(f"config key 'model.pretrained': {cfg.model.pretrained} is a directory; name a .pth file")
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise MitosegError(f"config key 'model.pretrained': file not found: {cfg.model.pretrained}")
-    if cfg.data.kind != "em":
-        from mitoseg.data.natural import check_natural_paths
-
-        check_natural_paths(cfg)
-        return
-    volumes = [("data.train", cfg.data.train)]
-    for key in ("val", "test"):
-        if getattr(cfg.data, key) is not None:
-            volumes.append((f"data.{key}", getattr(cfg.data, key)))
-    for i, vol in enumerate(cfg.data.unlabeled or []):
-        volumes.append((f"data.unlabeled[{i}]", vol))
-    for key, vol in volumes:
-        for part in ("image", "label"):
-            spec = getattr(vol, part)
-            if not spec:
-                continue
-            file_part = spec.split(":/", 1)[0] if ":/" in spec else spec
-            if not Path(file_part).exists():
-                raise MitosegError(f"config key '{key}.{part}': file not found: {file_part}")

@@ -347,7 +347,8 @@ def init_command(image: str, label: str, method: str, device: str | None, output
                  overwrite: bool) -> Path:
     """``mitoseg init``: inspect, write the config (validated first), print what was found and the command."""
     from mitoseg.atomic import write_text_atomic
-    from mitoseg.config import check_paths_exist, config_from_dict, parse_yaml
+    from mitoseg.config import config_from_dict, parse_yaml
+    from mitoseg.data.factory import check_paths_exist
 
     if method not in METHODS:
         raise MitosegError(f"--method must be one of {', '.join(METHODS)}, got {method}")

@@ -4,7 +4,8 @@ import typing
 import pytest
 import yaml
 
-from mitoseg.config import Config, apply_overrides, check_paths_exist, config_from_dict, load_config
+from mitoseg.config import Config, apply_overrides, config_from_dict, load_config
+from mitoseg.data.factory import check_paths_exist
 from mitoseg.errors import MitosegError
 
 

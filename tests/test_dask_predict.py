@@ -18,7 +18,7 @@ import zarr
 
 from mitoseg.data.readers import context_indices, read_volume
 from mitoseg.data.transforms import Normalization
-from mitoseg.engine.checkpoint import model_from_checkpoint
+from mitoseg.networks.loading import model_from_checkpoint
 from mitoseg.errors import MitosegError
 from mitoseg.inference import VolumePredictor
 from mitoseg.inference import dask_predict

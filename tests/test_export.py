@@ -16,7 +16,9 @@ import yaml
 from mitoseg.cli import main
 from mitoseg.config import config_from_dict, config_to_dict, input_channels
 from mitoseg.data.readers import read_volume
-from mitoseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, validated_weights
+from mitoseg.runs import load_checkpoint, validated_weights
+from mitoseg.networks.loading import model_from_checkpoint
+from mitoseg.engine.checkpoint import save_checkpoint
 from mitoseg.networks import build_model
 
 from conftest import assert_one_line_error, run_cli, tiny_config_dict, train_tiny_run

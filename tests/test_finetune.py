@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mitoseg.config import config_from_dict
-from mitoseg.engine.checkpoint import load_checkpoint, validated_weights
+from mitoseg.runs import load_checkpoint, validated_weights
 from mitoseg.engine.trainer import Trainer, seed_everything
 from mitoseg.errors import MitosegError
 from mitoseg.networks import build_model

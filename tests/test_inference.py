@@ -10,7 +10,8 @@ import torch
 from mitoseg.config import config_from_dict, input_channels
 from mitoseg.data.readers import SliceReader, context_indices
 from mitoseg.data.transforms import Normalization
-from mitoseg.inference import VolumePredictor, amp_dtype, predict_with_tta, tta_transforms
+from mitoseg.device import amp_dtype
+from mitoseg.inference import VolumePredictor, predict_with_tta, tta_transforms
 
 
 def inference_config(**inference):
@@ -170,7 +171,7 @@ def test_training_patches_carry_the_neighbouring_slices_of_the_volume(tmp_path):
     assert next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels == 3
     labeled, _ = next(trainer.batches(0))
     assert labeled["image"].shape == (6, 3, 16, 16)
-    norm = trainer.train_slices.normalization
+    norm = trainer.data.labeled.sources[0].normalization
     raw = labeled["image"][:, :, 0, 0] * norm.scale + norm.offset  # back to raw intensities
     slices = {tuple(int(round(v)) // 20 for v in row) for row in raw.tolist()}
     assert slices <= {(1, 0, 1), (3, 4, 5), (6, 7, 6)}  # slices 0 and 7 reflected at the volume's ends
@@ -179,7 +180,7 @@ def test_training_patches_carry_the_neighbouring_slices_of_the_volume(tmp_path):
 
 
 def test_mixed_precision_is_bfloat16_only_on_a_cpu_with_native_bf16(monkeypatch):
-    import mitoseg.inference.precision as precision
+    import mitoseg.device as precision
 
     assert amp_dtype(torch.device("cpu"), False) is None
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)

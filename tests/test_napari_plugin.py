@@ -244,7 +244,7 @@ def test_predict_on_the_sample_data_adds_prediction_and_confidence(make_napari_v
     import torch
 
     from mitoseg.data.transforms import compute_normalization, sample_for_stats
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.networks.loading import model_from_checkpoint
     from mitoseg.inference import predict_volume
 
     viewer = make_napari_viewer()
@@ -317,7 +317,7 @@ def test_predict_widget_applies_test_time_augmentation_when_asked(make_napari_vi
     import torch
 
     from mitoseg.data.transforms import compute_normalization
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.networks.loading import model_from_checkpoint
     from mitoseg.inference import VolumePredictor
 
     image = np.random.default_rng(1).integers(0, 255, (2, 64, 64), dtype=np.uint8)

@@ -18,7 +18,7 @@ import pytest
 import tifffile
 
 from mitoseg.config import config_from_dict
-from mitoseg.engine.checkpoint import load_checkpoint
+from mitoseg.runs import load_checkpoint
 from mitoseg.errors import MitosegError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mitoseg.config import config_from_dict, check_paths_exist
+from mitoseg.config import config_from_dict
+from mitoseg.data.factory import check_paths_exist
 from mitoseg.data import natural
+from mitoseg.inference import images
 from mitoseg.engine.trainer import Trainer
 from mitoseg.errors import MitosegError
 
@@ -224,15 +226,15 @@ def test_sliding_window_evaluation_equals_full_image_when_the_window_covers_the_
     items = natural.read_list(split / "val.txt", root, need_mask=True)
     dataset = natural.NaturalEvalDataset(items, cfg.data, "full")
     image, _ = dataset[0]
-    full = natural.predict_image(model, image[None], "full", cfg.inference, 64, torch.device("cpu"))
-    sliding = natural.predict_image(model, image[None], "sliding_window", cfg.inference, 64, torch.device("cpu"))
+    full = images.predict_image(model, image[None], "full", cfg.inference, 64, torch.device("cpu"))
+    sliding = images.predict_image(model, image[None], "sliding_window", cfg.inference, 64, torch.device("cpu"))
     torch.testing.assert_close(sliding, full)
-    a = natural.evaluate(model, dataset, cfg, torch.device("cpu"), mode="full")
-    b = natural.evaluate(model, dataset, cfg, torch.device("cpu"), mode="sliding_window")
+    a = images.evaluate(model, dataset, cfg, torch.device("cpu"), mode="full")
+    b = images.evaluate(model, dataset, cfg, torch.device("cpu"), mode="sliding_window")
     assert torch.equal(a, b) and a.sum() == 2 * (48 * 64 - 2 * 64)  # the ignore rows are not counted
     # Smaller windows still cover every pixel once blended.
     cfg.data.crop_size = 24
-    small = natural.predict_image(model, image[None], "sliding_window", cfg.inference, 24, torch.device("cpu"))
+    small = images.predict_image(model, image[None], "sliding_window", cfg.inference, 24, torch.device("cpu"))
     assert small.shape == full.shape
     torch.testing.assert_close(small.sum(1), torch.ones(1, 48, 64))
 
@@ -384,7 +386,7 @@ def test_cityscapes_layout_trains_and_evaluates_with_sliding_windows(tmp_path):
     cfg["train"]["amp"] = False  # full precision: the tiny network's windowed and whole-image predictions differ
     cfg["train"].update(loss="ohem", ohem_min_kept=100)  # the Cityscapes recipe's supervised loss
     trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
-    assert trainer.natural.eval_mode == "sliding_window"
+    assert trainer.data.validation.images.mode == "sliding_window"
     assert trainer.method.ignore_index == 255  # DAW's labeled statistics skip the ignored pixels under ohem too
     summary = trainer.fit()
     assert summary["final"]["classes"][13] == "car" and summary["final"]["pixels"] == 32 * 64 - 8 * 64
@@ -474,15 +476,15 @@ def test_shipped_benchmark_configs_load_with_the_papers_settings(dataset):
 def direct_scores(checkpoint: Path, dataset_root: Path, split: Path, mode: str, **data) -> tuple[dict, list]:
     """The scores of ``checkpoint``'s EMA weights computed without the CLI: model_from_checkpoint + the
     validation images + natural.evaluate, as JSON would hold them (NaN -> null)."""
-    from mitoseg.engine.checkpoint import model_from_checkpoint
-    from mitoseg.engine.logging import json_safe
+    from mitoseg.networks.loading import model_from_checkpoint
+    from mitoseg.runs import json_safe
     from mitoseg.metrics import scores_from_confusion
 
     model, cfg = model_from_checkpoint(checkpoint)
     for key, value in data.items():
         setattr(cfg.data, key, value)
     items = natural.read_list(split / "val.txt", dataset_root, need_mask=True)
-    matrix = natural.evaluate(model, natural.NaturalEvalDataset(items, cfg.data, mode), cfg, torch.device("cpu"),
+    matrix = images.evaluate(model, natural.NaturalEvalDataset(items, cfg.data, mode), cfg, torch.device("cpu"),
                               amp=cfg.train.amp)  # the precision evaluate uses (bfloat16 on a CPU with it)
     names = natural.class_names(cfg.data.kind, cfg.data.num_classes)
     return json_safe(scores_from_confusion(matrix, names)), matrix.tolist()

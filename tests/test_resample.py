@@ -169,7 +169,7 @@ def test_a_resampled_prediction_has_the_input_shape_and_a_constant_model_the_sam
 
 def test_a_resampled_prediction_sees_the_image_at_the_model_grid(tmp_path):
     """The network runs on the reduced image (fewer pixels); at factor 1 nothing is resampled."""
-    from mitoseg.engine.checkpoint import model_from_checkpoint
+    from mitoseg.networks.loading import model_from_checkpoint
 
     model, cfg = model_from_checkpoint(random_checkpoint(tmp_path / "m.pt"))
     seen = []
@@ -221,7 +221,7 @@ def pixel_run(tmp_path_factory):
 
 
 def test_the_checkpoint_records_the_pixel_size_and_the_test_scores_the_native_grid(pixel_run):
-    from mitoseg.engine.checkpoint import load_checkpoint
+    from mitoseg.runs import load_checkpoint
     from mitoseg.inference.session import load_model
 
     root, _ = pixel_run

@@ -130,8 +130,8 @@ def test_default_unlabeled_slices_are_the_unselected_training_slices(tmp_path, t
     cfg = semi_config(tiny_volumes, "fixmatch")
     del cfg["data"]["unlabeled"]
     trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
-    assert trainer.unlabeled_dataset.sources[0].indices == [3, 4, 5, 6, 7]
-    assert trainer.unlabeled_dataset.sources[0].label is None
+    assert trainer.data.unlabeled.sources[0].indices == [3, 4, 5, 6, 7]
+    assert trainer.data.unlabeled.sources[0].label is None
     cfg["data"]["train"]["slices"] = None
     with pytest.raises(MitosegError, match="needs unlabeled slices"):
         Trainer(config_from_dict(cfg), tmp_path / "run2", progress=False)

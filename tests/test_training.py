@@ -76,7 +76,8 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, tiny
 
 
 def test_best_of_validates_student_and_teacher_and_keeps_the_better(tmp_path, tiny_volumes):
-    from mitoseg.engine.checkpoint import load_checkpoint, model_from_checkpoint, validated_weights
+    from mitoseg.runs import load_checkpoint, validated_weights
+    from mitoseg.networks.loading import model_from_checkpoint
 
     cfg = tiny_config_dict(tiny_volumes, eval_model="best_of", ema_decay=0.9)
     Trainer(config_from_dict(cfg), tmp_path / "run", progress=False).fit()

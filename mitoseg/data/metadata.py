@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from mitoseg.data.readers import H5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIX, _suffix, split_spec
+from mitoseg.data.paths import H5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIX, file_suffix, split_spec
 
 # Length units -> nanometres (ImageJ writes "micron" or "\\u00B5m"; NGFF uses UDUNITS names).
 UNITS_NM = {
@@ -105,7 +105,7 @@ def _zarr(file: str, inner: str | None):
 def voxel_size_nm(spec: str | os.PathLike) -> tuple[float, float, float] | None:
     """(z, y, x) nm per voxel as the volume ``spec`` stores it, or None."""
     file, inner = split_spec(os.fspath(spec))
-    suffix = _suffix(file)
+    suffix = file_suffix(file)
     try:
         if suffix in TIFF_SUFFIXES and os.path.isfile(file):
             return _tiff(file)

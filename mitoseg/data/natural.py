@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from mitoseg.data.datasets import sample_rng
 from mitoseg.data.transforms import CutMixBoxes
+from mitoseg.data.train_data import TrainData
 from mitoseg.errors import MitosegError
 
 IGNORE = 255
@@ -382,13 +383,11 @@ class NaturalEvalDataset(Dataset):
 
 
 @dataclass
-class NaturalData:
-    labeled: NaturalLabeledDataset
-    unlabeled: NaturalUnlabeledDataset | None
-    inspection: NaturalUnlabeledDataset | None
-    val: NaturalEvalDataset | None
+class ImageValidation:
+    """The validation images of a natural-image run and the names of their classes (the per-class scores)."""
+
+    images: NaturalEvalDataset
     class_names: list[str]
-    eval_mode: str
 
 
 def eval_mode(data_cfg) -> str:
@@ -411,8 +410,9 @@ def iterations_per_epoch(cfg, uses_unlabeled: bool, world_size: int = 1) -> int:
     return max(1, n // (batch * world_size))
 
 
-def build_datasets(cfg, uses_unlabeled: bool, length_labeled: int, length_unlabeled: int) -> NaturalData:
-    """The labeled / unlabeled training streams, the inspection samples and the validation images."""
+def build_natural_data(cfg, uses_unlabeled: bool, length_labeled: int, length_unlabeled: int, log: bool = True):
+    """The :class:`~mitoseg.data.train_data.TrainData` of Pascal VOC / Cityscapes: the labeled / unlabeled
+    training streams, the inspection samples and the validation images."""
     data = cfg.data
     root = Path(data.root)
     lists = resolve_lists(data)
@@ -426,13 +426,13 @@ def build_datasets(cfg, uses_unlabeled: bool, length_labeled: int, length_unlabe
         boxes = CutMixBoxes(cfg.method.cutmix, data.cutmix_prob, cfg.seed + 1,
                             group=data.unlabeled_batch_size or data.batch_size)
         unlabeled = NaturalUnlabeledDataset(items, data, cfg.seed + 1, length_unlabeled, boxes)
-        inspection = NaturalUnlabeledDataset(items, data, cfg.seed + 2, cfg.train.inspect_patches)
-    mode = eval_mode(data)
-    val = None
+        views = NaturalUnlabeledDataset(items, data, cfg.seed + 2, cfg.train.inspect_patches)
+        inspection = {"image": torch.stack([views[i]["weak"] for i in range(len(views))])}
+    validation = None
     if lists.val is not None:
-        val = NaturalEvalDataset(read_list(lists.val, root, need_mask=True), data, mode)
-    return NaturalData(labeled=labeled, unlabeled=unlabeled, inspection=inspection, val=val,
-                       class_names=class_names(data.kind, data.num_classes), eval_mode=mode)
+        images = NaturalEvalDataset(read_list(lists.val, root, need_mask=True), data, eval_mode(data))
+        validation = ImageValidation(images, class_names(data.kind, data.num_classes))
+    return TrainData(labeled=labeled, unlabeled=unlabeled, inspection=inspection, validation=validation)
 
 
 def build_eval_dataset(cfg, mode: str | None = None) -> NaturalEvalDataset:
@@ -456,54 +456,3 @@ def build_eval_dataset(cfg, mode: str | None = None) -> NaturalEvalDataset:
             raise MitosegError(f"val list {lists.val}: image not found: {image} (is data.root {root} right?)")
         resolve_mask(mask)
     return NaturalEvalDataset(items, data, mode or eval_mode(data))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict_image(model: torch.nn.Module, image: torch.Tensor, mode: str, inference_cfg, crop_size: int,
-                  device: torch.device, amp: bool = False) -> torch.Tensor:
-    """Class probabilities (1, K, H, W) of one image (1, 3, H, W) on ``device``.
-
-    ``full`` / ``center_crop``: one forward pass; ``sliding_window``: MONAI's sliding-window
-    inferer over ``crop_size`` windows (clamped to the image), blending softmax probabilities
-    as UniMatch sums them.
-    """
-    from mitoseg.inference import autocast, make_inferer
-
-    image = image.to(device)
-    with autocast(device, amp):
-        if mode != "sliding_window":
-            return model(image).float().softmax(dim=1)
-        h, w = image.shape[-2:]
-        roi = [min(crop_size, h), min(crop_size, w)]
-        inferer = make_inferer(inference_cfg)
-        inferer.roi_size = tuple(roi)
-        return inferer(image, lambda x: model(x).float().softmax(dim=1)).float()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: NaturalEvalDataset, cfg, device: torch.device, amp: bool = False,
-             rank: int = 0, world_size: int = 1, mode: str | None = None, progress: bool = False) -> torch.Tensor:
-    """The confusion matrix (K x K, int64, CPU) of this rank's share of the validation images
-    (images ``rank, rank + W, ...``); the caller sums it over ranks. ``progress``: a bar over the images
-    (``mitoseg evaluate``; validation during training keeps the training bar alone)."""
-    from tqdm.auto import tqdm
-
-    from mitoseg.metrics import confusion_matrix
-
-    k = cfg.data.num_classes
-    mode = mode or dataset.mode
-    matrix = torch.zeros(k, k, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    try:
-        for index in tqdm(range(rank, len(dataset), world_size), desc=f"evaluate ({mode})", unit="image",
-                          disable=not progress, dynamic_ncols=True):
-            image, label = dataset[index]
-            probs = predict_image(model, image[None], mode, cfg.inference, cfg.data.crop_size, device, amp)
-            matrix += confusion_matrix(probs.argmax(1).cpu(), label[None], k, IGNORE)
-    finally:
-        model.train(was_training)
-    return matrix

@@ -21,17 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mitoseg.data.paths import ZARR_SUFFIX, file_suffix, split_spec
 from mitoseg.errors import MitosegError
 
 NGFF_VERSIONS = ("0.4", "0.5")
 DEFAULT_NGFF_VERSION = "0.5"
-OME_ZARR_SUFFIX = ".ome.zarr"
 _AXIS_ORDER = "tczyx"
-
-
-def is_ome_zarr_name(file: str) -> bool:
-    """Whether an output is to be written as OME-Zarr: its name ends in ``.ome.zarr``."""
-    return os.path.basename(file.rstrip("/" + os.sep)).lower().endswith(OME_ZARR_SUFFIX)
 
 
 def ome_attributes(group) -> dict:
@@ -125,11 +120,9 @@ def resolve_level(spec: str, level: int | None) -> str:
     (``vol.ome.zarr`` + 1 -> ``vol.ome.zarr:/1``); ``spec`` itself when ``level`` is None."""
     if level is None:
         return spec
-    from mitoseg.data.readers import ZARR_SUFFIX, _suffix, split_spec
-
     file, inner = split_spec(spec)
     what = f"--level {level}"
-    if _suffix(file) != ZARR_SUFFIX:
+    if file_suffix(file) != ZARR_SUFFIX:
         raise MitosegError(f"{what}: {spec} is not an OME-Zarr image (levels exist only in .zarr / .ome.zarr stores)")
     if not os.path.exists(file):
         raise MitosegError(f"{spec}: no such file or directory")

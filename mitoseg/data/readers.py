@@ -45,33 +45,21 @@ from mitoseg.atomic import (
     remove_stale_temporaries,
     temporary_path,
 )
+from mitoseg.data.paths import (  # noqa: F401  (READABLE, WRITABLE, split_spec: readers' names for callers)
+    H5_SUFFIXES,
+    READABLE,
+    SLICE_SUFFIXES,
+    TIFF_SUFFIXES,
+    WRITABLE,
+    ZARR_SUFFIX,
+    file_suffix,
+    is_ome_zarr_name,
+    split_spec,
+)
 from mitoseg.errors import MitosegError
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-H5_SUFFIXES = (".h5", ".hdf5")
-ZARR_SUFFIX = ".zarr"
-SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-READABLE = ("a TIFF stack (.tif, .tiff), HDF5 (.h5, .hdf5, optionally FILE:/DATASET), "
-            "Zarr (.zarr, optionally DIR:/ARRAY; OME-Zarr images .ome.zarr, optionally DIR:/LEVEL) "
-            "or a folder of .png/.tif/.tiff slices")
-WRITABLE = ("TIFF (.tif, .tiff), HDF5 (FILE.h5:/DATASET), Zarr (DIR.zarr or DIR.zarr:/ARRAY) "
-            "or OME-Zarr (DIR.ome.zarr)")
-
-_CONTAINER_SPEC = re.compile(r"(.+?\.(?:h5|hdf5|zarr)):(/.*)", re.IGNORECASE)
 _SUPPORTED_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _MAX_LISTED = 20
-
-
-def split_spec(spec: str) -> tuple[str, str | None]:
-    """The file part of a spec and its dataset path inside the file (None if not given)."""
-    match = _CONTAINER_SPEC.fullmatch(spec)
-    if match:
-        return match[1], match[2].strip("/") or None
-    return spec, None
-
-
-def _suffix(path: str) -> str:
-    return os.path.splitext(path.rstrip("/" + os.sep))[1].lower()
 
 
 def _brief(exc: BaseException) -> str:
@@ -427,7 +415,7 @@ class _SliceFolderVolume(Volume):
         self._iio = iio
         names = sorted((entry.name for entry in os.scandir(folder)
                         if entry.is_file() and not entry.name.startswith(".")
-                        and _suffix(entry.name) in SLICE_SUFFIXES), key=_natural_key)
+                        and file_suffix(entry.name) in SLICE_SUFFIXES), key=_natural_key)
         if not names:
             raise MitosegError(f"{path}: folder holds no {'/'.join(SLICE_SUFFIXES)} images")
         self._files = [os.path.join(folder, name) for name in names]
@@ -507,7 +495,7 @@ def open_volume(spec: str | os.PathLike, *, channels: bool = False, finite: bool
     file, inner = split_spec(path)
     if not os.path.exists(file):
         raise MitosegError(f"{path}: no such file or directory")
-    suffix = _suffix(file)
+    suffix = file_suffix(file)
     if suffix == ZARR_SUFFIX:
         volume = _ZarrVolume(path, file, inner)
     elif suffix in H5_SUFFIXES:
@@ -651,8 +639,7 @@ _PENDING: set[str] = set()  # final paths of writers open in this process
 
 
 def _output_kind(file: str) -> str:
-    suffix = _suffix(file)
-    from mitoseg.data.ngff import is_ome_zarr_name
+    suffix = file_suffix(file)
 
     if is_ome_zarr_name(file):
         return "ome-zarr"
@@ -760,7 +747,7 @@ def _members(kind: str, file: str) -> list[str] | None:
 def list_arrays(file: str) -> list[str] | None:
     """Paths of the arrays inside an HDF5 file or Zarr store ("" for a root Zarr array);
     None for other formats or an unreadable file."""
-    suffix = _suffix(file)
+    suffix = file_suffix(file)
     if suffix in H5_SUFFIXES:
         return _members("h5", file)
     if suffix == ZARR_SUFFIX:
@@ -820,7 +807,7 @@ class VolumeWriter:
         if len(self.shape) < 3 or min(self.shape) < 1:
             raise ValueError(f"{self.path}: cannot write a volume of shape {self.shape}; expected (z, ..., y, x)")
         file, inner = split_spec(self.path)
-        if os.path.isdir(file) and _suffix(file) != ZARR_SUFFIX:
+        if os.path.isdir(file) and file_suffix(file) != ZARR_SUFFIX:
             raise MitosegError(f"{file} is a directory; name the file to write ({WRITABLE})")
         kind = _output_kind(file)
         if kind == "h5" and inner is None:

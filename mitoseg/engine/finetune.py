@@ -20,7 +20,8 @@ from __future__ import annotations
 from torch import nn
 
 from mitoseg.config import Config, config_to_dict
-from mitoseg.engine.checkpoint import checkpoint_config, load_checkpoint, non_finite_keys, validated_weights
+from mitoseg.runs import checkpoint_config, load_checkpoint, validated_weights
+from mitoseg.networks.loading import non_finite_keys
 from mitoseg.errors import MitosegError
 
 KEY = "config key 'model.init_from'"

@@ -11,17 +11,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from mitoseg.atomic import disk_full_cause, disk_full_error, write_atomic, write_text_atomic
-
-
-def json_safe(value):
-    """NaN / inf become null so the files stay valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+from mitoseg.runs import METRICS, TENSORBOARD, json_safe
 
 
 class RunLogger:
@@ -34,7 +24,7 @@ class RunLogger:
     """
 
     def __init__(self, out_dir: Path, start_iteration: int = 0):
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS
         if start_iteration > 0 and self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
@@ -48,7 +38,7 @@ class RunLogger:
         elif start_iteration == 0 and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
-        self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_iteration or None)
+        self._tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=start_iteration or None)
 
     def _write(self, record: dict) -> None:
         try:

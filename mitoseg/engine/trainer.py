@@ -24,22 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mitoseg.device import resolve_device  # noqa: F401  (re-exported: mitoseg.engine.trainer.resolve_device)
+from mitoseg.device import amp_dtype, autocast, fast_memory_format, resolve_device
 from mitoseg.atomic import make_folder, remove_stale_temporaries_in, write_text_atomic
-from mitoseg.config import Config, VolumeConfig, config_to_dict, input_channels, loss_ignore_index
-from mitoseg.data.readers import open_volume, select_slices
-from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
-from mitoseg.data.transforms import CutMixBoxes, strong_transform, weak_transform
-from mitoseg.engine.checkpoint import (
-    capture_rng_state,
-    checkpoint_config,
-    load_checkpoint,
-    load_weights,
-    restore_rng_state,
-    save_checkpoint,
-    validated_weights,
-    weights_are_finite,
-)
+from mitoseg.config import Config, config_to_dict, input_channels, loss_ignore_index
+from mitoseg.data.factory import build_train_data
+from mitoseg.engine.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, weights_are_finite
 from mitoseg import distributed
 from mitoseg.engine.ema import ModelEMA
 from mitoseg.engine.finetune import (
@@ -49,13 +38,16 @@ from mitoseg.engine.finetune import (
     initialise_from_checkpoint,
     read_init_checkpoint,
 )
-from mitoseg.engine.logging import NullLogger, RunLogger, json_safe, write_inspection
+from mitoseg.engine.logging import NullLogger, RunLogger, write_inspection
 from mitoseg.errors import MitosegError, TrainingDiverged
-from mitoseg.inference import VolumePredictor, amp_dtype, autocast, fast_memory_format, score_volume
+from mitoseg.inference.validation import validation_scores
 from mitoseg.losses import make_supervised_loss
 from mitoseg.methods import StepContext, build_method
-from mitoseg.metrics import headline_metric, scores_from_confusion
+from mitoseg.metrics import headline_metric
 from mitoseg.networks import build_model
+from mitoseg.networks.loading import load_weights
+from mitoseg.runs import (BEST, CONFIG, INSPECT, LAST, SUMMARY, checkpoint_config, json_safe, load_checkpoint,
+                          validated_weights)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,7 +79,7 @@ def resolve_epochs(cfg: Config, world_size: int) -> Config:
         return cfg
     import copy
 
-    from mitoseg.data.natural import iterations_per_epoch
+    from mitoseg.data.factory import iterations_per_epoch
     from mitoseg.methods import method_class
 
     uses_unlabeled = method_class(cfg.method.name).uses_unlabeled
@@ -166,16 +158,6 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def check_test_volume(test: VolumeConfig) -> None:
-    """``data.test`` is read only when training ends: its shapes and slices are checked at the start, so
-    that a mistake there does not surface hours later."""
-    with open_volume(test.image) as image, open_volume(test.label) as label:
-        if image.shape != label.shape:
-            raise MitosegError(f"{test.label}: label shape {label.shape} differs from image {test.image} shape "
-                               f"{image.shape}")
-        select_slices(test.slices, len(image), "data.test.slices")
-
-
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, max_iters: int | None = None,
                  progress: bool = True, max_minutes: float | None = None):
@@ -188,7 +170,7 @@ class Trainer:
         cfg = resolve_epochs(cfg, self.dist.world_size)
         resume_state = None
         if resume:
-            last = self.out_dir / "last.pt"
+            last = self.out_dir / LAST
             if not last.is_file():
                 raise MitosegError(f"--resume: no checkpoint to resume from at {last}")
             resume_state = load_checkpoint(last)
@@ -216,12 +198,10 @@ class Trainer:
         ignore_index = loss_ignore_index(cfg.train)
         self.ignore_index = ignore_index
         self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
-        self.natural = None
-        if cfg.data.kind != "em":
-            self._build_natural_data()
-        else:
-            self._build_em_data()
-        self.has_validation = self.val_slices is not None or (self.natural is not None and self.natural.val is not None)
+        self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        self.data = build_train_data(cfg, self.method.uses_unlabeled, self.method.unlabeled_per_batch,
+                                     self.total_iterations, self.dist.world_size, log=self.is_main)
+        self.has_validation = self.data.validation is not None
 
         self.model = build_model(cfg.model, num_classes, input_channels(cfg))
         self.init_report: dict | None = None
@@ -265,7 +245,7 @@ class Trainer:
         self._start_time: float | None = None
         self._start_cpu = 0.0
         if resume_state is not None:
-            self._restore(resume_state, self.out_dir / "last.pt")
+            self._restore(resume_state, self.out_dir / LAST)
             if self.budget is not None:  # the optimizer's restored learning rate is the one of this wall time
                 self.budget.observe(self.iteration, self.previous_wall_time)
         if self.is_main and self.init_report is not None and resume_state is None:
@@ -276,128 +256,6 @@ class Trainer:
             count = frozen_parameter_count(self.model, cfg.model.freeze)
             print(f"model.freeze: {', '.join(cfg.model.freeze)} ({count:,} parameters and their BatchNorm "
                   f"statistics) frozen {until}", flush=True)
-
-    def _build_natural_data(self) -> None:
-        """Pascal VOC / Cityscapes images from split lists (mitoseg/data/natural.py)."""
-        from mitoseg.data.natural import build_datasets
-
-        cfg, world = self.cfg, self.dist.world_size
-        self.val_slices = None
-        self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-        self.natural = build_datasets(cfg, self.method.uses_unlabeled,
-                                      self.total_iterations * cfg.data.batch_size * world,
-                                      self.total_iterations * self.method.unlabeled_per_batch
-                                      * self.unlabeled_batch_size * world)
-        self.labeled_dataset = self.natural.labeled
-        self.unlabeled_dataset = self.natural.unlabeled
-        self.inspection_patches = None
-        if self.natural.inspection is not None:
-            samples = [self.natural.inspection[i] for i in range(len(self.natural.inspection))]
-            self.inspection_patches = {"image": torch.stack([s["weak"] for s in samples])}
-
-    def _build_em_data(self) -> None:
-        """EM volumes: labeled patches, unlabeled views, validation slices."""
-        cfg = self.cfg
-        num_classes, ignore_index = cfg.data.num_classes, self.ignore_index
-        context = cfg.data.context_slices
-        self.train_slices = load_volume_slices(cfg.data.train, "data.train", num_classes, cfg.data.normalize,
-                                               require_label=True, ignore_index=ignore_index,
-                                               label_map=cfg.data.label_map, context=context,
-                                               scale=self.volume_scale(cfg.data.train, "data.train", record=True))
-        self.val_slices = None
-        if cfg.data.val is not None:
-            # Kept at its own grid: validation scores the native labels (the predictor resamples, val_scale).
-            self.val_scale = self.volume_scale(cfg.data.val, "data.val")
-            self.val_slices = load_volume_slices(cfg.data.val, "data.val", num_classes, cfg.data.normalize,
-                                                 require_label=True, ignore_index=ignore_index,
-                                                 label_map=cfg.data.label_map, context=context)
-        if cfg.data.test is not None:
-            check_test_volume(cfg.data.test)
-            self.volume_scale(cfg.data.test, "data.test")  # an unknown pixel size fails now, not after training
-        self.labeled_dataset = PatchDataset(
-            self.train_slices,
-            weak_transform(cfg.data, with_label=True),
-            cfg.data.patch_size,
-            seed=cfg.seed,
-            length=self.total_iterations * cfg.data.batch_size,
-            foreground_sampling=cfg.data.foreground_sampling,
-            ignore_index=ignore_index,
-        )
-
-        self.unlabeled_dataset = None
-        self.inspection_patches = None
-        if self.method.uses_unlabeled:
-            sources = self._unlabeled_sources()
-            self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
-            with_label = all(src.label is not None for src in sources)
-            self.unlabeled_dataset = UnlabeledViewsDataset(
-                sources,
-                weak_transform(cfg.data, with_label=with_label, intensity=False),
-                strong_transform(cfg.data.strong, len(cfg.data.patch_size)),
-                cfg.data.patch_size,
-                seed=cfg.seed + 1,  # a stream of its own, independent of the labeled one
-                length=self.total_iterations * self.method.unlabeled_per_batch * self.unlabeled_batch_size,
-                boxes=CutMixBoxes(cfg.method.cutmix, cfg.data.cutmix_prob, cfg.seed + 1,
-                                  group=self.unlabeled_batch_size),
-            )
-            self.inspection_patches = self._inspection_patches(sources)
-
-    def volume_scale(self, entry: VolumeConfig, key: str, record: bool = False) -> float:
-        """The factor a data entry's volume is resampled by for ``data.pixel_size`` (1.0 without one: no metadata
-        is read); ``record``: the training volume, whose pixel size times a factor ``"Nx"`` is the model's nm
-        (``self.pixel_size_nm``, stored in checkpoints so predict rescales other volumes)."""
-        from mitoseg.data.resample import parse_pixel_size, volume_pixel_nm
-
-        pixel = parse_pixel_size(self.cfg.data.pixel_size)
-        if pixel.native:
-            self.pixel_size_nm = getattr(self, "pixel_size_nm", None)
-            return 1.0
-        volume_nm = volume_pixel_nm(entry.image, entry.voxel_size)
-        scale = pixel.scale_for(volume_nm, f"{key}.image {entry.image}",
-                                f"{key}.voxel_size: [z, y, x] in nm, or data.pixel_size to a factor such as '2x'")
-        if record:
-            self.pixel_size_nm = pixel.nm if pixel.nm is not None else \
-                (pixel.factor * volume_nm if volume_nm is not None else None)
-            if self.is_main:
-                seen = f"{volume_nm:g} nm -> {volume_nm * scale:g} nm" if volume_nm is not None else "its own"
-                print(f"data.pixel_size {self.cfg.data.pixel_size}: {key} resampled {seen} per pixel (factor "
-                      f"{scale:.2f})", flush=True)
-        return scale
-
-    def _unlabeled_sources(self) -> list[VolumeSlices]:
-        """``data.unlabeled``, or by default the training slices not selected as labeled."""
-        cfg = self.cfg
-        k, norm = cfg.data.num_classes, cfg.data.normalize
-        if cfg.data.unlabeled is None:
-            with open_volume(cfg.data.train.image) as volume:
-                rest = sorted(set(range(len(volume))) - set(self.train_slices.indices))
-            if not rest:
-                raise MitosegError(f"method '{cfg.method.name}' needs unlabeled slices, but data.train.slices "
-                                   "selects every slice of data.train.image; set data.train.slices or data.unlabeled")
-            entries = [VolumeConfig(image=cfg.data.train.image, slices=rest, voxel_size=cfg.data.train.voxel_size)]
-        else:
-            # An entry without an image means the training volume.
-            entries = [VolumeConfig(image=v.image or cfg.data.train.image, label=v.label, slices=v.slices,
-                                    voxel_size=v.voxel_size if v.image else v.voxel_size or cfg.data.train.voxel_size)
-                       for v in cfg.data.unlabeled]
-        sources = []
-        for i, entry in enumerate(entries):
-            key = f"data.unlabeled[{i}]" if cfg.data.unlabeled is not None else "data.train"
-            sources.append(load_volume_slices(entry, f"data.unlabeled[{i}]", k, norm, require_label=False,
-                                              ignore_index=self.ignore_index, label_map=cfg.data.label_map,
-                                              context=cfg.data.context_slices, scale=self.volume_scale(entry, key)))
-        return sources
-
-    def _inspection_patches(self, sources: list[VolumeSlices]) -> dict[str, torch.Tensor]:
-        """A fixed set of unlabeled patches (no augmentation) for the inspection files."""
-        from monai.transforms import Compose, EnsureTyped
-
-        with_label = all(src.label is not None for src in sources)
-        keys = ["image", "label"] if with_label else ["image"]
-        dataset = PatchDataset(sources, Compose([EnsureTyped(keys=keys, track_meta=False)]), self.cfg.data.patch_size,
-                               seed=self.cfg.seed + 2, length=self.cfg.train.inspect_patches)
-        samples = [dataset[i] for i in range(len(dataset))]
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
     # ------------------------------------------------------------------ state
 
@@ -421,7 +279,7 @@ class Trainer:
             "cpu_time_s": self.cpu_time(),
             "bad_steps": {"count": self.bad_steps, "since": self.bad_since, "inputs": self.bad_inputs},
             "init": self.init_report,
-            "pixel_size_nm": getattr(self, "pixel_size_nm", None),  # the model's working pixel size (predict)
+            "pixel_size_nm": self.data.pixel_size_nm,  # the model's working pixel size (predict)
         }
 
     def _restore(self, state: dict, path: Path) -> None:
@@ -509,8 +367,8 @@ class Trainer:
 
     def batches(self, start_iteration: int):
         """(labeled, unlabeled or None) per iteration."""
-        labeled = self.stream(self.labeled_dataset, self.cfg.data.batch_size, start_iteration, self.cfg.seed)
-        if self.unlabeled_dataset is None:
+        labeled = self.stream(self.data.labeled, self.cfg.data.batch_size, start_iteration, self.cfg.seed)
+        if self.data.unlabeled is None:
             return ((batch, None) for batch in labeled)
         return self._with_unlabeled(labeled, start_iteration)
 
@@ -526,7 +384,7 @@ class Trainer:
                     continue
                 # Per iteration unlabeled_batch_size samples, and as many CutMix partners after them unless the
                 # method mixes within the batch (method.unlabeled_per_batch).
-                unlabeled = self.stream(self.unlabeled_dataset,
+                unlabeled = self.stream(self.data.unlabeled,
                                         self.method.unlabeled_per_batch * self.unlabeled_batch_size, iteration,
                                         self.cfg.seed + 1)
             yield batch, next(unlabeled)
@@ -540,18 +398,8 @@ class Trainer:
         return both if choice == "best_of" else {choice: both[choice]}
 
     def validate_model(self, model: torch.nn.Module) -> dict:
-        if self.natural is not None:
-            from mitoseg.data.natural import evaluate
-
-            matrix = evaluate(model, self.natural.val, self.cfg, self.device, amp=self.amp,
-                              rank=self.dist.rank, world_size=self.dist.world_size)
-            return scores_from_confusion(distributed.all_reduce_sum(matrix), self.natural.class_names)
-        val = self.val_slices
-        # At the validation volume's own grid: the predictor resamples to data.pixel_size and back.
-        predictor = VolumePredictor(model, self.cfg, self.device, scale=self.val_scale, tta=self.cfg.train.val_tta)
-        matrix = score_volume(predictor, lambda s, e: val.image[s:e], lambda s, e: val.label[s:e], len(val.image),
-                              val.normalization, self.ignore_index)
-        return scores_from_confusion(matrix)
+        return validation_scores(model, self.data.validation, self.cfg, self.device, self.amp, self.ignore_index,
+                                 tta=self.cfg.train.val_tta)
 
     def validate(self) -> dict:
         """The validation scores of the weights ``train.eval_model`` names (with ``best_of``, of the better of
@@ -575,22 +423,22 @@ class Trainer:
         from mitoseg.inference.evaluation import score_em_volume
         from mitoseg.inference.session import from_state
 
-        state = load_checkpoint(self.out_dir / "best.pt")
+        state = load_checkpoint(self.out_dir / BEST)
         weights = validated_weights(state)
-        loaded = from_state(state, self.out_dir / "best.pt", weights, self.device)
+        loaded = from_state(state, self.out_dir / BEST, weights, self.device)
         test = self.cfg.data.test
         scores = score_em_volume(loaded, loaded.cfg, test.image, test.label, test.slices, test.voxel_size,
                                  progress=self.progress)
-        scores.update({"checkpoint": "best.pt", "weights": weights,
+        scores.update({"checkpoint": BEST, "weights": weights,
                        "iteration": self.best["iteration"] if self.best is not None else self.iteration})
         return scores
 
     def inspect(self) -> None:
         ctx = StepContext(student=self.model, teacher=self.ema.module, iteration=self.iteration,
                           total_iterations=self.total_iterations)
-        patches = {k: v.to(self.device) for k, v in self.inspection_patches.items()}
+        patches = {k: v.to(self.device) for k, v in self.data.inspection.items()}
         arrays = self.method.inspect(ctx, patches)
-        write_inspection(self.out_dir / "inspect", self.iteration, arrays, method=self.cfg.method.name)
+        write_inspection(self.out_dir / INSPECT, self.iteration, arrays, method=self.cfg.method.name)
 
     # ------------------------------------------------------------------- loop
 
@@ -688,7 +536,7 @@ class Trainer:
                 f"{', '.join(f'{lr:g}' for lr in lrs)}): lower it, or set train.grad_clip")
 
     def _kept(self) -> str:
-        kept = [name for name in ("last.pt", "best.pt") if (self.out_dir / name).is_file()]
+        kept = [name for name in (LAST, BEST) if (self.out_dir / name).is_file()]
         if not kept:
             return "; no checkpoint of it was written"
         return f"; no checkpoint of it was written, the last good {' and '.join(kept)} in {self.out_dir} " + \
@@ -718,7 +566,7 @@ class Trainer:
         logger.log_validation(self.iteration, scores)
         if self.best is None or (not math.isnan(value) and value > self.best["value"]) or math.isnan(self.best["value"]):
             self.best = {"iteration": self.iteration, "metric": name, "value": value, "scores": scores}
-            self.save("best.pt")
+            self.save(BEST)
 
     def fit(self) -> dict:
         cfg = self.cfg.train
@@ -726,10 +574,10 @@ class Trainer:
         if self.is_main:
             make_folder(self.out_dir, "--out")
             # Temporaries (.NAME.tmp-PID) of a run that was killed while writing: its process is gone.
-            for folder in (self.out_dir, self.out_dir / "inspect"):
+            for folder in (self.out_dir, self.out_dir / INSPECT):
                 remove_stale_temporaries_in(folder)
             logger = RunLogger(self.out_dir, start_iteration=self.iteration)
-            write_text_atomic(self.out_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
+            write_text_atomic(self.out_dir / CONFIG, json.dumps(config_to_dict(self.cfg), indent=2))
         else:
             logger = NullLogger()
         start = self.iteration
@@ -794,13 +642,13 @@ class Trainer:
                         name, value = headline_metric(self.last_scores)
                         postfix[name] = f"{value:.4f}"
                     bar.set_postfix(postfix, refresh=False)
-                    if self.inspection_patches is not None and self.is_main and (
+                    if self.data.inspection is not None and self.is_main and (
                             self.iteration % cfg.inspect_every == 0 or done):
                         self.inspect()
                     if self.iteration % cfg.checkpoint_every == 0 or done:
-                        self.save("last.pt")
+                        self.save(LAST)
                     elif stop:
-                        self.save("last.pt")
+                        self.save(LAST)
                     if stop:
                         # Ctrl-C: last.pt holds this iteration (written atomically); --resume continues from it
                         # exactly as an uninterrupted run would have.
@@ -821,7 +669,7 @@ class Trainer:
                        f"last.pt is saved: continue with --resume --out {self.out_dir}")
         if not self.has_validation:
             # Without validation data the final weights are the best we know of.
-            self.save("best.pt")
+            self.save(BEST)
         test = None
         if self.cfg.data.test is not None and self.is_main:
             test = self.test()
@@ -842,7 +690,7 @@ class Trainer:
             "budget_spent": budget_spent,
         }
         if self.is_main:
-            write_text_atomic(self.out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
+            write_text_atomic(self.out_dir / SUMMARY, json.dumps(json_safe(summary), indent=2))
         logger.close()
         distributed.barrier()
         return summary

@@ -47,6 +47,7 @@ import torch
 from mitoseg.atomic import make_folder, remove_path, remove_stale_temporaries, temporary_path
 from mitoseg.errors import MitosegError
 from mitoseg.export.source import ExportSource, metadata_json
+from mitoseg.runs import SUMMARY
 
 TEST_SIDE = 256  # the test tensors' largest y / x size
 EPS = 1e-6  # bioimage.io's default eps of scale_range / zero_mean_unit_variance
@@ -245,7 +246,7 @@ def cover_image(source: ExportSource, raw: np.ndarray, probabilities: np.ndarray
 
 
 def _read_summary(checkpoint: Path) -> dict | None:
-    path = checkpoint.parent / "summary.json"
+    path = checkpoint.parent / SUMMARY
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):

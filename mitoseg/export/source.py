@@ -13,12 +13,9 @@ import torch
 from mitoseg import __version__
 from mitoseg.config import Config, config_to_dict, input_channels, size_multiple
 from mitoseg.errors import MitosegError
+from mitoseg.networks.loading import model_from_state
+from mitoseg.runs import EXPORT_FORMAT, EXPORT_VERSION, json_safe, load_checkpoint, validated_weights
 
-# The JSON stored with an exported file: the TorchScript file's extra file ``mitoseg.json``, the ONNX model's
-# metadata property ``mitoseg``, the bioimage.io package's ``config.mitoseg``.
-METADATA_FORMAT = "mitoseg-export"
-METADATA_VERSION = 1
-METADATA_NAME = "mitoseg.json"
 
 
 @dataclass
@@ -82,8 +79,8 @@ class ExportSource:
         2.5-D context, inference and post-processing settings), which weights, from which checkpoint."""
         best = self.state.get("best") or {}
         return {
-            "format": METADATA_FORMAT,
-            "format_version": METADATA_VERSION,
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_VERSION,
             "mitoseg_version": __version__,
             "checkpoint": str(self.checkpoint),
             "iteration": self.state.get("iteration"),
@@ -102,7 +99,6 @@ class ExportSource:
 def load_source(checkpoint: str | Path, weights: str | None = None) -> ExportSource:
     """Read ``checkpoint`` (``torch.load(weights_only=True)``), rebuild its network with the chosen weights
     (None: those its run validated) on the CPU in float32."""
-    from mitoseg.engine.checkpoint import load_checkpoint, model_from_state, validated_weights
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
@@ -116,8 +112,6 @@ def load_source(checkpoint: str | Path, weights: str | None = None) -> ExportSou
 
 
 def metadata_json(metadata: dict) -> str:
-    from mitoseg.engine.logging import json_safe
-
     return json.dumps(json_safe(metadata), indent=2, sort_keys=True)
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mitoseg.data.resample import apply_taps, axis_taps, is_identity, resample, scaled_shape
 from mitoseg.data.transforms import Normalization
-from mitoseg.inference.precision import autocast
+from mitoseg.device import autocast
 from mitoseg.inference.tta import predict_with_tta, tta_transforms
 from mitoseg.instances.components import iter_slabs
 from mitoseg.instances.postprocess import postprocess_labels

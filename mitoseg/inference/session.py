@@ -20,6 +20,8 @@ import torch
 from mitoseg.data.resample import PixelSize, is_identity, parse_pixel_size
 from mitoseg.data.transforms import Normalization, compute_normalization, sample_for_stats
 from mitoseg.device import resolve_device
+from mitoseg.networks.loading import load_torchscript, model_from_state
+from mitoseg.runs import is_torchscript_file, load_checkpoint, validated_weights
 
 
 @dataclass
@@ -53,9 +55,6 @@ def load_model(path: str | Path, weights: str | None = None, device: str | torch
     """A run's checkpoint (``torch.load(weights_only=True)``; ``weights`` None: those its run validated) or a
     TorchScript file of ``mitoseg export`` (recognised by its archive), on ``device`` (``auto``, ``cpu``,
     ``cuda:N`` or a torch device)."""
-    from mitoseg.engine.checkpoint import load_checkpoint
-    from mitoseg.export.torchscript import is_torchscript_file, load_torchscript
-
     torch_device = as_device(device)
     if is_torchscript_file(path):
         model, cfg, metadata = load_torchscript(path, weights, torch_device)
@@ -66,9 +65,7 @@ def load_model(path: str | Path, weights: str | None = None, device: str | torch
 
 def from_state(state: dict, path: str | Path, weights: str | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """:func:`load_model` of a checkpoint already read with ``engine.checkpoint.load_checkpoint``."""
-    from mitoseg.engine.checkpoint import model_from_state, validated_weights
-
+    """:func:`load_model` of a checkpoint already read with :func:`mitoseg.runs.load_checkpoint`."""
     torch_device = as_device(device)
     weights = weights or validated_weights(state)
     model, cfg = model_from_state(state, path, weights, torch_device)

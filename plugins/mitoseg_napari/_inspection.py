@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from mitoseg.errors import MitosegError
+from mitoseg.runs import CONFIG, RunFolder
 
-INSPECT_DIR = "inspect"
-RUN_MARKERS = ("metrics.jsonl", "config.json", "summary.json", INSPECT_DIR)
 _ITER_FILE = re.compile(r"iter_(\d+)\.npz")
 REQUIRED_ARRAYS = ("image", "confidence", "pseudo_label", "weight")
 DEFAULT_IGNORE_INDEX = 255
@@ -37,7 +36,7 @@ WEIGHT_NAMES = {USED: "used", DISCARDED: "discarded"}
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` is a folder written by ``mitoseg train``."""
     path = Path(path)
-    return path.is_dir() and path.suffix.lower() != ".zarr" and any((path / m).exists() for m in RUN_MARKERS)
+    return path.suffix.lower() != ".zarr" and RunFolder(path).is_run()
 
 
 def resolve_run_dir(path: str | Path) -> Path:
@@ -57,7 +56,7 @@ def resolve_run_dir(path: str | Path) -> Path:
 def list_inspections(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(iteration, npz path)`` of every inspection file of a run, in iteration order."""
     run_dir = Path(run_dir)
-    folder = run_dir / INSPECT_DIR
+    folder = RunFolder(run_dir).inspect
     found = []
     if folder.is_dir():
         for file in folder.iterdir():
@@ -146,7 +145,7 @@ def outcome_map(pseudo_label: np.ndarray, label: np.ndarray, weight: np.ndarray,
 def _ignore_index(run_dir: Path) -> int | None:
     """The run's ignore index when its loss uses one (``train.loss: ce`` or ``ohem``), from ``config.json``."""
     try:
-        train = json.loads((run_dir / "config.json").read_text()).get("train", {})
+        train = json.loads((run_dir / CONFIG).read_text()).get("train", {})
     except (OSError, ValueError, AttributeError):
         return DEFAULT_IGNORE_INDEX
     if train.get("loss", "dice_ce") not in ("ce", "ohem"):
@@ -204,7 +203,7 @@ def read_train_metrics(run_dir: str | Path) -> list[dict]:
     A line that is not JSON (the last line while a training run is still writing
     it) is skipped.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return []
     records = []
@@ -224,7 +223,5 @@ def read_train_metrics(run_dir: str | Path) -> list[dict]:
 
 def run_checkpoint(run_dir: str | Path) -> Path | None:
     """``best.pt`` of a run, else ``last.pt``, else None."""
-    for name in ("best.pt", "last.pt"):
-        if (Path(run_dir) / name).is_file():
-            return Path(run_dir) / name
-    return None
+    checkpoint = RunFolder(run_dir).final_checkpoint()
+    return checkpoint if checkpoint.is_file() else None

@@ -21,6 +21,7 @@ import numpy as np
 
 from mitoseg.data import readers
 from mitoseg.errors import MitosegError
+from mitoseg.runs import INSPECT, METRICS
 from mitoseg_napari._inspection import is_run_dir, list_inspections, load_inspection, resolve_run_dir
 
 EAGER_BYTES = 512 * 2**20  # volumes up to this size are read into memory at once
@@ -46,13 +47,13 @@ def _kind(path: str) -> str | None:
             return "volume"
         if is_run_dir(file):
             return "run"
-        if os.path.basename(file.rstrip("/" + os.sep)) == "inspect" and is_run_dir(os.path.dirname(
+        if os.path.basename(file.rstrip("/" + os.sep)) == INSPECT and is_run_dir(os.path.dirname(
                 os.path.abspath(file).rstrip("/" + os.sep))):
             return "run"
         if any(n.lower().endswith(readers.SLICE_SUFFIXES) for n in os.listdir(file)):
             return "volume"
         return None
-    if name == "metrics.jsonl" and is_run_dir(os.path.dirname(os.path.abspath(file))):
+    if name == METRICS and is_run_dir(os.path.dirname(os.path.abspath(file))):
         return "run"
     if os.path.splitext(name)[1].lower() in _VOLUME_SUFFIXES and os.path.exists(file):
         return "volume"

@@ -60,6 +60,7 @@ from qtpy.QtWidgets import (
 from superqt.utils import create_worker
 
 from mitoseg.errors import MitosegError
+from mitoseg.runs import INSPECT, LAST, METRICS, RunFolder
 from mitoseg_napari._layers import LAYER_KEY, report_error
 from mitoseg_napari._objects import voxel_size_nm
 from mitoseg_napari._plots import TrainingPlots
@@ -300,7 +301,7 @@ class TrainWidget(QWidget):
         """The latest round of the output folder with a last.pt: what Continue fine-tunes from."""
         session = self.session()
         for run_dir in reversed(round_dirs(session) if session is not None else []):
-            if (run_dir / "last.pt").is_file():
+            if (run_dir / LAST).is_file():
                 return run_dir
         return None
 
@@ -367,7 +368,7 @@ class TrainWidget(QWidget):
         self.record = result["record"]
         self.total = self.record["iterations"]
         self.records = []
-        self.follower = MetricsFollower(self.run_dir / "metrics.jsonl")
+        self.follower = MetricsFollower(self.run_dir / METRICS)
         self._checkpoint_stamp = None
         self._inspections = 0
         try:
@@ -450,17 +451,17 @@ class TrainWidget(QWidget):
     def _follow_checkpoint(self) -> None:
         """A new last.pt (written with each validation): the current model predicts the current slice."""
         try:
-            stat = (self.run_dir / "last.pt").stat()
+            stat = (self.run_dir / LAST).stat()
         except OSError:
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp != self._checkpoint_stamp:
             self._checkpoint_stamp = stamp
             if self.process is not None:  # a finished round is predicted whole instead
-                self._request_prediction(("slice", self.current_slice(), self.run_dir / "last.pt"))
+                self._request_prediction(("slice", self.current_slice(), self.run_dir / LAST))
 
     def _follow_inspections(self) -> None:
-        folder = self.run_dir / "inspect"
+        folder = self.run_dir / INSPECT
         try:
             count = sum(1 for entry in os.scandir(folder) if entry.name.endswith(".npz"))
         except OSError:
@@ -521,7 +522,7 @@ class TrainWidget(QWidget):
         self.refresh_history()
         name = self.run_dir.name
         if status == "done":
-            checkpoint = self.run_dir / ("best.pt" if (self.run_dir / "best.pt").is_file() else "last.pt")
+            checkpoint = RunFolder(self.run_dir).final_checkpoint()
             self.status.setText(f"{name}: done; predicting the whole volume with {checkpoint.name} ...")
             self._finish_status = status
             self._request_prediction(("volume", checkpoint))
@@ -553,7 +554,7 @@ class TrainWidget(QWidget):
 
     def predict_current_slice(self) -> None:
         """Predict the current slice with the latest checkpoint (of the running or the last round)."""
-        run_dir = self.run_dir if self.run_dir is not None and (self.run_dir / "last.pt").is_file() \
+        run_dir = self.run_dir if self.run_dir is not None and (self.run_dir / LAST).is_file() \
             else self.last_round()
         if run_dir is None:
             report_error(MitosegError("no checkpoint yet: train a round first"), "Predict slice")
@@ -568,7 +569,7 @@ class TrainWidget(QWidget):
             self._image_name = layer.name
             self._layer_place = {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
             self._normalization = None
-        self._request_prediction(("slice", self.current_slice(), run_dir / "last.pt"))
+        self._request_prediction(("slice", self.current_slice(), run_dir / LAST))
 
     def _request_prediction(self, job: tuple) -> None:
         """Run ``job`` now, or after the running prediction (the whole volume replaces a queued slice)."""

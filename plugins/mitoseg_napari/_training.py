@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mitoseg.errors import MitosegError
+from mitoseg.runs import CONFIG, LAST, METRICS, SUMMARY
 
 ROUND_PREFIX = "round_"
 ROUND_FILE = "round.json"
@@ -158,7 +159,7 @@ def check_request(request: RoundRequest) -> None:
         raise MitosegError(f"the image is {image_shape[1]} x {image_shape[2]} pixels; the U-Net needs at least 8 x 8")
     if request.iterations < 1:
         raise MitosegError(f"iterations must be at least 1, got {request.iterations}")
-    if request.parent is not None and not (request.parent / "last.pt").is_file():
+    if request.parent is not None and not (request.parent / LAST).is_file():
         raise MitosegError(f"Continue: {request.parent} holds no last.pt to fine-tune from")
 
 
@@ -236,10 +237,10 @@ def build_round_config(request: RoundRequest, image_path: Path, labels_path: Pat
         cfg["method"]["ddfp"] = {"start_iter": max(1, request.iterations // 5)}
     cfg["train"].update(iterations=request.iterations, **_intervals(request.iterations))
     if request.parent is not None:
-        parent = json.loads((request.parent / "config.json").read_text())
+        parent = json.loads((request.parent / CONFIG).read_text())
         cfg["model"] = {k: v for k, v in parent["model"].items() if k not in PARENT_MODEL_SKIP}
         cfg["data"]["context_slices"] = parent["data"].get("context_slices", 0)
-        cfg["model"]["init_from"] = str(request.parent / "last.pt")
+        cfg["model"]["init_from"] = str(request.parent / LAST)
     return apply_overrides(cfg, list(request.overrides))
 
 
@@ -316,13 +317,13 @@ def read_round(run_dir: Path) -> dict:
     record["run_dir"] = str(run_dir)
     summary = None
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / SUMMARY).read_text())
     except (OSError, ValueError):
         pass
     if summary and summary.get("best"):
         record["score"] = (summary["best"]["metric"], summary["best"]["value"])
     else:
-        val = [r for r in MetricsFollower(run_dir / "metrics.jsonl").read_new() if r.get("split") == "val"]
+        val = [r for r in MetricsFollower(run_dir / METRICS).read_new() if r.get("split") == "val"]
         if val:
             metric = "fg_iou" if "fg_iou" in val[-1] else "miou"
             values = [r[metric] for r in val if isinstance(r.get(metric), (int, float))]
