@@ -1,20 +1,17 @@
 """The training loop shared by every dataset and method.
 
-Read top to bottom: ``Trainer.__init__`` builds data, model, EMA teacher,
-optimizer and method (or restores them from ``last.pt``); ``Trainer.fit`` runs
-the iterations. One iteration: draw the batches of this iteration, let the
-method compute the loss, step the optimizer and the poly schedule, update the
-EMA teacher; every ``log_every`` log, every ``val_every`` validate and keep the
-best weights, every ``checkpoint_every`` write ``last.pt``.
+Read top to bottom: ``Trainer.__init__`` builds data (``data.factory.build_train_data``: the trainer never
+asks which kind), model, EMA teacher, optimizer and method (or restores them from ``last.pt``);
+``Trainer.fit`` runs the iterations. One iteration: draw the batches of this iteration, let the method
+compute the loss, step the optimizer and the poly schedule, update the EMA teacher; then the handlers
+(:mod:`mitoseg.engine.handlers`): every ``log_every`` log, every ``val_every`` validate and keep the
+best weights, every ``checkpoint_every`` write ``last.pt``, and the time limits, divergence and Ctrl-C.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +22,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mitoseg.device import amp_dtype, autocast, fast_memory_format, resolve_device
-from mitoseg.atomic import make_folder, remove_stale_temporaries_in, write_text_atomic
 from mitoseg.config import Config, config_to_dict, input_channels, loss_ignore_index
 from mitoseg.data.factory import build_train_data
 from mitoseg.engine.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, weights_are_finite
@@ -38,7 +34,8 @@ from mitoseg.engine.finetune import (
     initialise_from_checkpoint,
     read_init_checkpoint,
 )
-from mitoseg.engine.logging import NullLogger, RunLogger, write_inspection
+from mitoseg.engine.handlers import Loop, default_handlers
+from mitoseg.engine.logging import write_inspection
 from mitoseg.errors import MitosegError, TrainingDiverged
 from mitoseg.inference.validation import validation_scores
 from mitoseg.losses import make_supervised_loss
@@ -46,8 +43,7 @@ from mitoseg.methods import StepContext, build_method
 from mitoseg.metrics import headline_metric
 from mitoseg.networks import build_model
 from mitoseg.networks.loading import load_weights
-from mitoseg.runs import (BEST, CONFIG, INSPECT, LAST, SUMMARY, checkpoint_config, json_safe, load_checkpoint,
-                          validated_weights)
+from mitoseg.runs import BEST, INSPECT, LAST, checkpoint_config, load_checkpoint, validated_weights
 
 
 def seed_everything(seed: int) -> None:
@@ -158,6 +154,19 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def read_resume_state(out_dir: Path, cfg: Config) -> dict:
+    """``OUT/last.pt`` for ``--resume``, refused in one line when missing or when its config differs from ``cfg``."""
+    last = out_dir / LAST
+    if not last.is_file():
+        raise MitosegError(f"--resume: no checkpoint to resume from at {last}")
+    state = load_checkpoint(last)
+    changed = config_differences(config_to_dict(checkpoint_config(state, last)), config_to_dict(cfg))
+    if changed:
+        raise MitosegError(f"--resume: the config differs from the one in {last} at {', '.join(changed[:5])}; "
+                           "resume with the run's own config (omit --config)")
+    return state
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str | Path, *, resume: bool = False, max_iters: int | None = None,
                  progress: bool = True, max_minutes: float | None = None):
@@ -168,19 +177,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.progress = progress and self.is_main
         cfg = resolve_epochs(cfg, self.dist.world_size)
-        resume_state = None
-        if resume:
-            last = self.out_dir / LAST
-            if not last.is_file():
-                raise MitosegError(f"--resume: no checkpoint to resume from at {last}")
-            resume_state = load_checkpoint(last)
-            saved = checkpoint_config(resume_state, last)
-            changed = config_differences(config_to_dict(saved), config_to_dict(cfg))
-            if changed:
-                raise MitosegError(
-                    f"--resume: the config differs from the one in {last} at {', '.join(changed[:5])}; "
-                    "resume with the run's own config (omit --config)"
-                )
+        resume_state = read_resume_state(self.out_dir, cfg) if resume else None
         # Fine-tuning reads model.init_from when a run starts, before the data (a wrong path fails fast); a resumed
         # run restores its own last.pt instead and never opens it again (it may have moved since).
         init_state = read_init_checkpoint(cfg) if resume_state is None and cfg.model.init_from else None
@@ -203,27 +200,9 @@ class Trainer:
                                      self.total_iterations, self.dist.world_size, log=self.is_main)
         self.has_validation = self.data.validation is not None
 
-        self.model = build_model(cfg.model, num_classes, input_channels(cfg))
-        self.init_report: dict | None = None
-        if init_state is not None:
-            self.init_report = initialise_from_checkpoint(self.model, cfg, init_state)
-            del init_state
-        elif resume_state is not None:
-            self.init_report = resume_state.get("init")
-        if cfg.model.name == "deeplabv3plus" and resume_state is None and self.init_report is None:
-            if cfg.model.pretrained:
-                from mitoseg.networks.deeplab import load_pretrained_backbone
-
-                load_pretrained_backbone(self.model, cfg.model.pretrained)
-            elif self.is_main:
-                import warnings
-
-                warnings.warn("model.pretrained is not set: the ResNet backbone starts from random weights "
-                              "(the papers start from ImageNet weights)", stacklevel=2)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model = fast_memory_format(self.model.to(self.device))
-        distributed.broadcast_parameters(self.model)
+        self.init_report: dict | None = resume_state.get("init") if resume_state is not None else None
+        self.model = self.build_network(init_state, resumed=resume_state is not None)
+        del init_state
         # Made after model.init_from is loaded: the teacher starts as the initialised student.
         self.ema = ModelEMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
         self.optimizer = make_optimizer(self.model, cfg.optim)
@@ -256,6 +235,28 @@ class Trainer:
             count = frozen_parameter_count(self.model, cfg.model.freeze)
             print(f"model.freeze: {', '.join(cfg.model.freeze)} ({count:,} parameters and their BatchNorm "
                   f"statistics) frozen {until}", flush=True)
+
+    def build_network(self, init_state: dict | None, resumed: bool) -> torch.nn.Module:
+        """The student on the device: fresh, fine-tuned from ``model.init_from`` (``init_state``; the report goes
+        to ``self.init_report``) or, for DeepLabV3+, from a pretrained backbone; the same on every rank. A resumed
+        run's weights are restored afterwards (``_restore``)."""
+        cfg = self.cfg
+        model = build_model(cfg.model, cfg.data.num_classes, input_channels(cfg))
+        if init_state is not None:
+            self.init_report = initialise_from_checkpoint(model, cfg, init_state)
+        if cfg.model.name == "deeplabv3plus" and not resumed and self.init_report is None:
+            if cfg.model.pretrained:
+                from mitoseg.networks.deeplab import load_pretrained_backbone
+
+                load_pretrained_backbone(model, cfg.model.pretrained)
+            elif self.is_main:
+                warnings.warn("model.pretrained is not set: the ResNet backbone starts from random weights "
+                              "(the papers start from ImageNet weights)", stacklevel=3)
+        if self.dist.enabled and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = fast_memory_format(model.to(self.device))
+        distributed.broadcast_parameters(model)
+        return model
 
     # ------------------------------------------------------------------ state
 
@@ -542,7 +543,7 @@ class Trainer:
         return f"; no checkpoint of it was written, the last good {' and '.join(kept)} in {self.out_dir} " + \
             ("are" if len(kept) > 1 else "is") + " kept"
 
-    def _divergence(self, values: dict) -> TrainingDiverged | None:
+    def divergence(self, values: dict) -> TrainingDiverged | None:
         """Read at a log step (``values``: the logs with the divergence counters, which are taken out): after
         ``train.max_bad_steps`` consecutive skipped steps, the error that stops training (exit status 3)."""
         count = int(round(values.pop("_bad_steps")))
@@ -557,169 +558,29 @@ class Trainer:
                 f"{since}) had a non-finite loss or gradient and were skipped (train.max_bad_steps = "
                 f"{self.cfg.train.max_bad_steps}); likely cause: {self._likely_cause(inputs)}{self._kept()}")
 
-    def _validate_and_keep_best(self, logger: RunLogger) -> None:
-        scores = self.validate()
-        # When in the run this validation happened (the x axis of accuracy-per-minute curves; summed over resumes).
-        scores["wall_time_s"], scores["cpu_time_s"] = self.wall_time(), self.cpu_time()
-        self.last_scores = scores
-        name, value = headline_metric(scores)
-        logger.log_validation(self.iteration, scores)
-        if self.best is None or (not math.isnan(value) and value > self.best["value"]) or math.isnan(self.best["value"]):
-            self.best = {"iteration": self.iteration, "metric": name, "value": value, "scores": scores}
-            self.save(BEST)
-
     def fit(self) -> dict:
-        cfg = self.cfg.train
+        """Train from ``self.iteration`` to ``self.stop_iteration``: each step, then the handlers
+        (:mod:`mitoseg.engine.handlers`: logs, time limits, divergence, validation, inspection, checkpoints,
+        Ctrl-C); returns the run's summary."""
         self._start_time, self._start_cpu = time.perf_counter(), time.process_time()
-        if self.is_main:
-            make_folder(self.out_dir, "--out")
-            # Temporaries (.NAME.tmp-PID) of a run that was killed while writing: its process is gone.
-            for folder in (self.out_dir, self.out_dir / INSPECT):
-                remove_stale_temporaries_in(folder)
-            logger = RunLogger(self.out_dir, start_iteration=self.iteration)
-            write_text_atomic(self.out_dir / CONFIG, json.dumps(config_to_dict(self.cfg), indent=2))
-        else:
-            logger = NullLogger()
-        start = self.iteration
-        bar = tqdm(total=self.stop_iteration, initial=start, desc="train", unit="it", disable=not self.progress,
-                   dynamic_ncols=True)
-        postfix: dict[str, str] = {}
-        interrupt = InterruptRequest()
-        saved_on_interrupt = False
-        timed_out = budget_spent = False
+        handlers = default_handlers(self)
+        loop = Loop(start=self.iteration)
+        for handler in handlers:
+            handler.started(self, loop)
         try:
-            with interrupt:
-                for labeled, unlabeled in self.batches(start):
-                    if self.iteration >= self.stop_iteration:
-                        break
-                    logs = self.train_step(labeled, unlabeled)
-                    self.iteration += 1
-                    bar.update(1)
-                    done = self.iteration == self.stop_iteration
-                    stop = interrupt.requested and not self.dist.enabled
-                    if self.iteration % cfg.log_every == 0 or done:
-                        # The one host synchronisation of a logged step: the logs, the divergence counters and,
-                        # under torchrun, whether any rank was interrupted (so that all stop at the same step).
-                        extra = {"_bad_steps": self.bad_steps, "_bad_since": self.bad_since,
-                                 "_bad_inputs": self.bad_inputs}
-                        if self.dist.enabled:
-                            extra["_interrupt"] = torch.tensor(float(interrupt.requested), device=self.device)
-                        if self.max_seconds is not None:
-                            elapsed = time.perf_counter() - self._start_time
-                            extra["_timeout"] = torch.tensor(float(elapsed >= self.max_seconds), device=self.device)
-                        if self.budget is not None:
-                            extra["_wall_time"] = torch.tensor(self.wall_time(), device=self.device)
-                        tensors = [v.float().reshape(()) for v in (*logs.values(), *extra.values())]
-                        stacked = distributed.all_reduce_mean(torch.stack(tensors))
-                        values = dict(zip([*logs, *extra], stacked.tolist()))
-                        stop = stop or values.pop("_interrupt", 0.0) > 0
-                        if self.budget is not None:
-                            self.budget.observe(self.iteration, values.pop("_wall_time"))
-                            if self.budget.spent() and not done:
-                                # train.max_minutes: the schedule has reached zero; this is the last iteration.
-                                done, budget_spent = True, True
-                                self.stop_iteration = self.total_iterations = self.iteration
-                                # The step's extrapolated progress may have fallen short of 1 (a slow last
-                                # stretch): the schedule's end, zero, is what last.pt records.
-                                for group in self.optimizer.param_groups:
-                                    group["lr"] = 0.0
-                        if values.pop("_timeout", 0.0) > 0 and not done:
-                            # --max-minutes: this iteration ends the run as if it were the last one (validation,
-                            # inspection, last.pt); the schedule still spans train.iterations, so --resume continues.
-                            done, timed_out = True, True
-                            self.stop_iteration = self.iteration
-                        diverged = self._divergence(values)
-                        values["lr"] = self.optimizer.param_groups[0]["lr"]
-                        logger.log_train(self.iteration, values)
-                        if self.is_main:
-                            for line in self.method.notices(self.iteration, values):
-                                tqdm.write(line)
-                        if diverged is not None:
-                            raise diverged
-                        postfix["loss"] = f"{values['loss']:.4f}"
-                    if self.has_validation and (self.iteration % cfg.val_every == 0 or done):
-                        self._validate_and_keep_best(logger)
-                        name, value = headline_metric(self.last_scores)
-                        postfix[name] = f"{value:.4f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    if self.data.inspection is not None and self.is_main and (
-                            self.iteration % cfg.inspect_every == 0 or done):
-                        self.inspect()
-                    if self.iteration % cfg.checkpoint_every == 0 or done:
-                        self.save(LAST)
-                    elif stop:
-                        self.save(LAST)
-                    if stop:
-                        # Ctrl-C: last.pt holds this iteration (written atomically); --resume continues from it
-                        # exactly as an uninterrupted run would have.
-                        saved_on_interrupt = True
-                        raise KeyboardInterrupt
+            for labeled, unlabeled in self.batches(loop.start):
+                if self.iteration >= self.stop_iteration:
+                    break
+                loop.logs = self.train_step(labeled, unlabeled)
+                self.iteration += 1
+                loop.done = self.iteration == self.stop_iteration
+                for handler in handlers:
+                    handler.iteration_completed(self, loop)
         except BaseException as exc:
-            bar.close()
-            logger.close()
-            if isinstance(exc, KeyboardInterrupt):
-                where = ("last.pt is saved at this iteration" if saved_on_interrupt
-                         else "stopped at once, without saving")
-                tqdm.write(f"interrupted at iteration {self.iteration}; {where}: continue with --resume --out "
-                           f"{self.out_dir}")
+            for handler in handlers:
+                handler.failed(self, loop, exc)
             raise
-        bar.close()
-        if timed_out and self.is_main:
-            tqdm.write(f"time limit of {self.max_seconds / 60:g} minutes reached at iteration {self.iteration}; "
-                       f"last.pt is saved: continue with --resume --out {self.out_dir}")
-        if not self.has_validation:
-            # Without validation data the final weights are the best we know of.
-            self.save(BEST)
-        test = None
-        if self.cfg.data.test is not None and self.is_main:
-            test = self.test()
-            logger.log_test(self.iteration, test)
-        summary = {
-            "method": self.cfg.method.name,
-            "iterations": self.iteration,
-            "total_iterations": self.total_iterations,
-            "completed": self.iteration >= self.total_iterations,
-            "wall_time_s": round(self.wall_time(), 3),
-            "cpu_time_s": round(self.cpu_time(), 3),
-            "device": str(self.device),
-            "final": self.last_scores,
-            "best": self.best,
-            "test": test,
-            "init": self.init_report,
-            "time_limit_reached": timed_out,
-            "budget_spent": budget_spent,
-        }
-        if self.is_main:
-            write_text_atomic(self.out_dir / SUMMARY, json.dumps(json_safe(summary), indent=2))
-        logger.close()
+        for handler in handlers:
+            handler.completed(self, loop)
         distributed.barrier()
-        return summary
-
-
-class InterruptRequest:
-    """Ctrl-C (SIGINT) during training as a request: the loop finishes the iteration it is in, saves last.pt
-    there and stops (exit status 130); a second Ctrl-C stops at once. Only the main thread can install
-    signal handlers: elsewhere (a napari worker, say) Ctrl-C keeps its default meaning."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "InterruptRequest":
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
-                self._previous = previous if previous is not None else signal.default_int_handler
-                signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("interrupt: saving last.pt at the end of this iteration (press Ctrl-C again to stop at once)")
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        return loop.summary
