@@ -48,8 +48,11 @@ def cmd_sample_data(args) -> None:
 
 def cmd_configs(args) -> None:
     """``mitoseg configs``: the built-in configs, one line each; ``configs show NAME``: one of them."""
-    from mitoseg.config import builtin_configs, config_description, resolve_config_path
+    from mitoseg.config import builtin_configs, config_description, config_reference, resolve_config_path
 
+    if args.action == "keys":
+        print(config_reference(), end="")
+        return
     if args.action is None:
         configs = builtin_configs()
         width = max(map(len, configs))
@@ -58,7 +61,7 @@ def cmd_configs(args) -> None:
         print("\nmitoseg configs show NAME prints one (to start your own); mitoseg train --config NAME trains it")
         return
     if args.action != "show" or args.name is None:
-        raise MitosegError("usage: mitoseg configs [show NAME]")
+        raise MitosegError("usage: mitoseg configs [show NAME | keys]")
     sys.stdout.write(resolve_config_path(args.name).read_text())
 
 
@@ -709,14 +712,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_sample_data)
 
-    p = sub.add_parser("configs", help="list the built-in configs, or print one (configs show NAME)",
+    p = sub.add_parser("configs", help="list the built-in configs, print one (configs show NAME) or every key "
+                                       "(configs keys)",
                        description="The configs that ship with mitoseg, one line each. `mitoseg configs show NAME` "
                                    "prints one, to start your own from (mitoseg configs show sample_daw > my.yaml). "
-                                   "Every --config takes a built-in NAME or a YAML file.",
+                                   "Every --config takes a built-in NAME or a YAML file. `mitoseg configs keys` prints "
+                                   "every config key with its default, allowed values and meaning (Markdown).",
                        epilog="examples:\n  mitoseg configs\n  mitoseg configs show lucchi_cpu > my.yaml\n"
                               "  mitoseg train --config sample_daw",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="?", choices=["show"], help="show: print the config NAME")
+    p.add_argument("action", nargs="?", choices=["show", "keys"],
+                   help="show: print the config NAME; keys: every config key, its default and meaning")
     p.add_argument("name", nargs="?", metavar="NAME", help="a built-in config (or a YAML file)")
     p.set_defaults(func=cmd_configs)
 

@@ -54,6 +54,45 @@ def parse_yaml(text: str):
 
 # --------------------------------------------------------------------------- schema
 
+@dataclass(frozen=True)
+class _Range:
+    """An interval of allowed values; ``high=None``: no upper bound."""
+
+    low: float
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"greater than {self.low}" if self.low_open else f"at least {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+_AT_LEAST_0 = _Range(0)
+_AT_LEAST_1 = _Range(1)
+_POSITIVE = _Range(0, low_open=True)
+_PROBABILITY = _Range(0, 1)
+_UNIT = _Range(0, 1, high_open=True)  # decays, momenta, dropout, overlap: 1 would freeze, drop or repeat everything
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None, allowed: _Range | None = None,
+           items_at_least: int | None = None, note: str | None = None) -> Any:
+    """A config key: its default (or ``factory`` for a mutable one), its one-line documentation (the reference in
+    docs/configuration.md is generated from it: ``mitoseg configs keys``), the values a number may take
+    (``allowed``; a list: ``items_at_least`` for each item) and ``note``, a default that another key changes.
+    The one place each key is described."""
+    metadata = {"doc": doc, "allowed": allowed, "items_at_least": items_at_least, "note": note}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 SliceSelection = Union[int, str, list]  # see mitoseg.data.readers.select_slices
 
 
@@ -61,218 +100,481 @@ SliceSelection = Union[int, str, list]  # see mitoseg.data.readers.select_slices
 class VolumeConfig:
     """An image volume, its optional label volume and the slices to use."""
 
-    image: str = ""
-    label: Optional[str] = None
-    slices: Optional[SliceSelection] = None  # None: every slice
-    # (z, y, x) nm per voxel: overrides / supplies what the file's metadata says (data.pixel_size in nm needs it)
-    voxel_size: Optional[list[float]] = None
+    image: str = option(
+        "",
+        "the image volume: a TIFF stack, `FILE.h5:/DATASET`, a Zarr / OME-Zarr store or a folder of slices ([Data "
+        "formats](data.md))",
+    )
+    label: Optional[str] = option(
+        None,
+        "its label volume (same shape); `data.unlabeled` entries: read for analysis only, never trained on",
+    )
+    slices: Optional[SliceSelection] = option(
+        None,
+        "which slices to use (selection syntax: [Data formats](data.md)); `null`: every slice",
+    )
+    voxel_size: Optional[list[float]] = option(
+        None,
+        "`[z, y, x]` nm per voxel of a `data.train` / `val` / `test` / `unlabeled` entry's volume: overrides or "
+        "supplies what its file stores (TIFF ImageJ, HDF5 `element_size_um`, OME-Zarr scales)",
+    )
 
 
 @dataclass
 class NormalizeConfig:
-    mode: Literal["percentile", "meanstd"] = "percentile"
-    lower: float = 1.0  # percentile mode: these percentiles map to 0 and 1
-    upper: float = 99.0
+    mode: Literal["percentile", "meanstd"] = option(
+        "percentile",
+        "per-volume intensity normalization: `percentile` (these percentiles of a strided subsample map to 0 and 1) "
+        "or `meanstd` (zero mean, unit variance)",
+    )
+    lower: float = option(1.0, "`percentile`: the percentile that maps to 0", allowed=_Range(0, 100))
+    upper: float = option(99.0, "`percentile`: the percentile that maps to 1", allowed=_Range(0, 100))
 
 
 @dataclass
 class AugmentConfig:
     """Weak (label-preserving) augmentations of the labeled stream."""
 
-    flip: bool = True
-    rot90: bool = True
-    intensity_scale: float = 0.1  # image * (1 + U(-s, s))
-    intensity_shift: float = 0.1  # image + U(-s, s)
-    noise_std: float = 0.02  # additive Gaussian noise, std drawn in [0, noise_std]
-    prob: float = 0.5  # probability of each intensity augmentation
-    gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])  # contrast gamma range ([1, 1]: off), with prob
-    # Elastic deformation (MONAI Rand2DElasticd / Rand3DElasticd, image bilinear, label nearest): control
-    # points every elastic_spacing pixels, displaced by a magnitude drawn from elastic_magnitude (pixels).
-    elastic_prob: float = 0.0
-    elastic_spacing: int = 32
-    elastic_magnitude: list[float] = field(default_factory=lambda: [1.0, 3.0])
-    # Sectioning artefacts, for 2.5-D (data.context_slices) and 3-D inputs: a blank slice, and a slice
-    # (3-D: the rest of the patch) shifted by up to misalign_max pixels.
-    missing_slice_prob: float = 0.0
-    misalign_prob: float = 0.0
-    misalign_max: int = 8
+    flip: bool = option(True, "weak view: random flips in y and x (3-D: and z)")
+    rot90: bool = option(True, "weak view: random quarter turns in y-x; needs a square `data.patch_size` in y-x")
+    intensity_scale: float = option(0.1, "weak view: image * (1 + U(-s, s)), with probability `prob`", allowed=_UNIT)
+    intensity_shift: float = option(0.1, "weak view: image + U(-s, s), with probability `prob`", allowed=_AT_LEAST_0)
+    noise_std: float = option(
+        0.02,
+        "weak view: additive Gaussian noise, its std drawn in [0, noise_std], with probability `prob`",
+        allowed=_AT_LEAST_0,
+    )
+    prob: float = option(0.5, "probability of each intensity augmentation of the weak view", allowed=_PROBABILITY)
+    gamma: list[float] = option(
+        factory=lambda: [1.0, 1.0],
+        doc="contrast gamma range of the labeled stream, with `prob` (`[1, 1]`: off)",
+    )
+    elastic_prob: float = option(
+        0.0,
+        "elastic deformation (MONAI `Rand2DElasticd`, 2-D only) with this probability; image bilinear, label nearest",
+        allowed=_PROBABILITY,
+    )
+    elastic_spacing: int = option(32, "elastic deformation: control points every this many pixels", allowed=_Range(4))
+    elastic_magnitude: list[float] = option(
+        factory=lambda: [1.0, 3.0],
+        doc="elastic deformation: the range of the control points' displacement, in pixels",
+    )
+    missing_slice_prob: float = option(
+        0.0,
+        "sectioning artefact for inputs with several slices (2.5-D or 3-D): a blank slice (never the labeled centre "
+        "slice of a 2.5-D stack), with this probability",
+        allowed=_PROBABILITY,
+    )
+    misalign_prob: float = option(
+        0.0,
+        "sectioning artefact for inputs with several slices: a slice (3-D: the rest of the patch, label included) "
+        "shifted in y-x, with this probability",
+        allowed=_PROBABILITY,
+    )
+    misalign_max: int = option(8, "the largest shift of a misaligned slice, in pixels", allowed=_AT_LEAST_0)
 
 
 @dataclass
 class StrongConfig:
     """Photometric perturbations of the strong views (on top of the weak view)."""
 
-    brightness: float = 0.2  # image + U(-b, b)
-    contrast: float = 0.2  # image * (1 + U(-c, c))
-    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
-    blur_prob: float = 0.5
-    noise_std: float = 0.05
-    prob: float = 0.8  # probability of each of brightness, contrast, gamma and noise
+    brightness: float = option(0.2, "strong views: image + U(-b, b), with probability `prob`", allowed=_AT_LEAST_0)
+    contrast: float = option(0.2, "strong views: image * (1 + U(-c, c)), with probability `prob`", allowed=_UNIT)
+    gamma: list[float] = option(
+        factory=lambda: [0.7, 1.5],
+        doc="strong views: contrast gamma range, with probability `prob`",
+    )
+    blur_sigma: list[float] = option(
+        factory=lambda: [0.1, 1.5],
+        doc="strong views: Gaussian blur sigma range, with probability `blur_prob`",
+    )
+    blur_prob: float = option(0.5, "strong views: probability of the blur", allowed=_PROBABILITY)
+    noise_std: float = option(
+        0.05,
+        "strong views: additive Gaussian noise std, with probability `prob`",
+        allowed=_AT_LEAST_0,
+    )
+    prob: float = option(
+        0.8,
+        "strong views: probability of each of brightness, contrast, gamma and noise",
+        allowed=_PROBABILITY,
+    )
 
 
 @dataclass
 class DataConfig:
-    # "em": volumes (data.train / data.val / data.unlabeled); "pascal" / "cityscapes": natural
-    # images under data.root, chosen by split lists (mitoseg/data/natural.py).
-    kind: Literal["em", "pascal", "cityscapes"] = "em"
-    root: Optional[str] = None  # natural: the dataset root (JPEGImages/ + SegmentationClass/, or leftImg8bit/ + gtFine/)
-    # natural: a shipped split name (pascal: 92, 183, 366, 732, 1464, 1_16, 1_8, 1_4, u2pl_1_16, u2pl_1_8,
-    # u2pl_1_4; cityscapes: 1_30, 1_16, 1_8, 1_4, 1_2) or a folder holding labeled.txt (+ unlabeled.txt).
-    split: Optional[str] = None
-    labeled_list: Optional[str] = None  # natural: own list files (lines "IMAGE MASK"), override data.split
-    unlabeled_list: Optional[str] = None
-    val_list: Optional[str] = None  # default: the shipped val.txt of the data set
-    crop_size: int = 321  # natural: square training crop (pascal 321 or 513, cityscapes 801)
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # natural: random rescale of the long side
-    eval_mode: Optional[Literal["full", "center_crop", "sliding_window"]] = None  # natural; default: pascal full, cityscapes sliding_window
-    train: VolumeConfig = field(default_factory=VolumeConfig)
-    val: Optional[VolumeConfig] = None
-    # An independent volume scored with best.pt when training ends (the run's inference settings), into
-    # summary.json ("test") and the final table; `mitoseg evaluate --checkpoint` gives the same numbers.
-    test: Optional[VolumeConfig] = None
-    # Unlabeled volumes for the semi-supervised methods. Default (null): the
-    # training volume's slices not selected in data.train.slices. An entry's
-    # `label` is read for analysis only (pseudo-label quality), never trained on;
-    # an entry without `image` means the training volume.
-    unlabeled: Optional[list[VolumeConfig]] = None
-    unlabeled_batch_size: Optional[int] = None  # default: data.batch_size
-    strong: StrongConfig = field(default_factory=StrongConfig)
-    cutmix_prob: float = 0.5
-    num_classes: int = 2
-    # Raw label value -> class id, applied when labels are read, e.g. {255: 1} for
-    # the official Lucchi ground truth (0 / 255). Unmapped values stay as they are.
-    label_map: Optional[dict[int, int]] = None
-    patch_size: list[int] = field(default_factory=lambda: [128, 128])
-    # The model's working in-plane (y, x) pixel size: nm per pixel, or a factor of each volume's own ("2x");
-    # null: the volumes' own grid. Training slices are resampled once when read; validation, data.test and
-    # predict resample each slab down, predict, and bring the probabilities back to the volume's grid.
-    pixel_size: Optional[Union[float, str]] = None
-    # 2.5-D: each slice comes with this many neighbouring slices on each side as extra input channels
-    # (reflected at the volume's ends), in training, views, validation and predict.
-    context_slices: int = 0
-    batch_size: int = 8
-    foreground_sampling: float = 0.5  # share of patches centred on a foreground pixel
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    num_workers: int = 0
+    kind: Literal["em", "pascal", "cityscapes"] = option(
+        "em",
+        "`em` (volumes) or the natural-image benchmarks `pascal`, `cityscapes` (see [Pascal VOC and "
+        "Cityscapes](datasets.md#pascal-voc-and-cityscapes))",
+    )
+    root: Optional[str] = option(None, "natural images: the data set's root folder")
+    split: Optional[str] = option(
+        None,
+        "natural images: a shipped split (`92`, `183`, `366`, `732`, `1464`, `1_16`, `1_8`, `1_4`, `u2pl_1_16`, "
+        "`u2pl_1_8`, `u2pl_1_4` for Pascal; `1_30`, `1_16`, `1_8`, `1_4`, `1_2` for Cityscapes) or a folder with "
+        "`labeled.txt` (+ `unlabeled.txt`, `val.txt`)",
+    )
+    labeled_list: Optional[str] = option(
+        None,
+        "natural images: your own list of labeled images (lines `IMAGE MASK` relative to `data.root`); overrides "
+        "`data.split`",
+    )
+    unlabeled_list: Optional[str] = option(
+        None,
+        "natural images: your own list of unlabeled images (lines `IMAGE`, relative to `data.root`); overrides "
+        "`data.split`",
+    )
+    val_list: Optional[str] = option(
+        None,
+        "natural images: your own validation list (lines `IMAGE MASK`); default: the split folder's or the shipped "
+        "`val.txt`",
+    )
+    crop_size: int = option(
+        321,
+        "natural images: square training crop (Pascal 321 or 513, Cityscapes 801); also the sliding window",
+        allowed=_Range(8),
+    )
+    scale_range: list[float] = option(factory=lambda: [0.5, 2.0], doc="natural images: random rescale of the long side")
+    eval_mode: Optional[Literal["full", "center_crop", "sliding_window"]] = option(
+        None,
+        "natural images: `full`, `center_crop` (a `crop_size` centre crop) or `sliding_window` (`crop_size` windows, "
+        "`inference.overlap` / `.blend`); default `full` for Pascal, `sliding_window` for Cityscapes",
+    )
+    train: VolumeConfig = option(
+        factory=VolumeConfig,
+        doc="the training volume: `{image, label, slices, voxel_size}`; `slices` are the labeled ones",
+    )
+    val: Optional[VolumeConfig] = option(
+        None,
+        "`{image, label, slices}` for validation; without it `best.pt` is the final model",
+    )
+    test: Optional[VolumeConfig] = option(
+        None,
+        "`{image, label, slices}`: an independent volume scored with `best.pt` when training ends (the run's "
+        "inference settings: TTA, post-processing), into `summary.json` (`test`), `metrics.jsonl` (`split: test`) and"
+        " the final table; `mitoseg evaluate --checkpoint RUN/best.pt` gives the same numbers",
+    )
+    unlabeled: Optional[list[VolumeConfig]] = option(
+        None,
+        "list of `{image, label, slices}` for the semi-supervised methods; default: the training slices not in "
+        "`data.train.slices`. `label` is read for analysis only (never trained on); an entry without `image` means "
+        "the training volume",
+    )
+    unlabeled_batch_size: Optional[int] = option(
+        None,
+        "unlabeled patches per iteration (plus as many CutMix partners); default `data.batch_size`",
+        allowed=_AT_LEAST_1,
+    )
+    strong: StrongConfig = option(
+        factory=StrongConfig,
+        doc="photometric perturbations of the strong views (`data.strong.*`)",
+    )
+    cutmix_prob: float = option(0.5, "probability of a CutMix box in each strong view", allowed=_PROBABILITY)
+    num_classes: int = option(2, "classes including background", allowed=_Range(2))
+    label_map: Optional[dict[int, int]] = option(
+        None,
+        "raw label value -> class, e.g. `{255: 1}` for Lucchi's 0/255 masks",
+    )
+    patch_size: list[int] = option(
+        factory=lambda: [128, 128],
+        doc="training patch (y, x), or (z, y, x) for `model.spatial_dims: 3`; multiples of the product of "
+            "`model.strides`",
+    )
+    pixel_size: Optional[Union[float, str]] = option(
+        None,
+        "the model's working in-plane (y, x) pixel size: nm per pixel (e.g. `10` for Lucchi's 5 nm volume: four times"
+        " the context per window for the same FLOPs), or a factor of each volume's own pixel size as a string "
+        "(`\"2x\"`, for files that store none); `null`: the volumes' own grid, nothing resampled. Training slices are "
+        "resampled once when read (image anti-aliased, labels by their classes' resampled indicators); validation, "
+        "`data.test`, `predict`, `evaluate --checkpoint` and napari resample each slab to it, predict, and bring the "
+        "probabilities back before the argmax, so scores and outputs are on the volume's grid. In nm it needs each "
+        "volume's pixel size (its metadata or `voxel_size`); the checkpoint records it (`pixel_size_nm`), so "
+        "`predict` rescales an input of another pixel size (its metadata or `--voxel-size`; `evaluate --pixel-size`),"
+        " saying so on stderr. z is never resampled. `mitoseg init` writes `10` for volumes finer than 7.5 nm",
+    )
+    context_slices: int = option(
+        0,
+        "2.5-D input: each slice comes with this many neighbouring slices on each side of the volume as extra "
+        "channels (reflected at the volume's ends), in training, views, CutMix, validation, `predict` and napari; the"
+        " network reads `model.in_channels * (2k + 1)` channels",
+        allowed=_AT_LEAST_0,
+    )
+    batch_size: int = option(8, "patches per iteration", allowed=_AT_LEAST_1)
+    foreground_sampling: float = option(0.5, "share of patches centred on a foreground pixel", allowed=_PROBABILITY)
+    normalize: NormalizeConfig = option(
+        factory=NormalizeConfig,
+        doc="per-volume intensity normalization (`data.normalize.*`)",
+    )
+    augment: AugmentConfig = option(
+        factory=AugmentConfig,
+        doc="weak augmentations of the labeled stream (`data.augment.*`)",
+    )
+    num_workers: int = option(0, "DataLoader worker processes", allowed=_AT_LEAST_0)
 
 
 @dataclass
 class ModelConfig:
-    # unet: MONAI's residual U-Net (2-D or 3-D); wide_unet: a 2-D U-Net for the CPU (space-to-depth stem, wide
-    # levels: mitoseg/networks/wide_unet.py); deeplabv3plus: natural images.
-    name: Literal["unet", "wide_unet", "deeplabv3plus"] = "unet"
-    # unet: 2 (slices) or 3 (volumes: data.patch_size and inference.roi_size are (z, y, x))
-    spatial_dims: Literal[2, 3] = 2
-    in_channels: int = 1
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
-    num_res_units: int = 2
-    norm: Literal["batch", "instance"] = "batch"
-    feature_channels: int = 32  # channels of the last decoder feature map
-    head_channels: int = 32  # channels of the head's conv block (its penultimate features)
-    dropout: float = 0.0
-    # wide_unet only: each stem x stem block of pixels becomes channels before the first convolution (1: none)
-    stem: int = 2
-    # deeplabv3plus only
-    backbone: Literal["resnet50", "resnet101"] = "resnet101"
-    output_stride: Literal[8, 16] = 16  # 16: dilation in the last ResNet stage; 8: in the last two
-    # "unimatch": UniMatch's decoder (features = the first fuse conv, feature_channels 256; head = the second
-    # fuse conv + classifier); "u2pl": U2PL's / DDFP's dec_deeplabv3_plus (features = the 48 low-level
-    # channels + the ASPP head's, feature_channels 304; head = two 3x3 conv blocks with bias and
-    # Dropout2d(0.1), head_channels 256, + classifier).
-    decoder: Literal["unimatch", "u2pl"] = "unimatch"
-    aspp_dilations: Optional[list[int]] = None  # default: [6, 12, 18] at output stride 16, [12, 24, 36] at 8
-    deep_stem: bool = False  # ResNet-v1c stem (three 3x3 convs, 128 channels), as UniMatch's pretrained files
-    width: int = 64  # ResNet base width: 64 is the standard ResNet (smaller: tiny test networks only)
-    pretrained: Optional[str] = None  # torchvision-style ResNet state dict for the backbone (.pth)
-    # Fine-tuning (mitoseg/engine/finetune.py): the weights of a mitoseg checkpoint (RUN/best.pt, RUN/last.pt)
-    # start a new run; another data.num_classes re-initialises the classifier only. Read once: --resume does not.
-    init_from: Optional[str] = None
-    init_weights: Optional[Literal["ema", "student"]] = None  # default: the weights the checkpoint's run validated
-    # Parts that do not train (their BatchNorm statistics stay as loaded too), e.g. [encoder] for small label sets;
-    # freeze_iters: the iteration at which they thaw (null: frozen for the whole run).
-    freeze: list[Literal["encoder", "decoder"]] = field(default_factory=list)
-    freeze_iters: Optional[int] = None
+    name: Literal["unet", "wide_unet", "deeplabv3plus"] = option(
+        "unet",
+        "network (registry name): `unet` (MONAI's residual U-Net, 2-D or 3-D), `wide_unet` (2-D, for the CPU: "
+        "`mitoseg/networks/wide_unet.py`), `deeplabv3plus`",
+    )
+    spatial_dims: Literal[2, 3] = option(
+        2,
+        "`unet`: 2 (slices) or 3 (a 3-D U-Net on (z, y, x) patches, drawn from runs of consecutive selected slices; "
+        "every method, per-voxel statistics, 3-D CutMix boxes, 3-D sliding windows slab by slab with a halo of half a"
+        " window)",
+    )
+    in_channels: int = option(1, "image channels (3 for natural images)", allowed=_AT_LEAST_1)
+    channels: list[int] = option(factory=lambda: [16, 32, 64, 128], doc="U-Net widths, one per level", items_at_least=1)
+    strides: list[int] = option(
+        factory=lambda: [2, 2, 2],
+        doc="U-Net down-sampling between levels (`wide_unet`: all 2); `data.patch_size` and `inference.roi_size` are "
+            "multiples of their product (times `model.stem` for `wide_unet`)",
+        items_at_least=1,
+    )
+    num_res_units: int = option(
+        2,
+        "residual units per U-Net block (`wide_unet`: residual basic blocks per encoder level)",
+        allowed=_AT_LEAST_0,
+    )
+    norm: Literal["batch", "instance"] = option("batch", "`batch` or `instance`")
+    feature_channels: int = option(
+        32,
+        "channels of the last decoder feature map (`features(x)`; `deeplabv3plus` with `model.decoder: u2pl`: 48 + "
+        "the ASPP head's, more than 48)",
+        allowed=_AT_LEAST_1,
+    )
+    head_channels: int = option(32, "channels of the head's conv block", allowed=_AT_LEAST_1)
+    dropout: float = option(0.0, "dropout inside the U-Net", allowed=_UNIT)
+    stem: int = option(
+        2,
+        "`wide_unet`: each stem x stem block of pixels becomes channels before the first convolution (space-to-depth:"
+        " nothing is lost), so every convolution runs at 1/stem of the resolution or less; the head runs at 1/stem "
+        "and its logits are resized to the input",
+        allowed=_Range(1, 8),
+    )
+    backbone: Literal["resnet50", "resnet101"] = option("resnet101", "`deeplabv3plus`: `resnet50` or `resnet101`")
+    output_stride: Literal[8, 16] = option(
+        16,
+        "`deeplabv3plus`: 16 (dilation in the last ResNet stage) or 8 (last two)",
+    )
+    decoder: Literal["unimatch", "u2pl"] = option(
+        "unimatch",
+        "`deeplabv3plus`: `unimatch` (UniMatch's decoder: `features(x)` = the first 3x3 fuse conv, `feature_channels`"
+        " 256; head = the second fuse conv + classifier) or `u2pl` (U2PL's / DDFP's `dec_deeplabv3_plus`: ASPP of "
+        "five 256-channel branches concatenated, a 3x3 conv 256 + Dropout2d(0.1), and the 48-channel low-level "
+        "projection; `features(x)` = their concatenation, `feature_channels` 48 + 256 = 304, where DDFP perturbs; "
+        "head = two 3x3 conv blocks of `head_channels` (256) with bias, BatchNorm (each with its MixBN twin), ReLU, "
+        "Dropout2d(0.1), + classifier)",
+    )
+    aspp_dilations: Optional[list[int]] = option(
+        None,
+        "`deeplabv3plus`: default `[6, 12, 18]` at output stride 16, `[12, 24, 36]` at 8",
+        items_at_least=1,
+    )
+    deep_stem: bool = option(
+        False,
+        "`deeplabv3plus`: ResNet-v1c stem (three 3x3 convolutions), as in UniMatch's / DDFP's pretrained files",
+    )
+    width: int = option(
+        64,
+        "`deeplabv3plus`: ResNet base width (64 = the standard ResNet; smaller for tests only)",
+        allowed=_Range(4),
+    )
+    pretrained: Optional[str] = option(
+        None,
+        "`deeplabv3plus`: a torchvision-style ResNet state dict (`.pth`) for the backbone; without it, random weights"
+        " and a warning",
+    )
+    init_from: Optional[str] = option(
+        None,
+        "fine-tuning: a mitoseg checkpoint (`RUN/best.pt`, `RUN/last.pt`) whose weights start the run (the EMA "
+        "teacher starts as them too); the network must match it key for key (else one line lists the differing "
+        "weights and config keys), except the classifier (the head's last 1x1 conv) when `data.num_classes` differs, "
+        "which is re-initialised (the run prints which keys); read once, never by `--resume`; not with "
+        "`model.pretrained` (see [Fine-tuning](fine-tuning.md))",
+    )
+    init_weights: Optional[Literal["ema", "student"]] = option(
+        None,
+        "`ema` or `student` weights of `model.init_from`; default: the weights its run validated",
+    )
+    freeze: list[Literal["encoder", "decoder"]] = option(
+        factory=list,
+        doc="parts that do not train: `encoder` (U-Net: the down-sampling path and the bottom; DeepLabV3+: the "
+            "ResNet) and / or `decoder` (the rest of the feature extractor; the head always trains); their BatchNorm "
+            "layers keep the loaded statistics. Needs `model.init_from` (or `model.pretrained`)",
+    )
+    freeze_iters: Optional[int] = option(
+        None,
+        "the iteration at which the frozen parts thaw (at least 1, less than `train.iterations`); `null`: frozen for "
+        "the whole run",
+        allowed=_AT_LEAST_1,
+    )
 
 
 @dataclass
 class DAWConfig:
-    momentum: float = 0.99  # EMA of the confidence Gaussians and of the alignment means
-    alpha: float = 1.0  # prior ratio of wrong to correct pseudo-labels at the crossing
-    initial_threshold: float = 0.95
-    alignment: bool = True  # distribution alignment of unlabeled to labeled confidences
+    momentum: float = option(0.99, "EMA momentum of the DAW Gaussians and alignment means", allowed=_PROBABILITY)
+    alpha: float = option(
+        1.0,
+        "prior ratio of wrong to correct pseudo-labels at the Gaussians' crossing",
+        allowed=_POSITIVE,
+    )
+    initial_threshold: float = option(0.95, "threshold until the Gaussians first cross", allowed=_PROBABILITY)
+    alignment: bool = option(True, "distribution alignment of unlabeled to labeled confidences")
 
 
 @dataclass
 class DDFPConfig:
     """Density-descending feature perturbation (ddfp, daw_ddfp): the flow and the perturbation."""
 
-    start_iter: int = 500  # warm-up: the flow trains and the perturbed term counts from this iteration on
-    eps: float = 4.0  # L2 norm of the perturbation per pixel (depends on the feature scale)
-    blocks: int = 2  # GLOW coupling blocks (each followed by a fixed random permutation)
-    hidden: int = 256  # width of the coupling subnetworks
-    clamp: float = 2.0  # soft clamp of the coupling log-scales
-    lr: float = 1e-3  # Adam, decaying exponentially to final_lr_ratio * lr at the end of training
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    final_lr_ratio: float = 0.01
-    grad_clip: float = 50.0  # gradient-norm clipping of the flow and its prior
-    max_pixels: int = 20480  # feature vectors sampled per step for the flow
-    noise: float = 0.05  # Gaussian noise added to the flow's training inputs
-    # The perturbation's flow pass runs on blocks of this many pixels: bounds its memory and, on
-    # the CPU, keeps the activations in cache; on a GPU larger blocks (e.g. 65536) launch fewer kernels.
-    chunk_pixels: int = 4096
-    # The flow (and the teacher's forward that feeds it) trains every flow_every-th iteration from start_iter
-    # on, its learning rate decaying over its own steps; 1 = every iteration, as the paper.
-    flow_every: int = 1
-    # Faithful to DDFP's code by default; each key restores mitoseg's earlier choice.
-    flow_init: Literal["official", "identity"] = "official"  # 3-layer subnets, 0.05 N(0,1) | identity start
-    # official: ddfp trains supervised only before start_iter, then the flow trains and L = L_x + L_u, and
-    # from perturb_iter on L = L_x + 0.5 L_u + 0.5 L_p (the teacher restarts from the student at start_iter);
-    # joint: flow and perturbation start together at start_iter, L = L_x + 0.5 L_u + 0.5 L_p throughout.
-    schedule: Literal["official", "joint"] = "official"
-    perturb_iter: Optional[int] = None  # default: 2 * start_iter (official), start_iter (joint)
-    perturb_pixels: Literal["confident", "all"] = "confident"  # delta only where the pseudo-label is used
-    # The perturbation's direction through the head with its auxiliary BatchNorm in train mode (as DDFP's
-    # attack.py), or with the main BatchNorm in eval mode (running statistics, nothing updated).
-    perturb_bn: Literal["aux_train", "main_eval"] = "aux_train"
-    mixbn_warmup: bool = True  # ddfp: between start_iter and perturb_iter the strong view uses the auxiliary BN
-    teacher_mode: Literal["train", "eval"] = "train"  # the teacher's forward for the flow features (and pseudo-labels)
+    start_iter: int = option(
+        500,
+        "`ddfp`, `daw_ddfp`: iteration from which the flow trains (and, for `ddfp` under the official schedule, the "
+        "unsupervised terms count)",
+        allowed=_AT_LEAST_0,
+    )
+    eps: float = option(
+        4.0,
+        "norm of the density-descending perturbation per pixel (scale of the head's input features)",
+        allowed=_AT_LEAST_0,
+    )
+    blocks: int = option(
+        2,
+        "flow: GLOW coupling blocks (each followed by a fixed random permutation)",
+        allowed=_AT_LEAST_1,
+    )
+    hidden: int = option(256, "flow: width of the coupling subnetworks", allowed=_AT_LEAST_1)
+    clamp: float = option(2.0, "flow: soft clamp of the coupling log-scales", allowed=_POSITIVE)
+    lr: float = option(
+        1e-3,
+        "flow optimizer: Adam's learning rate, decaying exponentially to `final_lr_ratio * lr` at the end of training",
+        allowed=_POSITIVE,
+    )
+    betas: list[float] = option(factory=lambda: [0.5, 0.9], doc="flow optimizer: Adam's betas, each in [0, 1)")
+    final_lr_ratio: float = option(
+        0.01,
+        "flow optimizer: the learning rate at the end of training, as a fraction of `lr`",
+        allowed=_Range(0, 1, low_open=True),
+    )
+    grad_clip: float = option(
+        50.0,
+        "flow optimizer: gradient-norm clipping of the flow and its prior",
+        allowed=_POSITIVE,
+    )
+    max_pixels: int = option(20480, "feature vectors sampled per flow step", allowed=_AT_LEAST_1)
+    noise: float = option(0.05, "Gaussian noise added to the flow's training inputs", allowed=_AT_LEAST_0)
+    chunk_pixels: int = option(
+        4096,
+        "pixels per block of the perturbation's flow pass (memory bound; CPU cache); e.g. `65536` on a GPU",
+        allowed=_AT_LEAST_1,
+    )
+    flow_every: int = option(
+        1,
+        "the flow (and the teacher's forward that feeds it) takes a step every k-th iteration from `start_iter` on, "
+        "its learning rate decaying over its own steps; between steps the last flow logs are repeated. `1` = every "
+        "iteration, as the paper; larger k lowers a `daw_ddfp` / `ddfp` step's cost (BENCHMARKS.md, Performance)",
+        allowed=_AT_LEAST_1,
+    )
+    flow_init: Literal["official", "identity"] = option(
+        "official",
+        "`official`: coupling subnets Linear-ReLU-Linear-ReLU-Linear, every flow parameter drawn from 0.05 N(0, 1) "
+        "(DDFP's model/flow/model.py); `identity`: Linear-ReLU-Linear with a zero last layer, the flow starts as the "
+        "identity",
+    )
+    schedule: Literal["official", "joint"] = option(
+        "official",
+        "`official` (DDFP's code): `ddfp` trains `L_x` alone before `start_iter`, where the EMA teacher restarts from"
+        " the student; then the flow trains and `L = L_x + L_u`; from `perturb_iter` `L = L_x + 0.5 L_u + 0.5 L_p`. "
+        "`joint`: flow and perturbation from `start_iter`, `L = L_x + 0.5 L_u + 0.5 L_p` throughout (mitoseg before "
+        "0.2)",
+    )
+    perturb_iter: Optional[int] = option(
+        None,
+        "iteration from which the perturbed term counts; default `2 * start_iter` (`official`: one flow warm-up after"
+        " the flow starts), `start_iter` (`joint`)",
+        allowed=_AT_LEAST_0,
+    )
+    perturb_pixels: Literal["confident", "all"] = option(
+        "confident",
+        "the flow NLL whose gradient is the direction sums over the pixels whose pseudo-label is used (DDFP's "
+        "attack.py), or over `all` pixels",
+    )
+    perturb_bn: Literal["aux_train", "main_eval"] = option(
+        "aux_train",
+        "the direction is taken through the head with its auxiliary BatchNorm in train mode (DDFP's code; batch "
+        "statistics tie every pixel to the used ones) or with the main BatchNorm in eval mode (`main_eval`: no "
+        "statistics touched)",
+    )
+    mixbn_warmup: bool = option(
+        True,
+        "`ddfp`, official schedule: between `start_iter` and `perturb_iter` the strong view passes the head's "
+        "auxiliary BatchNorm (DDFP's `warm_up` MixBN status)",
+    )
+    teacher_mode: Literal["train", "eval"] = option(
+        "train",
+        "the EMA teacher's forward for the flow's features and `ddfp`'s pseudo-labels in train mode (DDFP's code) or "
+        "`eval` mode",
+    )
 
 
 @dataclass
 class MethodConfig:
-    name: Literal["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"] = "supervised"
-    threshold: float = 0.95  # fixed confidence threshold of fixmatch / unimatch
-    # Where the weak views' pseudo-labels come from: "student_train" the student's train-mode forward of the
-    # labeled + weak batch (detached; the CutMix partner batch in eval mode), as UniMatch's and DAW's code
-    # (the default of fixmatch, unimatch, daw, daw_ddfp); "student" the student in eval mode; "teacher" the
-    # EMA teacher (ddfp's default, the paper's mean teacher). See _method_defaults.
-    pseudo_labels: Literal["student_train", "student", "teacher"] = "student_train"
-    fp_dropout: float = 0.5  # UniMatch's feature-perturbation dropout
-    # Where the fp branch drops channels: "backbone" the DeepLabV3+ backbone features c1 and c4 of the whole
-    # [labeled, weak] batch, decoded again (UniMatch's model/semseg/deeplabv3plus.py, need_fp; the default of
-    # deeplabv3plus), or "head_input" the weak view's features(x) (unet's default). See _fp_placement_default.
-    fp_placement: Literal["head_input", "backbone"] = "head_input"
-    # Each unsupervised cross-entropy divided by the valid pixels (UniMatch's and DAW's code) or averaged
-    # over the pixels whose pseudo-label is used (DDFP's code; ddfp's default, see _method_defaults).
-    unsup_normalize: Literal["valid", "confident"] = "valid"
-    # CutMix of the strong views: UniMatch's (a 2-40 % box per view with probability data.cutmix_prob, from a
-    # second unlabeled batch) or DDFP's (with probability data.cutmix_prob for the whole batch, a box of half
-    # the area from the next sample of the same batch; ddfp's default).
-    cutmix: Literal["unimatch", "ddfp"] = "unimatch"
-    # Safeguards of the unlabeled loss (mitoseg/semi/safeguard.py), for every semi-supervised method:
-    # the first `warmup` of the schedule (a fraction of train.iterations or of train.max_minutes) trains on
-    # the labeled batch alone, at a supervised step's cost (no unlabeled batch is drawn; DAW's statistics
-    # already follow the model); the unlabeled terms then ramp up from 0 over the next `rampup` of it
-    # (exp(-5 (1 - t)^2)); with `guard_tolerance` T, the unlabeled terms are down-weighted by (T / d)^2 when
-    # the running class shares of the pseudo-labels differ from the labeled batches' by a ratio d > T.
-    warmup: float = 0.0
-    rampup: float = 0.0
-    guard_tolerance: Optional[float] = None
-    daw: DAWConfig = field(default_factory=DAWConfig)
-    ddfp: DDFPConfig = field(default_factory=DDFPConfig)
+    name: Literal["supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"] = option(
+        "supervised",
+        "`supervised`, `fixmatch`, `unimatch`, `daw`, `ddfp`, `daw_ddfp`",
+    )
+    threshold: float = option(0.95, "fixed confidence threshold (`fixmatch`, `unimatch`, `ddfp`)", allowed=_PROBABILITY)
+    pseudo_labels: Literal["student_train", "student", "teacher"] = option(
+        "student_train",
+        "where the weak views' pseudo-labels come from: `student_train` the student's train-mode forward of the "
+        "labeled + weak batch, detached (the CutMix partner batch in eval mode), as UniMatch's and DAW's code; "
+        "`student` the student in eval mode; `teacher` the EMA teacher (DDFP's mean teacher)",
+    )
+    fp_dropout: float = option(0.5, "UniMatch's feature-perturbation dropout", allowed=_UNIT)
+    fp_placement: Literal["head_input", "backbone"] = option(
+        "head_input",
+        "where the `fp` branch drops channels: `backbone`, as UniMatch's code, drops channels of the DeepLabV3+ "
+        "backbone features (layer1 and layer4) of the whole labeled + weak batch and decodes them together with the "
+        "clean ones (the weak view's part is the `fp` prediction); `head_input` drops channels of the weak view's "
+        "`features(x)`. `backbone` needs `deeplabv3plus` and is not implemented for `daw_ddfp`",
+        note="`backbone` for `deeplabv3plus`",
+    )
+    unsup_normalize: Literal["valid", "confident"] = option(
+        "valid",
+        "each unsupervised cross-entropy divided by the valid pixels (UniMatch's and DAW's code) or averaged over the"
+        " pixels whose pseudo-label is used (DDFP's code)",
+    )
+    cutmix: Literal["unimatch", "ddfp"] = option(
+        "unimatch",
+        "`unimatch`: per strong view a box of 2-40 % with probability `data.cutmix_prob`, pasted from a second "
+        "unlabeled batch; `ddfp`: with probability `data.cutmix_prob` for the whole batch, a box of half the area "
+        "pasted from the next sample of the same batch (no second batch is read)",
+    )
+    warmup: float = option(
+        0.0,
+        "safeguard (`mitoseg/semi/safeguard.py`), every semi-supervised method: the first fraction of the schedule "
+        "(of `train.iterations`, or of `train.max_minutes`) trains on the labeled batch alone, at a supervised step's"
+        " cost (no unlabeled batch is drawn); DAW's Gaussians follow the model meanwhile",
+        allowed=_UNIT,
+    )
+    rampup: float = option(
+        0.0,
+        "safeguard: after the warm-up the unlabeled terms ramp up from 0 over this fraction of the schedule (`exp(-5 "
+        "(1 - t)^2)`)",
+        allowed=_PROBABILITY,
+    )
+    guard_tolerance: Optional[float] = option(
+        None,
+        "safeguard: when the running class shares of the pseudo-labels differ from those of the labeled batches' "
+        "labels by a ratio `d` above this (either way, classes of at least 1 %), the unlabeled terms are multiplied "
+        "by `(tolerance / d)^2`; said once in the log (`guard`, `guard_acted` in `metrics.jsonl`)",
+        allowed=_Range(1, low_open=True),
+    )
+    daw: DAWConfig = option(factory=DAWConfig, doc="DAW (`method.daw.*`)")
+    ddfp: DDFPConfig = option(factory=DDFPConfig, doc="DDFP's flow and perturbation (`method.ddfp.*`)")
 
 
 # The safeguards mitoseg writes for a semi-supervised method where a user starts (``mitoseg init``, the napari
@@ -284,83 +586,194 @@ SEMI_SUPERVISED_SAFEGUARDS = {"warmup": 0.5, "guard_tolerance": 1.5}
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
-    schedule: Literal["poly", "cosine"] = "poly"  # learning-rate decay over train.iterations
-    poly_power: float = 0.9  # poly: lr = base_lr * (1 - it / iterations) ** poly_power
-    warmup_iters: int = 0  # linear warm-up from warmup_ratio * lr to lr over these first iterations
-    warmup_ratio: float = 0.1
-    head_lr_multiplier: float = 1.0  # lr of everything but a pretrained backbone (deeplabv3plus) = lr * this
+    name: Literal["adamw", "sgd"] = option("adamw", "`adamw` or `sgd`")
+    lr: float = option(1e-3, "learning rate (the start of the schedule)", allowed=_POSITIVE)
+    weight_decay: float = option(1e-4, "weight decay (AdamW: decoupled)", allowed=_AT_LEAST_0)
+    momentum: float = option(0.9, "SGD only: momentum", allowed=_UNIT)
+    schedule: Literal["poly", "cosine"] = option(
+        "poly",
+        "learning-rate decay over `train.iterations`: `poly` (`lr0 * (1 - it / iterations) ** poly_power`) or "
+        "`cosine` (`lr0 * (1 + cos(pi it / iterations)) / 2`)",
+    )
+    poly_power: float = option(0.9, "exponent of the poly schedule", allowed=_AT_LEAST_0)
+    warmup_iters: int = option(
+        0,
+        "linear warm-up over these first iterations (the decay still spans the whole run); less than "
+        "`train.iterations`",
+        allowed=_AT_LEAST_0,
+    )
+    warmup_ratio: float = option(0.1, "the warm-up starts at `warmup_ratio * lr`", allowed=_Range(0, 1, low_open=True))
+    head_lr_multiplier: float = option(
+        1.0,
+        "`deeplabv3plus`: everything but the backbone trains at `lr * this` (10 for Pascal, as UniMatch)",
+        allowed=_POSITIVE,
+    )
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 2000
-    # A time budget: the learning-rate schedule spans this many minutes of the run's wall time (validation and
-    # checkpoints included, summed over resumed sessions) and reaches zero when they are spent, which ends the
-    # run; train.iterations is then an upper bound. The schedule follows the clock, so a resumed run is not
-    # bit-identical to an uninterrupted one. null: the schedule spans train.iterations.
-    max_minutes: Optional[float] = None
-    # Natural data: train this many passes over the unlabeled list (semi-supervised) or the labeled list
-    # (supervised) instead; sets iterations = epochs * (list length // (batch size * ranks)).
-    epochs: Optional[int] = None
-    # "ohem" (natural images): cross-entropy over the hard pixels, the official UniMatch / DAW Cityscapes criterion
-    # (ProbOhemCrossEntropy2d): pixels whose true-class probability is <= ohem_thresh, at least ohem_min_kept of them.
-    loss: Literal["dice_ce", "ce", "ohem"] = "dice_ce"
-    dice_weight: float = 1.0  # dice_ce: weight of the Dice term (MONAI DiceCELoss lambda_dice)
-    ce_weight: float = 1.0  # dice_ce: weight of the cross-entropy term (lambda_ce)
-    ignore_index: int = 255  # label value excluded from the loss ("ce" and "ohem" only)
-    ohem_thresh: float = 0.7  # ohem: keep pixels whose true-class probability is at most this ...
-    ohem_min_kept: int = 200000  # ... but at least this many (the hardest) per batch; 0: no mining (plain CE)
-    ema_decay: float = 0.99
-    # EMA warm-up of DAW's and DDFP's code: the decay of update n (0-based) is min(ema_decay, 1 - 1 / (n + 1)).
-    ema_warmup: bool = False
-    # Which weights validation and best.pt measure: the EMA teacher, the student, or both, keeping the better
-    # (DAW's code evaluates both every epoch); predict / evaluate then default to the weights that won.
-    eval_model: Literal["ema", "student", "best_of"] = "ema"
-    # Test-time augmentation in the validations during training (null: as inference.tta). false keeps a time
-    # budget for training while predict, evaluate and data.test still use inference.tta.
-    val_tta: Optional[bool] = None
-    val_every: int = 200
-    log_every: int = 20
-    checkpoint_every: int = 200
-    # Mixed precision: float16 on CUDA; bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX); ignored elsewhere.
-    amp: bool = True
-    grad_clip: Optional[float] = None
-    # A step whose loss or gradient is not finite is skipped (weights, optimizer, BatchNorm statistics unchanged);
-    # after this many consecutive ones training stops with exit status 3 (mitoseg/engine/trainer.py).
-    max_bad_steps: int = 20
-    inspect_every: int = 500  # pseudo-label inspection files (semi-supervised methods)
-    inspect_patches: int = 4  # fixed unlabeled patches saved in each inspection file
+    iterations: int = option(2000, "training length (with `train.max_minutes`: an upper bound)", allowed=_AT_LEAST_1)
+    max_minutes: Optional[float] = option(
+        None,
+        "a time budget: the learning-rate schedule spans this many minutes of the run's wall time (validation and "
+        "checkpoints included, summed over resumed sessions) instead of `train.iterations`, and the run ends with the"
+        " learning rate at zero when they are spent. The clock is read at log steps (every rank alike under torchrun)"
+        " and extrapolated between them; the schedule follows the clock, so a resumed run is not bit-identical to an "
+        "uninterrupted one. `mitoseg train --max-minutes` is different: it stops a run early, its schedule still "
+        "spanning `train.iterations`, and `--resume` continues",
+        allowed=_Range(0, low_open=True),
+    )
+    epochs: Optional[int] = option(
+        None,
+        "natural images: train this many passes over the unlabeled list (supervised: the labeled list) instead; sets "
+        "`iterations = epochs * (list length // (batch size * processes))`",
+        allowed=_AT_LEAST_1,
+    )
+    loss: Literal["dice_ce", "ce", "ohem"] = option(
+        "dice_ce",
+        "`dice_ce` (MONAI Dice + CE), `ce` (cross-entropy with `train.ignore_index`) or `ohem` (natural images only: "
+        "online hard example mining, below); natural images need `ce` or `ohem` with `ignore_index: 255`",
+        note="`ce` for natural images",
+    )
+    dice_weight: float = option(
+        1.0,
+        "`dice_ce`: weight of the Dice term (the loss is `dice_weight * Dice + ce_weight * CE`)",
+        allowed=_AT_LEAST_0,
+    )
+    ce_weight: float = option(1.0, "`dice_ce`: weight of the cross-entropy term", allowed=_AT_LEAST_0)
+    ignore_index: int = option(255, "label value the `ce` and `ohem` losses skip (natural images: must be 255)")
+    ohem_thresh: float = option(
+        0.7,
+        "`ohem`, the official UniMatch / DAW Cityscapes criterion (`ProbOhemCrossEntropy2d`): the mean cross-entropy "
+        "over the valid pixels whose true-class probability is at most this, the threshold raised to the "
+        "`ohem_min_kept`-th smallest probability of the batch (per process) when that is larger (ties kept)",
+        allowed=_PROBABILITY,
+    )
+    ohem_min_kept: int = option(
+        200000,
+        "`ohem`: at least this many (the hardest) pixels per batch; no mining when the batch has fewer valid pixels, "
+        "or when it is 0",
+        allowed=_AT_LEAST_0,
+    )
+    ema_decay: float = option(0.99, "EMA teacher decay", allowed=_UNIT)
+    ema_warmup: bool = option(
+        False,
+        "the decay of update n (0-based) is `min(ema_decay, 1 - 1 / (n + 1))`, as DAW's and DDFP's code",
+    )
+    eval_model: Literal["ema", "student", "best_of"] = option(
+        "ema",
+        "weights that validation and `best.pt` selection use: `ema`, `student`, or `best_of` (both validated, the "
+        "better kept); without validation the final weights of this choice are the model (`best_of`: the EMA "
+        "teacher), and a short run's EMA teacher lags its student badly (BENCHMARKS.md, \"Safeguards on volumes like a"
+        " user's\")",
+        note="`mitoseg init` and the napari Train widget: `best_of` with validation slices, `student` without",
+    )
+    val_tta: Optional[bool] = option(
+        None,
+        "test-time augmentation in the validations during training; `null`: as `inference.tta`. `false` spends a time"
+        " budget on training (8x less validation time) while `predict`, `evaluate` and `data.test` still use "
+        "`inference.tta`",
+    )
+    val_every: int = option(200, "validation interval in iterations (and at the last)", allowed=_AT_LEAST_1)
+    log_every: int = option(
+        20,
+        "logging interval in iterations (`metrics.jsonl`, TensorBoard; the one host synchronisation of a step)",
+        allowed=_AT_LEAST_1,
+    )
+    checkpoint_every: int = option(
+        200,
+        "`last.pt` interval in iterations (and at the last, and on Ctrl-C)",
+        allowed=_AT_LEAST_1,
+    )
+    amp: bool = option(
+        True,
+        "mixed precision: float16 (with a gradient scaler) on CUDA, bfloat16 on a CPU with native bf16 (AVX512-BF16 "
+        "or AMX, 2-3x faster there); full precision elsewhere. Also used by validation, `predict` and `evaluate`",
+    )
+    grad_clip: Optional[float] = option(
+        None,
+        "gradient-norm clipping (a positive norm; `null`: none)",
+        allowed=_POSITIVE,
+    )
+    max_bad_steps: int = option(
+        20,
+        "a step whose loss or gradient is not finite (NaN / inf) is skipped: weights, optimizer state, EMA teacher "
+        "and BatchNorm statistics stay as they were; after this many consecutive skipped steps (counted on the "
+        "device, read at the next log step) training stops with exit status 3",
+        allowed=_AT_LEAST_1,
+    )
+    inspect_every: int = option(
+        500,
+        "inspection files of semi-supervised runs (`inspect/`): interval in iterations",
+        allowed=_AT_LEAST_1,
+    )
+    inspect_patches: int = option(
+        4,
+        "inspection files: the number of fixed unlabeled patches in each",
+        allowed=_AT_LEAST_1,
+    )
 
 
 @dataclass
 class InferenceConfig:
-    roi_size: list[int] = field(default_factory=lambda: [256, 256])
-    overlap: float = 0.25
-    sw_batch_size: int = 4
-    blend: Literal["gaussian", "constant"] = "gaussian"
-    slab: int = 8  # slices read, predicted and written together (bounds memory)
-    # Test-time augmentation: the softmax averaged over the 8 flips / quarter turns in y-x.
-    tta: bool = False
-    # Post-processing of the predicted labels (two classes): foreground objects (3-D, face-connected)
-    # smaller than this many voxels become background; 0: off.
-    min_object_voxels: int = 0
-    fill_holes: bool = False  # background enclosed by foreground in 3-D becomes foreground
+    roi_size: list[int] = option(factory=lambda: [256, 256], doc="sliding window size")
+    overlap: float = option(0.25, "window overlap", allowed=_UNIT)
+    sw_batch_size: int = option(4, "windows per forward pass", allowed=_AT_LEAST_1)
+    blend: Literal["gaussian", "constant"] = option("gaussian", "`gaussian` or `constant`")
+    slab: int = option(
+        8,
+        "slices predicted together (3-D: plus half a window of slices on each side)",
+        allowed=_AT_LEAST_1,
+    )
+    tta: bool = option(
+        False,
+        "test-time augmentation: the softmax averaged over the 8 flips / quarter turns in y-x (16 with the z flip in "
+        "3-D); 8x (16x) the prediction time",
+    )
+    min_object_voxels: int = option(
+        0,
+        "post-processing (two classes): foreground objects (3-D, face-connected) smaller than this become background;"
+        " found slab by slab in bounded memory",
+        allowed=_AT_LEAST_0,
+    )
+    fill_holes: bool = option(
+        False,
+        "post-processing (two classes): background enclosed by foreground in 3-D becomes foreground (after the "
+        "small-object removal)",
+    )
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    seed: int = option(0, "seeds sampling, augmentation and initialisation", allowed=_Range(0, 2**32 - 1))
+    device: str = option("auto", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`")
+    data: DataConfig = option(factory=DataConfig, doc="data (`data.*`)")
+    model: ModelConfig = option(factory=ModelConfig, doc="network (`model.*`)")
+    method: MethodConfig = option(factory=MethodConfig, doc="method (`method.*`)")
+    optim: OptimConfig = option(factory=OptimConfig, doc="optimizer (`optim.*`)")
+    train: TrainConfig = option(factory=TrainConfig, doc="training (`train.*`)")
+    inference: InferenceConfig = option(factory=InferenceConfig, doc="prediction (`inference.*`)")
+
+
+def schema_keys(cls: type = None, prefix: str = ""):
+    """``(dotted key, dataclasses.Field, type)`` of every key of the schema, sections expanded, in file order."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from schema_keys(hints[f.name], key + ".")
+        else:
+            yield key, f, hints[f.name]
+
+
+# Every numeric key's allowed values and the lower bound of integer lists' items, from the schema. A value outside
+# would crash training after the run directory exists (a DataLoader with -1 workers, a sliding window batch of 0)
+# or silently mean something else (a negative weight decay, a probability of 2). ``None`` (where a key allows it)
+# means its default.
+_RANGES: dict[str, _Range] = {k: f.metadata["allowed"] for k, f, _ in schema_keys() if f.metadata.get("allowed")}
+_LIST_MINIMUM: dict[str, int] = {k: f.metadata["items_at_least"] for k, f, _ in schema_keys()
+                                 if f.metadata.get("items_at_least") is not None}
 
 
 # ----------------------------------------------------------------- validation
@@ -456,127 +869,6 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         kwargs[key] = _convert(value, hints[key], full)
     return cls(**kwargs)
 
-
-@dataclass(frozen=True)
-class _Range:
-    """An interval of allowed values; ``high=None``: no upper bound."""
-
-    low: float
-    high: Optional[float] = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"greater than {self.low}" if self.low_open else f"at least {self.low}"
-        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-
-
-_AT_LEAST_0 = _Range(0)
-_AT_LEAST_1 = _Range(1)
-_POSITIVE = _Range(0, low_open=True)
-_PROBABILITY = _Range(0, 1)
-_UNIT = _Range(0, 1, high_open=True)  # decays, momenta, dropout, overlap: 1 would freeze, drop or repeat everything
-
-# Every numeric scalar key and its allowed values. A value outside would crash
-# training after the run directory exists (a DataLoader with -1 workers, a
-# sliding window batch of 0) or silently mean something else (a negative weight
-# decay, a probability of 2). ``None`` (where a key allows it) means its default.
-_RANGES: dict[str, _Range] = {
-    "seed": _Range(0, 2**32 - 1),  # NumPy's global seed takes 0 .. 2**32 - 1
-    "data.crop_size": _Range(8),
-    "data.unlabeled_batch_size": _AT_LEAST_1,
-    "data.cutmix_prob": _PROBABILITY,
-    "data.num_classes": _Range(2),
-    "data.batch_size": _AT_LEAST_1,
-    "data.context_slices": _AT_LEAST_0,
-    "data.foreground_sampling": _PROBABILITY,
-    "data.num_workers": _AT_LEAST_0,
-    "data.normalize.lower": _Range(0, 100),
-    "data.normalize.upper": _Range(0, 100),
-    # A scale factor 1 + U(-s, s) must stay positive, or the jitter inverts the contrast.
-    "data.augment.intensity_scale": _UNIT,
-    "data.augment.intensity_shift": _AT_LEAST_0,
-    "data.augment.noise_std": _AT_LEAST_0,
-    "data.augment.prob": _PROBABILITY,
-    "data.augment.elastic_prob": _PROBABILITY,
-    "data.augment.elastic_spacing": _Range(4),
-    "data.augment.missing_slice_prob": _PROBABILITY,
-    "data.augment.misalign_prob": _PROBABILITY,
-    "data.augment.misalign_max": _AT_LEAST_0,
-    "data.strong.brightness": _AT_LEAST_0,
-    "data.strong.contrast": _UNIT,
-    "data.strong.blur_prob": _PROBABILITY,
-    "data.strong.noise_std": _AT_LEAST_0,
-    "data.strong.prob": _PROBABILITY,
-    "model.in_channels": _AT_LEAST_1,
-    "model.num_res_units": _AT_LEAST_0,
-    "model.feature_channels": _AT_LEAST_1,
-    "model.head_channels": _AT_LEAST_1,
-    "model.dropout": _UNIT,
-    "model.stem": _Range(1, 8),
-    "train.max_minutes": _Range(0, low_open=True),
-    "model.width": _Range(4),
-    "model.freeze_iters": _AT_LEAST_1,  # 0 would freeze nothing
-    "method.threshold": _PROBABILITY,
-    "method.fp_dropout": _UNIT,
-    "method.warmup": _UNIT,  # 1 would never use the unlabeled slices
-    "method.rampup": _PROBABILITY,
-    "method.guard_tolerance": _Range(1, low_open=True),  # a ratio: 1 or less would always act
-    "method.daw.momentum": _PROBABILITY,
-    "method.daw.alpha": _POSITIVE,
-    "method.daw.initial_threshold": _PROBABILITY,
-    "method.ddfp.start_iter": _AT_LEAST_0,
-    "method.ddfp.eps": _AT_LEAST_0,
-    "method.ddfp.blocks": _AT_LEAST_1,
-    "method.ddfp.hidden": _AT_LEAST_1,
-    "method.ddfp.clamp": _POSITIVE,
-    "method.ddfp.lr": _POSITIVE,
-    "method.ddfp.final_lr_ratio": _Range(0, 1, low_open=True),
-    "method.ddfp.grad_clip": _POSITIVE,
-    "method.ddfp.max_pixels": _AT_LEAST_1,
-    "method.ddfp.noise": _AT_LEAST_0,
-    "method.ddfp.chunk_pixels": _AT_LEAST_1,
-    "method.ddfp.flow_every": _AT_LEAST_1,
-    "method.ddfp.perturb_iter": _AT_LEAST_0,
-    "optim.lr": _POSITIVE,
-    "optim.weight_decay": _AT_LEAST_0,
-    "optim.momentum": _UNIT,
-    "optim.poly_power": _AT_LEAST_0,
-    "optim.warmup_iters": _AT_LEAST_0,
-    "optim.warmup_ratio": _Range(0, 1, low_open=True),
-    "optim.head_lr_multiplier": _POSITIVE,
-    "train.iterations": _AT_LEAST_1,
-    "train.epochs": _AT_LEAST_1,
-    "train.ema_decay": _UNIT,
-    "train.dice_weight": _AT_LEAST_0,
-    "train.ce_weight": _AT_LEAST_0,
-    "train.ohem_thresh": _PROBABILITY,
-    "train.ohem_min_kept": _AT_LEAST_0,  # 0: no mining, as the official ProbOhemCrossEntropy2d
-    "train.val_every": _AT_LEAST_1,
-    "train.log_every": _AT_LEAST_1,
-    "train.checkpoint_every": _AT_LEAST_1,
-    "train.grad_clip": _POSITIVE,  # null: no clipping (0 would silently mean the same)
-    "train.max_bad_steps": _AT_LEAST_1,
-    "train.inspect_every": _AT_LEAST_1,
-    "train.inspect_patches": _AT_LEAST_1,
-    "inference.overlap": _UNIT,
-    "inference.sw_batch_size": _AT_LEAST_1,
-    "inference.slab": _AT_LEAST_1,
-    "inference.min_object_voxels": _AT_LEAST_0,
-}
-
-# Integer lists whose every value has a lower bound (lengths are checked in _check_values).
-_LIST_MINIMUM: dict[str, int] = {
-    "model.channels": 1,
-    "model.strides": 1,  # a stride of 0 has no meaning (and the patch size check divides by it)
-    "model.aspp_dilations": 1,
-}
 
 NATURAL_KINDS = ("pascal", "cityscapes")
 
@@ -879,6 +1171,55 @@ def perturb_start(ddfp_cfg) -> int:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------- reference
+
+REFERENCE_BEGIN = "<!-- generated by `mitoseg configs keys` from mitoseg/config.py: do not edit by hand -->"
+REFERENCE_END = "<!-- end of generated reference -->"
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return str(value)
+
+
+def _default_notes(key: str, f: dataclasses.Field) -> list[str]:
+    """The defaults other keys or tools set for ``key``: method-dependent ones (``_METHOD_DEFAULTS``), those
+    ``mitoseg init`` and the napari Train widget write (``SEMI_SUPERVISED_SAFEGUARDS``), the field's own note."""
+    notes = []
+    section, _, name = key.rpartition(".")
+    if section == "method":
+        notes += [f"`{_yaml_value(values[name])}` for `{method}`" for method, values in _METHOD_DEFAULTS.items()
+                  if name in values]
+        if name in SEMI_SUPERVISED_SAFEGUARDS:
+            notes.append(f"`mitoseg init` and the napari Train widget: `{SEMI_SUPERVISED_SAFEGUARDS[name]}`")
+    if f.metadata.get("note"):
+        notes.append(f.metadata["note"])
+    return notes
+
+
+def config_reference() -> str:
+    """The Markdown table of every config key (default, allowed values, meaning), generated from the schema: the
+    reference of docs/configuration.md (``mitoseg configs keys``)."""
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for key, f, tp in schema_keys():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "required" if key == "data.train.image" else f"`{_yaml_value(default)}`"
+        notes = _default_notes(key, f)
+        if notes:
+            shown += f" ({'; '.join(notes)})"
+        allowed = _type_name(tp).replace("NoneType", "null")
+        if f.metadata.get("allowed") is not None:
+            allowed += f", {f.metadata['allowed']}"
+        if f.metadata.get("items_at_least") is not None:
+            allowed += f", each at least {f.metadata['items_at_least']}"
+        doc = f.metadata.get("doc", "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {shown} | {allowed} | {doc} |")
+    return "\n".join(rows) + "\n"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mitoseg.config import ModelConfig, size_multiple
 from mitoseg.errors import MitosegError
 
 METHODS = ("supervised", "fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp")
@@ -189,9 +190,7 @@ def build_config_text(image: str, label: str, method: str, profile: Profile, fou
                       image_arg: str, label_arg: str) -> tuple[str, dict]:
     """The commented YAML and a summary of what was chosen."""
     z, y, x = found.shape
-    factor = 1
-    for stride in profile.strides:
-        factor *= stride
+    factor = size_multiple(ModelConfig(name="unet", channels=profile.channels, strides=profile.strides))
     pixel = working_pixel_size(found.voxel_nm)
     scale = pixel / found.voxel_nm[1] if pixel is not None else 1.0
     # Patches and windows are cut from the slices at the working pixel size.

@@ -48,21 +48,33 @@ SEMI_SUPERVISED = ("daw", "daw_ddfp")
 STATUS_BY_EXIT = {0: "done", 130: "cancelled", 3: "diverged"}
 RUNNING, STARTING = "running", "starting"
 
-# the built-in sample_daw config's network and optimisation (about 5 minutes for 1000 iterations on 2 CPU cores, fg_iou
-# 0.84 on the sample data): a sound start for a biologist's first round. "Extra settings" (KEY=VALUE) change any.
-BASE_SETTINGS = {
-    "seed": 0,
-    "data": {"num_classes": 2, "patch_size": [96, 96], "batch_size": 4, "unlabeled_batch_size": 4,
-             "foreground_sampling": 0.5, "cutmix_prob": 0.5},
-    "model": {"name": "unet", "channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2,
-              "feature_channels": 32, "head_channels": 32},
-    "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.0001},
-    # best_of: short rounds validate the student too (the EMA teacher lags it for the first hundreds of
-    # iterations), as DAW's code evaluates both; best.pt and the predictions use the better one.
-    "train": {"loss": "dice_ce", "ema_decay": 0.99, "eval_model": "best_of", "inspect_patches": 4},
-    "inference": {"roi_size": [256, 256], "overlap": 0.25, "sw_batch_size": 4},
-}
-PATCH = 96  # data.patch_size of BASE_SETTINGS, made smaller (a multiple of 8) for smaller images
+SAMPLE_CONFIG = "sample_daw"
+# The napari rounds train the built-in sample_daw config's network and optimisation (about 5 minutes for 1000
+# iterations on 2 CPU cores, fg_iou 0.84 on the sample data), read from it so the two never differ: a sound start
+# for a biologist's first round. "Extra settings" (KEY=VALUE) change any.
+SAMPLE_DATA_KEYS = ("num_classes", "patch_size", "batch_size", "unlabeled_batch_size", "foreground_sampling",
+                    "cutmix_prob")
+SAMPLE_TRAIN_KEYS = ("loss", "ema_decay", "inspect_patches")
+
+
+def base_settings() -> dict:
+    """The settings of a round from the built-in ``sample_daw`` config (its volumes, method and schedule are the
+    round's own)."""
+    from mitoseg.config import parse_yaml, resolve_config_path
+
+    sample = parse_yaml(resolve_config_path(SAMPLE_CONFIG).read_text())
+    return {
+        "seed": sample["seed"],
+        "data": {key: sample["data"][key] for key in SAMPLE_DATA_KEYS},
+        "model": sample["model"],
+        "optim": sample["optim"],
+        # best_of: short rounds validate the student too (the EMA teacher lags it for the first hundreds of
+        # iterations), as DAW's code evaluates both; best.pt and the predictions use the better one.
+        "train": {**{key: sample["train"][key] for key in SAMPLE_TRAIN_KEYS}, "eval_model": "best_of"},
+        "inference": sample["inference"],
+    }
+
+
 # model.* keys a Continue round takes from its parent (everything that shapes the network), so that its
 # model.init_from always matches; the parent's fine-tuning keys are its own.
 PARENT_MODEL_SKIP = ("init_from", "init_weights", "freeze", "freeze_iters", "pretrained")
@@ -212,9 +224,10 @@ def build_round_config(request: RoundRequest, image_path: Path, labels_path: Pat
     """The raw config of a round (validated by :func:`mitoseg.config.config_from_dict` before it is written)."""
     from mitoseg.config import apply_overrides
 
-    cfg = copy.deepcopy(BASE_SETTINGS)
+    cfg = base_settings()
     z, y, x = (int(n) for n in request.image.shape)
-    patch = min(PATCH, (min(y, x) // 8) * 8)
+    # the sample's patch, made smaller (a multiple of 8) for smaller images
+    patch = min(cfg["data"]["patch_size"][-1], (min(y, x) // 8) * 8)
     cfg["device"] = request.device
     cfg["data"].update(num_classes=num_classes, patch_size=[patch, patch],
                        train={"image": str(image_path), "label": str(labels_path),
