@@ -36,7 +36,6 @@ seed), and ``curves.png`` (validation fg IoU against CPU minutes, mean and sprea
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -184,8 +183,8 @@ def pseudo_label_diagnostics(folder: Path, cfg: dict) -> dict:
 
     from mitoseg.data.readers import SliceReader, open_volume
     from mitoseg.data.resample import volume_pixel_nm
+    from mitoseg.inference.session import Segmenter, from_state
     from mitoseg.runs import load_checkpoint
-    from mitoseg.inference.session import from_state, input_scale, make_predictor, volume_normalization
 
     out = folder / "pseudo_labels.json"
     if out.is_file():
@@ -204,11 +203,10 @@ def pseudo_label_diagnostics(folder: Path, cfg: dict) -> dict:
     voxel = cfg["data"]["val"].get("voxel_size")
     counts = dict.fromkeys(("wrong", "wrong_used", "correct", "correct_discarded", "pseudo_fg", "true_fg", "n"), 0)
     with open_volume(image) as volume, open_volume(label) as truth_volume:
-        predictor = make_predictor(loaded, run_cfg, scale=input_scale(loaded.pixel, volume_pixel_nm(image, voxel),
-                                                                       image, "", log=False))
-        reader = SliceReader(volume, slices, run_cfg.data.context_slices)
+        prepared = Segmenter(loaded, run_cfg).prepare(volume, image, volume_pixel_nm(image, voxel), indices=slices,
+                                                      log=False)
         truth = SliceReader(truth_volume, slices)
-        for start, stop, probs in predictor.slabs(reader.read, len(slices), volume_normalization(volume, run_cfg)):
+        for start, stop, probs in prepared.slabs():
             if scale is not None:
                 probs = probs * scale.view(1, -1, 1, 1)
                 probs = probs / probs.sum(dim=1, keepdim=True)

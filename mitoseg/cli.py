@@ -241,7 +241,7 @@ def cmd_train(args) -> None:
 def cmd_predict(args) -> None:
     import numpy as np
 
-    from mitoseg.data.readers import SliceReader, VolumeWriter, open_volume, split_spec
+    from mitoseg.data.readers import VolumeWriter, open_volume, split_spec
     from mitoseg.data.scratch import scratch_volumes
 
     # Everything that can be checked without torch first: the input, the checkpoint, the outputs.
@@ -256,11 +256,12 @@ def cmd_predict(args) -> None:
     check_dask_options(args)
     threads_from(args)
     from mitoseg.data.resample import volume_pixel_nm
-    from mitoseg.inference.session import input_scale, load_model, make_predictor, volume_normalization
+    from mitoseg.inference.session import Segmenter, input_scale
 
     # With --dask the workers run the model (each resolves --device); here the checkpoint is only checked.
-    loaded = load_model(args.checkpoint, weights=args.weights, device=args.device if args.dask is None else "cpu")
-    cfg = loaded.cfg
+    segmenter = Segmenter.from_file(args.checkpoint, weights=args.weights,
+                                    device=args.device if args.dask is None else "cpu")
+    cfg = segmenter.cfg
     inference = cfg.inference
     for key in ("overlap", "slab", "sw_batch_size", "blend", "tta", "min_object_voxels", "fill_holes"):
         value = getattr(args, key)
@@ -287,9 +288,10 @@ def cmd_predict(args) -> None:
 
     voxel_size = voxel_size_nm(args.input)  # the scale of OME-Zarr outputs
     # The model's working pixel size against the input's (--voxel-size, else its metadata).
-    scale = input_scale(loaded.pixel, volume_pixel_nm(args.input, args.voxel_size), args.input,
-                        "--voxel-size Z Y X (nm per voxel of --input)")
+    volume_nm = volume_pixel_nm(args.input, args.voxel_size)
+    pixel_hint = "--voxel-size Z Y X (nm per voxel of --input)"
     if args.dask is not None:
+        scale = input_scale(segmenter.loaded.pixel, volume_nm, args.input, pixel_hint)
         from mitoseg.inference.dask_predict import predict_with_dask
 
         predict_with_dask(args.dask, args.checkpoint, args.weights, args.device, cfg, args.input, args.output,
@@ -302,7 +304,7 @@ def cmd_predict(args) -> None:
     with contextlib.ExitStack() as stack:
         volume = stack.enter_context(open_volume(args.input, finite=True))
         z, y, x = volume.shape
-        normalization = volume_normalization(volume, cfg, what=args.input)
+        prepared = segmenter.prepare(volume, args.input, volume_nm, pixel_hint)
         labels_out = stack.enter_context(VolumeWriter(args.output, (z, y, x), label_dtype, overwrite=args.overwrite,
                                                       labels=True, **ngff))
         probs_out = None
@@ -314,9 +316,8 @@ def cmd_predict(args) -> None:
         # Labels waiting for post-processing go to a scratch file next to the output (memory stays bounded
         # by the slab).
         scratch = stack.enter_context(scratch_volumes(Path(split_spec(args.output)[0]).parent))
-        predictor = make_predictor(loaded, scale=scale)
-        predictor.predict_labels(
-            SliceReader(volume, context=cfg.data.context_slices).read, z, normalization, labels_out.write,
+        prepared.predictor.predict_labels(
+            prepared.read, z, prepared.normalization, labels_out.write,
             (lambda start, probs: probs_out.write(start, probs.cpu().numpy().astype(np.float16)))
             if probs_out is not None else None,
             scratch=scratch, progress=not args.no_progress)

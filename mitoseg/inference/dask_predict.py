@@ -106,13 +106,13 @@ def worker_predictor(job: BlockJob):
         if key not in _CACHE:
             import torch
 
-            from mitoseg.inference.session import load_model, make_predictor
+            from mitoseg.inference.session import Segmenter, load_model
 
             _CACHE.clear()  # a worker serving a new command drops the previous one's model
             if job.torch_threads:
                 torch.set_num_threads(job.torch_threads)
-            loaded = load_model(job.checkpoint, weights=job.weights, device=job.device)
-            _CACHE[key] = make_predictor(loaded, job.cfg, scale=job.scale)
+            segmenter = Segmenter(load_model(job.checkpoint, weights=job.weights, device=job.device), job.cfg)
+            _CACHE[key] = segmenter.predictor(job.scale)
             LOADS["count"] += 1
         return _CACHE[key]
 

@@ -12,7 +12,7 @@ from mitoseg.data.readers import SliceReader, open_volume, select_slices
 from mitoseg.data.resample import volume_pixel_nm
 from mitoseg.errors import MitosegError
 from mitoseg.inference.predictor import score_volume
-from mitoseg.inference.session import LoadedModel, input_scale, make_predictor, volume_normalization
+from mitoseg.inference.session import LoadedModel, Segmenter
 from mitoseg.metrics import scores_from_confusion
 
 
@@ -30,14 +30,13 @@ def score_em_volume(loaded: LoadedModel, cfg, image: str, label: str, slices, vo
     """
     ignore_index = loss_ignore_index(cfg.train)
     k = cfg.data.num_classes
-    scale = input_scale(loaded.pixel, volume_pixel_nm(image, voxel_size), image, pixel_hint)
+    segmenter = Segmenter(loaded, cfg)
     with open_volume(image, finite=True) as image_volume, open_volume(label) as label_volume:
         if label_volume.shape != image_volume.shape:
             raise MitosegError(f"{label}: label shape {label_volume.shape} differs from image {image} shape "
                                f"{image_volume.shape}")
         indices = select_slices(slices, len(image_volume), slices_key)
-        normalization = volume_normalization(image_volume, cfg, what=image)
-        images = SliceReader(image_volume, indices, cfg.data.context_slices)
+        prepared = segmenter.prepare(image_volume, image, volume_pixel_nm(image, voxel_size), pixel_hint, indices)
         labels = SliceReader(label_volume, indices)
 
         def read_label(start: int, stop: int) -> np.ndarray:
@@ -45,9 +44,8 @@ def score_em_volume(loaded: LoadedModel, cfg, image: str, label: str, slices, vo
             check_label_values(values, k, ignore_index, label)
             return values
 
-        predictor = make_predictor(loaded, cfg, scale=scale)
-        matrix = score_volume(predictor, images.read, read_label, len(indices), normalization, ignore_index,
-                              progress=progress, description=description)
+        matrix = score_volume(prepared.predictor, prepared.read, read_label, len(indices), prepared.normalization,
+                              ignore_index, progress=progress, description=description)
     scores = scores_from_confusion(matrix)
     scores.update({"image": image, "label": label, "slices": len(indices)})
     return scores

@@ -100,3 +100,50 @@ def make_predictor(loaded: LoadedModel, cfg=None, scale: float = 1.0, amp: bool 
     from mitoseg.inference.predictor import VolumePredictor
 
     return VolumePredictor(loaded.model, cfg if cfg is not None else loaded.cfg, loaded.device, amp, scale=scale)
+
+
+@dataclass
+class PreparedVolume:
+    """A volume ready to predict: its slices read with the run's 2.5-D context (``read(start, stop)``), its
+    normalization, and the predictor resampling it to the model's pixel size."""
+
+    predictor: object  # VolumePredictor
+    read: object  # (start, stop) -> slices (n, y, x) or (n, C, y, x)
+    num_slices: int
+    normalization: Normalization
+
+    def slabs(self):
+        """(start, stop, probabilities) slab by slab."""
+        return self.predictor.slabs(self.read, self.num_slices, self.normalization)
+
+
+class Segmenter:
+    """A trained model (a run's checkpoint or a TorchScript export) ready to segment volumes: the one path of
+    ``mitoseg predict``, ``evaluate --checkpoint``, ``data.test``, the Dask workers and the napari widgets.
+    ``cfg``: the run's config (default) or one that changes its inference settings."""
+
+    def __init__(self, loaded: LoadedModel, cfg=None):
+        self.loaded = loaded
+        self.cfg = cfg if cfg is not None else loaded.cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path, weights: str | None = None, device: str | torch.device = "auto"):
+        return cls(load_model(path, weights, device))
+
+    def predictor(self, scale: float = 1.0, amp: bool | None = None):
+        """The :class:`~mitoseg.inference.VolumePredictor` for an input resampled by ``scale``."""
+        return make_predictor(self.loaded, self.cfg, scale=scale, amp=amp)
+
+    def prepare(self, volume, what: str, volume_nm: float | None = None, hint: str = "", indices=None,
+                normalization: Normalization | None = None, log: bool = True) -> PreparedVolume:
+        """``volume`` (a reader's volume or an array (z, y, x)) ready to predict: the factor its pixel size
+        ``volume_nm`` (None: unknown) is resampled by (said on stderr with ``log``; ``what`` / ``hint`` name the
+        volume and where its pixel size is set in errors), its normalization (computed unless given), the slices
+        ``indices`` (None: all) with the run's 2.5-D context."""
+        from mitoseg.data.readers import SliceReader
+
+        scale = input_scale(self.loaded.pixel, volume_nm, what, hint, log=log)
+        if normalization is None:
+            normalization = volume_normalization(volume, self.cfg, what=what)
+        reader = SliceReader(volume, indices, self.cfg.data.context_slices)
+        return PreparedVolume(self.predictor(scale), reader.read, len(reader), normalization)

@@ -97,20 +97,18 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     ``voxel_size`` is also the layer's pixel size that a model with a working ``data.pixel_size`` is rescaled
     against (as ``mitoseg predict``: :mod:`mitoseg.inference.session`).
     """
-    from mitoseg.data.readers import SliceReader
     from mitoseg.data.resample import in_plane_nm
-    from mitoseg.inference.session import input_scale, load_model, make_predictor, volume_normalization
+    from mitoseg.inference.session import Segmenter
     from mitoseg.instances import postprocess_labels
 
-    loaded = load_model(checkpoint, weights=weights, device=check_device(device))
-    cfg = loaded.cfg
+    segmenter = Segmenter.from_file(checkpoint, weights=weights, device=check_device(device))
+    cfg = segmenter.cfg
     if tta is not None:
         cfg.inference.tta = tta
-    scale = input_scale(loaded.pixel, in_plane_nm(voxel_size), "image layer",
-                        "the layer's scale in nm per pixel (its units nm or um)")
     num_slices = len(volume)
     yield 0, num_slices
-    normalization = volume_normalization(volume, cfg, what="image layer")
+    prepared = segmenter.prepare(volume, "image layer", in_plane_nm(voxel_size),
+                                 "the layer's scale in nm per pixel (its units nm or um)")
     k = cfg.data.num_classes
     labels = np.zeros(volume.shape, np.uint8 if k <= 256 else np.uint16)
     if output == OUTPUT_PROBABILITIES:
@@ -123,9 +121,7 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     if objects is not None and output != OUTPUT_PROBABILITIES:
         foreground = np.zeros(volume.shape, np.float32)
 
-    predictor = make_predictor(loaded, scale=scale)
-    reader = SliceReader(volume, context=cfg.data.context_slices)
-    for start, stop, probs in predictor.slabs(reader.read, num_slices, normalization):
+    for start, stop, probs in prepared.slabs():
         confidence, classes = probs.max(dim=1)
         labels[start:stop] = classes.cpu().numpy()
         if output == OUTPUT_PROBABILITIES:
@@ -135,7 +131,7 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
         if foreground is not None:
             foreground[start:stop] = (1.0 - probs[:, 0]).cpu().numpy()
         yield stop, num_slices
-    if predictor.postprocessing:
+    if prepared.predictor.postprocessing:
         def put(start: int, values: np.ndarray) -> None:
             labels[start:start + values.shape[0]] = values
 

@@ -448,20 +448,16 @@ def predict_slice(volume, z: int, checkpoint: Path, device: str = "auto", normal
     """Class labels of slice ``z`` of ``volume`` (an ``_ArrayVolume``) by ``checkpoint``:
     ``{"z", "labels" (y, x), "iteration", "checkpoint"}``. ``normalization``: the volume's, when known;
     ``voxel_size``: the volume's (z, y, x) nm, for a model with a working ``data.pixel_size``."""
-    from mitoseg.data.readers import SliceReader
     from mitoseg.data.resample import in_plane_nm
-    from mitoseg.inference.session import input_scale, make_predictor, volume_normalization
+    from mitoseg.inference.session import Segmenter
 
     loaded = load_session_model(checkpoint, device)
-    cfg, iteration = loaded.cfg, loaded.iteration
-    if normalization is None:
-        normalization = volume_normalization(volume, cfg, what="image layer")
-    reader = SliceReader(volume, indices=[int(z)], context=cfg.data.context_slices)
-    scale = input_scale(loaded.pixel, in_plane_nm(voxel_size), "image layer",
-                        "the layer's scale in nm per pixel (its units nm or um)", log=False)
-    predictor = make_predictor(loaded, scale=scale)
+    prepared = Segmenter(loaded).prepare(volume, "image layer", in_plane_nm(voxel_size),
+                                         "the layer's scale in nm per pixel (its units nm or um)", indices=[int(z)],
+                                         normalization=normalization, log=False)
+    iteration, normalization = loaded.iteration, prepared.normalization
     labels = None
-    for _, _, probs in predictor.slabs(reader.read, 1, normalization):
+    for _, _, probs in prepared.slabs():
         labels = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
     return {"z": int(z), "labels": labels, "iteration": iteration, "checkpoint": str(checkpoint),
             "normalization": normalization}
