@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable
 from mitoseg.errors import MitosegError
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # an output moved aside while its replacement is renamed in (replace_path)
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -71,9 +72,11 @@ def remove_path(path: str | os.PathLike) -> None:
 def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     """Delete the temporaries ``.NAME.tmp-PID`` of the output ``final`` whose process is gone (killed
     while writing it); those of living processes (another run writing the same output) are kept.
-    Returns what was removed."""
+    A previous output moved aside by a killed :func:`replace_path` (``.NAME.old-PID``) is put back when
+    ``final`` is missing, else removed. Returns what was removed."""
     final = Path(final)
     prefix = f".{final.name}{TMP_MARK}"
+    old_prefix = f".{final.name}{OLD_MARK}"
     removed = []
     try:
         entries = list(os.scandir(final.parent))
@@ -81,8 +84,16 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         pid = _owner(entry.name, prefix)
+        old_pid = _owner(entry.name, old_prefix)
         if pid is not None and pid != os.getpid() and not pid_alive(pid):
             remove_path(entry.path)
+            removed.append(Path(entry.path))
+        elif old_pid is not None and old_pid != os.getpid() and not pid_alive(old_pid):
+            # A replacement killed between its two renames: the old output comes back if nothing took its place.
+            if os.path.lexists(final):
+                remove_path(entry.path)
+            else:
+                os.replace(entry.path, final)
             removed.append(Path(entry.path))
     return removed
 
@@ -127,15 +138,68 @@ def disk_full_error(path: str | os.PathLike, kept: str | None = None) -> Mitoseg
     return MitosegError(message)
 
 
-def check_output_path(path: str | os.PathLike, what: str) -> None:
-    """Refuse an output whose folder cannot exist: one of its parents is a file (``FILE/out.tif``).
+_OS_CAUSES = {errno.EROFS: "a read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path under a file",
+              errno.ENAMETOOLONG: "a name too long", errno.EISDIR: "a directory is in the way"}
+
+
+def os_error_cause(exc: BaseException | None) -> OSError | None:
+    """The file-system error (read-only, permission, a path under a file, a full disk, ...) behind ``exc``,
+    following ``__cause__`` and ``__context__`` (libraries re-raise them as their own kinds); None if none."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def write_error(path: str | os.PathLike, exc: BaseException, kept: str | None = None) -> MitosegError | None:
+    """The one line for a write to ``path`` that failed because of the file system (None: not such a failure):
+    a full disk (:func:`disk_full_error`), or any other ``OSError`` with its reason."""
+    cause = os_error_cause(exc)
+    if cause is None:
+        return None
+    if cause.errno in _DISK_FULL:
+        return disk_full_error(path, kept)
+    reason = _OS_CAUSES.get(cause.errno) or cause.strerror or str(cause)
+    message = f"{os.fspath(path)}: cannot write ({reason})"
+    return MitosegError(message + (f"; {kept}" if kept else ""))
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return None
+
+
+def check_output_path(path: str | os.PathLike, what: str, size: int | None = None) -> None:
+    """The one check of an output before any work: its folder can exist (no parent is a file: ``FILE/out.tif``)
+    and can be written (permission, a read-only file system; ``size`` bytes free when the size is known).
     ``what`` names the option in the message."""
     path = Path(os.path.abspath(os.fspath(path)))
-    for parent in path.parents:
-        if os.path.lexists(parent):
-            if not parent.is_dir():
-                raise MitosegError(f"{what} {os.fspath(path)}: {parent} is a file, not a directory")
-            return
+    existing = _nearest_existing(path.parent)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise MitosegError(f"{what} {os.fspath(path)}: {existing} is a file, not a directory")
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise MitosegError(f"{what} {os.fspath(path)}: {existing} is on a read-only file system")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MitosegError(f"{what} {os.fspath(path)}: no permission to write in {existing}")
+    if os.path.lexists(path) and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise MitosegError(f"{what} {os.fspath(path)}: no permission to write in it")
+    if size is not None:
+        free = shutil.disk_usage(existing).free
+        if free < size:
+            raise MitosegError(f"{what} {os.fspath(path)}: {free / 1e9:.2f} GB free in {existing}, the output needs "
+                               f"about {size / 1e9:.2f} GB")
 
 
 def make_folder(folder: str | os.PathLike, what: str) -> None:
@@ -146,7 +210,60 @@ def make_folder(folder: str | os.PathLike, what: str) -> None:
     except OSError as exc:
         if disk_full_cause(exc):
             raise disk_full_error(folder) from exc
-        raise MitosegError(f"{what}: cannot create the folder {os.fspath(folder)} ({exc.strerror})") from exc
+        reason = _OS_CAUSES.get(exc.errno) or exc.strerror
+        raise MitosegError(f"{what}: cannot create the folder {os.fspath(folder)} ({reason})") from exc
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or file system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def replace_path(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished ``tmp`` (a file or a folder: a Zarr store, a bioimage.io package) at ``final``. A file is
+    renamed over it; a folder replacing an existing ``final`` is swapped with it in one step where the system
+    allows (``final`` is never missing, even for an instant), the old one then deleted from ``tmp``'s place;
+    elsewhere the old one is moved aside to ``.NAME.old-PID`` first (a kill between the two renames leaves it
+    there, and the next write of ``final`` puts it back or removes it: :func:`remove_stale_temporaries`)."""
+    tmp, final = os.fspath(tmp), os.fspath(final)
+    if not os.path.lexists(final) or not (os.path.isdir(tmp) or os.path.isdir(final)):
+        os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):
+        remove_path(tmp)  # the old output, now at the temporary's name
+        return
+    old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}{OLD_MARK}{os.getpid()}")
+    remove_path(old)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    remove_path(old)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], kept: str | None = None) -> None:
@@ -162,8 +279,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], kep
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except Exception as exc:
-        if disk_full_cause(exc):
-            raise disk_full_error(path, kept) from exc
+        error = write_error(path, exc, kept)
+        if error is not None:
+            raise error from exc
         raise
     finally:
         if os.path.lexists(tmp):

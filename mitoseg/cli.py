@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -100,6 +101,17 @@ def check_checkpoint_file(path, flag: str = "--checkpoint") -> None:
         raise MitosegError(f"checkpoint {path} is a directory; name a checkpoint file (RUN/best.pt or RUN/last.pt)")
     if not path.is_file():
         raise MitosegError(f"checkpoint not found: {path}")
+    import zipfile
+
+    # torch.save and torch.jit.save write zip archives: anything else cannot be a model, and saying so needs
+    # no torch import.
+    if not zipfile.is_zipfile(path):
+        if path.suffix.lower() == ".onnx":
+            raise MitosegError(f"{path} is an ONNX export (mitoseg export --format onnx), for ONNX Runtime and "
+                               "other tools; mitoseg takes the run's checkpoint (RUN/best.pt) or a TorchScript "
+                               "export (--format torchscript)")
+        raise MitosegError(f"{path}: not a mitoseg checkpoint, or the file is damaged or truncated (it is not a "
+                           "PyTorch file); name RUN/best.pt, RUN/last.pt or a TorchScript export")
 
 
 def check_input_volume(spec: str) -> None:
@@ -108,6 +120,33 @@ def check_input_volume(spec: str) -> None:
 
     if not Path(split_spec(spec)[0]).exists():
         raise MitosegError(f"{spec}: no such file or directory")
+
+
+# Floating-point inputs up to this size are checked for NaN / inf whole before torch is imported; larger ones
+# on evenly spaced slices (the prediction checks every slab it reads anyway).
+WHOLE_CHECK_BYTES = 2 * 2**30
+
+
+def check_input_content(spec: str) -> tuple[int, ...]:
+    """The input's content, before torch is imported (refusals in well under a second): the volume opens (an empty
+    slice folder, a truncated TIFF, a wrong shape or dtype are one line), and a floating-point one holds no NaN /
+    inf (every slice up to WHOLE_CHECK_BYTES, else evenly spaced ones). Returns its shape."""
+    import numpy as np
+
+    from mitoseg.data.readers import open_volume
+
+    with open_volume(spec, finite=True) as volume:
+        if volume.dtype.kind == "f":
+            z = len(volume)
+            size = int(np.prod(volume.shape)) * volume.dtype.itemsize
+            if size <= WHOLE_CHECK_BYTES:
+                for start in range(0, z, 16):
+                    volume.read(start, min(z, start + 16))
+            else:
+                count = max(2, int(z * WHOLE_CHECK_BYTES / size))
+                for index in sorted({int(i) for i in np.linspace(0, z - 1, num=count)}):
+                    volume.read(index, index + 1)
+        return tuple(volume.shape)
 
 
 def check_output_volume(spec: str | None, flag: str, overwrite: bool) -> None:
@@ -247,13 +286,16 @@ def cmd_predict(args) -> None:
     # Everything that can be checked without torch first: the input, the checkpoint, the outputs.
     check_input_volume(args.input)
     check_checkpoint_file(args.checkpoint)
-    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities),
-                       ("--instances", args.instances)):
+    for flag, spec in (("--output", args.output), ("--probabilities", args.probabilities)):
         check_output_volume(spec, flag, args.overwrite)
+    if args.instances:  # the objects' volume, table and options too: a refusal must come before the prediction
+        instance_options(args)
+        check_instance_outputs(args.instances, args.table, args.overwrite, "--instances")
     from mitoseg.data.ngff import resolve_level
 
     args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
     check_dask_options(args)
+    check_input_content(args.input)
     threads_from(args)
     from mitoseg.data.resample import volume_pixel_nm
     from mitoseg.inference.session import Segmenter, input_scale
@@ -347,32 +389,50 @@ def finish_predict(args) -> None:
         from mitoseg.instances.run import instances_command
 
         # The labels just written carry no voxel size: the image's metadata does.
-        instances_command(args.output, args.instances, instance_options(args), args.probabilities,
-                          args.voxel_size, args.table, args.overwrite, progress=not args.no_progress,
-                          metadata_from=args.input, ngff_version=args.ngff_version)
+        try:
+            instances_command(args.output, args.instances, instance_options(args), args.probabilities,
+                              args.voxel_size, args.table, args.overwrite, progress=not args.no_progress,
+                              metadata_from=args.input, ngff_version=args.ngff_version)
+        except MitosegError as exc:
+            raise MitosegError(f"{exc} ({args.output} is written and kept: mitoseg instances {args.output} --output "
+                               f"{args.instances} finishes the objects)") from exc
 
 
 def instance_options(args):
     from mitoseg.instances.segment import InstanceOptions
 
-    for flag, value in (("--min-voxels", args.min_voxels), ("--min-distance", args.min_distance)):
-        if value is not None and value < 0:
-            raise MitosegError(f"{flag} must be at least 0, got {value}")
+    if args.min_voxels is not None and args.min_voxels < 0:
+        raise MitosegError(f"--min-voxels must be at least 0, got {args.min_voxels}")
+    if args.min_distance is not None and args.min_distance < 1:
+        # 0 would make every foreground voxel its own seed: objects shattered into hundreds of pieces.
+        raise MitosegError(f"--min-distance must be at least 1 (voxels between two seeds), got {args.min_distance}")
     return InstanceOptions(min_voxels=args.min_voxels or 0, fill_holes=bool(getattr(args, "instance_fill_holes", False)),
                            split=args.split, min_distance=args.min_distance if args.min_distance is not None else 10,
                            slab=args.slab or 16)
+
+
+def check_instance_outputs(output: str, table: str | None, overwrite: bool, flag: str = "--output") -> None:
+    """The instance volume and its table, checked before any work (the table's default is next to the volume)."""
+    from mitoseg.instances.run import check_table_target, default_table_path
+
+    check_output_volume(output, flag, overwrite)
+    check_table_target(Path(table) if table else default_table_path(output), overwrite)
 
 
 def cmd_instances(args) -> None:
     check_input_volume(args.prediction)
     if args.probabilities:
         check_input_volume(args.probabilities)
-    check_output_volume(args.output, "--output", args.overwrite)
+    options = instance_options(args)
+    check_instance_outputs(args.output, args.table, args.overwrite)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise MitosegError(f"--threshold must be a finite number, got {args.threshold}")
     threads_from(args)
     from mitoseg.instances.run import instances_command
 
-    instances_command(args.prediction, args.output, instance_options(args), args.probabilities, args.voxel_size,
-                      args.table, args.overwrite, progress=not args.no_progress, ngff_version=args.ngff_version)
+    instances_command(args.prediction, args.output, options, args.probabilities, args.voxel_size,
+                      args.table, args.overwrite, progress=not args.no_progress, ngff_version=args.ngff_version,
+                      threshold=args.threshold)
 
 
 def default_metrics_path(prediction: str) -> Path:
@@ -520,6 +580,14 @@ def evaluate_checkpoint(args) -> None:
                                "and train.amp settings apply to evaluate")
     checkpoint = Path(args.checkpoint)
     check_checkpoint_file(checkpoint)
+    if args.image is not None and args.label is not None:  # an EM model's volumes, checked before torch
+        for flag, spec in (("--image", args.image), ("--label", args.label)):
+            if not Path(spec.split(":/", 1)[0]).exists():
+                raise MitosegError(f"{flag}: file not found: {spec}")
+        shapes = check_input_content(args.image), check_input_content(args.label)
+        if shapes[0] != shapes[1]:
+            raise MitosegError(f"{args.label}: label shape {shapes[1]} differs from image {args.image} shape "
+                               f"{shapes[0]}")
     # --image / --label are checked once the checkpoint says whether it is an EM model (they are refused
     # for the others), in evaluate_em_checkpoint.
     if args.json:
@@ -822,14 +890,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("instances", help="3-D objects and their measurements from a predicted mask",
-                       description="3-D connected components of the foreground (label > 0) of a predicted volume, "
+                       description="3-D connected components of the foreground (nonzero voxels; of a floating-point "
+                                   "mask, those above --threshold) of a predicted volume, "
                                    "optionally split where objects touch (a seeded watershed), small ones removed; "
                                    "uint32 ids 1..N, written slab by slab in bounded memory. Also writes a table "
                                    "of per-object measurements (CSV, or Parquet with pyarrow).",
                        epilog="example: mitoseg instances --prediction pred.tif --output objects.tif "
                               "--split distance --min-voxels 500 --voxel-size 5 5 5")
-    p.add_argument("--prediction", required=True, metavar="VOLUME", help="predicted label volume (mitoseg predict)")
+    p.add_argument("--prediction", required=True, metavar="VOLUME",
+                   help="predicted label volume (mitoseg predict), or any integer / boolean mask")
     p.add_argument("--output", required=True, metavar="VOLUME", help="instance volume to write (uint32)")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="a floating-point mask (probabilities): its voxels above T are the foreground (required for "
+                        "such masks; integer and boolean masks need none)")
     p.add_argument("--probabilities", metavar="VOLUME",
                    help="the class probabilities (mitoseg predict --probabilities): each object's mean foreground "
                         "probability, and the relief of --split probability")
@@ -955,6 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_sigterm = install_sigterm_handler()
     try:
         if hasattr(args, "threads"):  # checked here, applied by the command once its inputs are checked
             from mitoseg.threads import resolve_threads
@@ -980,7 +1054,32 @@ def main(argv: list[str] | None = None) -> int:
         where = f" writing {full.filename}" if full.filename else ""
         print(f"mitoseg: error: no space left on device{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from mitoseg.errors import Terminated
+
+        if isinstance(exc, Terminated):
+            print("mitoseg: terminated (SIGTERM); outputs not finished were removed", file=sys.stderr)
+            return Terminated.exit_code
         print("mitoseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous_sigterm is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0
+
+
+def install_sigterm_handler():
+    """SIGTERM raises :class:`~mitoseg.errors.Terminated` (a KeyboardInterrupt: every cleanup of Ctrl-C runs);
+    returns the previous handler (None: not the main thread, where handlers cannot be installed)."""
+    import signal
+    import threading
+
+    from mitoseg.errors import raise_terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, raise_terminated)
+    return previous if previous is not None else signal.SIG_DFL

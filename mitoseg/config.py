@@ -48,6 +48,28 @@ _ConfigLoader.add_implicit_resolver(
 )
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping that names a key twice: YAML would silently keep the last value."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise DuplicateKey(f"key '{key}' appears twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        except TypeError:  # an unhashable key: the constructor below reports it
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              lambda loader, node: _construct_mapping(loader, node))
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_ConfigLoader)
 

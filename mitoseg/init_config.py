@@ -120,7 +120,8 @@ def inspect_volumes(image: str, label: str, slab: int = 16) -> Inspection:
     """Shape and dtype of both volumes, the label values and the slices holding a non-zero label."""
     from mitoseg.data.readers import open_volume
 
-    with open_volume(image) as img, open_volume(label) as lab:
+    # finite: a NaN / inf pixel, which training would refuse, is named here, by its slice.
+    with open_volume(image, finite=True) as img, open_volume(label) as lab:
         if len(img.shape) != 3:
             raise MitosegError(f"--image {image}: a (z, y, x) volume is needed, got shape {tuple(img.shape)}")
         if tuple(img.shape) != tuple(lab.shape):
@@ -132,6 +133,7 @@ def inspect_volumes(image: str, label: str, slab: int = 16) -> Inspection:
         values: set[int] = set()
         labeled: list[int] = []
         for start in range(0, lab.shape[0], slab):
+            img.read(start, min(start + slab, img.shape[0]))  # the image's values checked with the labels'
             block = np.asarray(lab.read(start, min(start + slab, lab.shape[0])))
             if block.dtype.kind == "f":
                 if not np.all(np.isfinite(block)) or np.any(block != np.round(block)):
@@ -353,6 +355,12 @@ def init_command(image: str, label: str, method: str, device: str | None, output
         raise MitosegError(f"--method must be one of {', '.join(METHODS)}, got {method}")
     out = Path(output) if output else Path(f"{Path(_file_part(image)).name.split('.')[0] or 'volume'}_{method}.yaml")
     check_inputs(image, label, out, overwrite)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MitosegError("--gpu: this machine has no CUDA GPU, and train refuses device cuda without one; "
+                               "write the config on the GPU machine, or use --cpu here")
     found = inspect_volumes(image, label)
     profile = {"cpu": CPU, "cuda": GPU}[device or detect_device()]
     text, summary = build_config_text(absolute_spec(image), absolute_spec(label), method, profile, found,

@@ -89,7 +89,12 @@ def test_input_errors_are_found_before_torch_and_monai_are_imported(tmp_path, ti
     (tmp_path / "out" / "something").write_text("x")
     (tmp_path / "exists.tif").write_bytes(b"x")
     (tmp_path / "exists.json").write_text("{}")
-    (tmp_path / "fake.pt").write_bytes(b"x")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "fake.pt", "w") as archive:  # a zip, as torch.save writes: checked later
+        archive.writestr("data.pkl", b"x")
+    (tmp_path / "image.pt").write_bytes(b"\x89PNG not a model")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07onnx protobuf")
     good = tiny_config_dict(tiny_volumes)
     (tmp_path / "good.yaml").write_text(yaml.safe_dump(good))
     missing_data = tiny_config_dict(tiny_volumes)
@@ -116,6 +121,11 @@ def test_input_errors_are_found_before_torch_and_monai_are_imported(tmp_path, ti
         (["export", "--checkpoint", "nowhere.pt", "--format", "torchscript", "--output", "m.pt"], {}),
         (["init", "--image", "nowhere.tif", "--label", label], {}),
         (["init", "--image", image, "--label", label, "--output", "exists.json"], {}),
+        (["predict", "--checkpoint", "image.pt", "--input", image, "--output", "q.tif"], {}),
+        (["predict", "--checkpoint", "model.onnx", "--input", image, "--output", "q.tif"], {}),
+        (["evaluate", "--checkpoint", "fake.pt", "--image", image, "--label", str(tiny_volumes["val_label"])], {}),
+        (["instances", "--prediction", label, "--output", "i.tif", "--min-distance", "0"], {}),
+        (["instances", "--prediction", label, "--output", "i.tif", "--table", "exists.tif/t.csv"], {}),
     ]
     result = subprocess.run([sys.executable, "-c", EARLY_ERRORS, str(tmp_path), json.dumps(cases)],
                             capture_output=True, text=True, timeout=120)
@@ -127,6 +137,9 @@ def test_input_errors_are_found_before_torch_and_monai_are_imported(tmp_path, ti
     assert not report["torch"] and not report["monai"]
     assert "MITOSEG_THREADS must be a whole number" in errors[7]
     assert "exists.tif exists; pass --overwrite" in errors[10]
+    assert "image.pt: not a mitoseg checkpoint" in errors[19] and "ONNX Runtime" in errors[20]
+    assert "label shape" in errors[21] and "--min-distance must be at least 1" in errors[22]
+    assert "exists.tif is a file, not a directory" in errors[23]
 
 
 # ------------------------------------------------------------------ threads
@@ -228,9 +241,19 @@ def test_init_writes_a_commented_config_for_the_painted_slices_that_trains(paint
 
 
 def test_init_sizes_for_a_gpu_and_handles_supervised_and_few_labels(painted, monkeypatch, capsys):
+    import torch
+
     monkeypatch.chdir(painted)
-    code, _, err = run_cli(["init", "--image", "stack.tif", "--label", "labels.tif", "--gpu", "--method",
-                            "supervised", "--output", "gpu.yaml"], capsys)
+    arguments = ["init", "--image", "stack.tif", "--label", "labels.tif", "--gpu", "--method", "supervised",
+                 "--output", "gpu.yaml"]
+    # train would refuse device cuda on a machine without one: init says so (and writes nothing) ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(arguments, capsys)
+    assert_one_line_error(code, err, "--gpu", "no CUDA GPU", "--cpu")
+    assert not (painted / "gpu.yaml").exists()
+    # ... and on a machine with one it writes the GPU recipe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, _, err = run_cli(arguments, capsys)
     assert code == 0, err
     cfg = load_config("gpu.yaml")
     assert cfg.device == "cuda" and cfg.model.channels == [32, 64, 128, 256, 512] and cfg.model.strides == [2] * 4

@@ -570,3 +570,243 @@ def test_training_killed_at_random_iterations_and_resumed_three_times_ends_bit_i
     iterations = [json.loads(line)["iter"] for line in (run / "metrics.jsonl").read_text().splitlines()
                   if json.loads(line)["split"] == "train"]
     assert iterations == list(range(1, 25)), (seed, kills)
+
+
+# ---------------------------------------------------- 8. Reliability II: outputs, masks, signals, refusals
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """``folder`` reports a read-only file system (as a read-only mount does) to mitoseg's checks."""
+    real = os.statvfs
+    folder = os.path.abspath(folder)
+
+    class Flags:
+        def __init__(self, result):
+            self._result = result
+            self.f_flag = result.f_flag | os.ST_RDONLY
+
+        def __getattr__(self, name):
+            return getattr(self._result, name)
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Flags(real(path)) if os.path.abspath(path) == folder
+                        else real(path))
+
+
+def test_an_output_on_a_read_only_file_system_is_one_line_before_any_work(tmp_path, tiny_volumes, trained, capsys,
+                                                                           monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    read_only(monkeypatch, ro)
+    image, label = tiny_volumes["val_image"], tiny_volumes["val_label"]
+    cases = [
+        ["init", "--image", image, "--label", label, "--cpu", "--output", ro / "c.yaml"],
+        ["export", "--checkpoint", trained / "best.pt", "--format", "torchscript", "--output", ro / "m.pt"],
+        ["export", "--checkpoint", trained / "best.pt", "--format", "onnx", "--output", ro / "m.onnx"],
+        ["evaluate", "--prediction", label, "--label", label, "--json", ro / "m.json"],
+        ["instances", "--prediction", label, "--output", tmp_path / "i.tif", "--table", ro / "t.csv"],
+        ["predict", "--checkpoint", trained / "best.pt", "--input", image, "--output", ro / "p.tif"],
+        ["train", "--config", write_config(tmp_path / "c.yaml", tiny_volumes), "--out", ro / "run"],
+    ]
+    for args in cases:
+        code, out, err = run_cli([*args, "--no-progress"] if args[0] in ("predict", "train", "instances", "evaluate")
+                                 else args, capsys)
+        one_line(code, err, 2, "read-only file system", ro)
+        assert out == "", (args, out)
+    assert list(ro.iterdir()) == [] and not (tmp_path / "i.tif").exists()
+
+
+def test_resume_into_a_folder_that_became_read_only_is_one_line(tmp_path, tiny_volumes, capsys, monkeypatch):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_volumes, iterations=4, checkpoint_every=2)
+    assert main(["train", "--config", str(config), "--out", str(run), "--no-progress", "--max-iters", "2"]) == 0
+    capsys.readouterr()
+    read_only(monkeypatch, run)
+    code, _, err = run_cli(["train", "--resume", "--out", run, "--no-progress"], capsys)
+    one_line(code, err, 2, "read-only file system", run)
+
+
+def test_any_write_failure_of_the_file_system_is_one_line(tmp_path):
+    """Permission denied, a read-only file system met while writing, ...: one line naming the output."""
+    import errno
+
+    from mitoseg.atomic import write_atomic
+    from mitoseg.errors import MitosegError
+
+    for code, reason in ((errno.EACCES, "permission denied"), (errno.EROFS, "a read-only file system")):
+        def fail(handle, code=code):
+            raise OSError(code, os.strerror(code))
+
+        with pytest.raises(MitosegError, match=f"out.bin: cannot write \\({reason}\\)"):
+            write_atomic(tmp_path / "out.bin", fail)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_every_output_of_predict_and_instances_is_checked_before_the_first_byte(tmp_path, tiny_volumes, trained,
+                                                                                capsys):
+    (tmp_path / "file").write_text("x")
+    image, label = tiny_volumes["val_image"], tiny_volumes["val_label"]
+    predict = ["predict", "--checkpoint", trained / "best.pt", "--input", image, "--output", tmp_path / "p.tif",
+               "--no-progress"]
+    cases = [
+        ([*predict, "--instances", tmp_path / "i.tif", "--table", tmp_path / "file" / "t.csv"], "is a file"),
+        ([*predict, "--instances", tmp_path / "i.tif", "--table", tmp_path / "t.parquet"], "pyarrow"),
+        ([*predict, "--instances", tmp_path / "file" / "i.tif"], "is a file"),
+        ([*predict, "--instances", tmp_path / "i.tif", "--min-distance", "0"], "--min-distance"),
+        (["instances", "--prediction", label, "--output", tmp_path / "i.tif", "--table", tmp_path / "file" / "t.csv"],
+         "is a file"),
+        (["instances", "--prediction", label, "--output", tmp_path / "i.tif", "--table", tmp_path / "t.parquet"],
+         "pyarrow"),
+    ]
+    for args, needle in cases:
+        code, out, err = run_cli(args, capsys)
+        one_line(code, err, 2, needle)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], args
+
+
+def test_instances_reads_masks_as_masks(tmp_path, capsys):
+    cubes = np.zeros((12, 24, 24), np.float32)
+    cubes[2:6, 2:8, 2:8] = 0.9
+    cubes[6:10, 12:20, 12:20] = 0.9
+    cubes[cubes == 0] = 0.2  # a probability map: "nonzero" would be the whole volume
+    tifffile.imwrite(tmp_path / "p.tif", cubes)
+    base = ["instances", "--prediction", tmp_path / "p.tif", "--no-progress"]
+    code, _, err = run_cli([*base, "--output", tmp_path / "a.tif"], capsys)
+    one_line(code, err, 2, "floating-point mask", "--threshold")
+    assert not (tmp_path / "a.tif").exists()
+    code, out, err = run_cli([*base, "--output", tmp_path / "a.tif", "--threshold", "0.5"], capsys)
+    assert code == 0, err
+    assert int(tifffile.imread(tmp_path / "a.tif").max()) == 2
+    nan = cubes.copy()
+    nan[7, 0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    code, _, err = run_cli(["instances", "--prediction", tmp_path / "nan.tif", "--output", tmp_path / "b.tif",
+                            "--threshold", "0.5", "--no-progress"], capsys)
+    one_line(code, err, 2, "slice 7", "NaN")
+    assert not (tmp_path / "b.tif").exists()
+    signed = np.where(cubes > 0.5, -1, 0).astype(np.int16)  # a -1 / 0 mask: its nonzero voxels are objects
+    tifffile.imwrite(tmp_path / "s.tif", signed)
+    code, _, err = run_cli(["instances", "--prediction", tmp_path / "s.tif", "--output", tmp_path / "c.tif",
+                            "--no-progress"], capsys)
+    assert code == 0, err
+    assert int(tifffile.imread(tmp_path / "c.tif").max()) == 2
+    code, _, err = run_cli(["instances", "--prediction", tmp_path / "s.tif", "--output", tmp_path / "d.tif",
+                            "--split", "distance", "--min-distance", "0"], capsys)
+    one_line(code, err, 2, "--min-distance must be at least 1")
+    code, _, err = run_cli(["evaluate", "--prediction", tmp_path / "p.tif", "--label", tmp_path / "s.tif",
+                            "--instances", "--no-progress"], capsys)
+    one_line(code, err, 2, "floating-point")
+
+
+def test_a_config_naming_a_key_twice_is_refused(tmp_path, tiny_volumes, capsys):
+    text = yaml.safe_dump(tiny_config_dict(tiny_volumes)).replace("optim:\n", "optim:\n  lr: 0.5\n", 1)
+    (tmp_path / "dup.yaml").write_text(text)
+    code, _, err = run_cli(["train", "--config", tmp_path / "dup.yaml", "--out", tmp_path / "run"], capsys)
+    one_line(code, err, 2, "dup.yaml", "key 'lr' appears twice")
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_refuses_an_image_with_nan(tmp_path, tiny_volumes, capsys):
+    image = tifffile.imread(tiny_volumes["train_image"]).astype(np.float32)
+    image[3, 1, 1] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", image, photometric="minisblack")
+    code, _, err = run_cli(["init", "--image", tmp_path / "nan.tif", "--label", tiny_volumes["train_label"],
+                            "--cpu", "--output", tmp_path / "c.yaml"], capsys)
+    one_line(code, err, 2, "nan.tif", "slice 3")
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_content_refusals_of_predict_come_before_torch(tmp_path, tiny_volumes, trained):
+    """An empty slice folder, NaN pixels, a truncated TIFF: refused before torch is imported."""
+    (tmp_path / "empty").mkdir()
+    image = tifffile.imread(tiny_volumes["val_image"]).astype(np.float32)
+    image[2, 0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", image, photometric="minisblack")
+    data = Path(tiny_volumes["val_image"]).read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    code = ("import json, sys; from mitoseg.cli import main; codes = [main(['predict', '--checkpoint', sys.argv[1], "
+            "'--input', i, '--output', 'o.tif', '--no-progress']) for i in sys.argv[2:]]; "
+            "print(json.dumps([codes, 'torch' in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code, str(trained / "best.pt"), "empty", "nan.tif", "cut.tif"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    codes, torch_imported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert codes == [2, 2, 2] and not torch_imported, result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert "empty" in errors[0] and "slice 2" in errors[1] and "cut.tif" in errors[2], errors
+
+
+def wait_for(condition, proc, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.005)
+
+
+def test_sigterm_during_predict_is_a_line_exit_143_and_nothing_left(tmp_path, trained):
+    tifffile.imwrite(tmp_path / "big.tif", np.random.default_rng(0).integers(0, 255, (160, 128, 128), np.uint8))
+    proc = subprocess.Popen([sys.executable, "-m", "mitoseg", "predict", "--checkpoint", trained / "best.pt",
+                             "--input", tmp_path / "big.tif", "--output", tmp_path / "p.tif", "--no-progress",
+                             "--tta", "--slab", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: temporaries(tmp_path) != [], proc, "the output's temporary")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("mitoseg: terminated (SIGTERM)")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif"]
+
+
+def test_sigterm_during_training_saves_last_pt_and_exits_143(tmp_path, long_config):
+    config, reference = long_config
+    run = tmp_path / "run"
+    proc = start_training("--config", config, "--out", run)
+    wait_for_iteration(proc, run, 7)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    reached = int(re.search(r"terminated \(SIGTERM\) at iteration (\d+); last.pt is saved at this iteration", out)[1])
+    assert load(run / "last.pt")["iteration"] == reached >= 7 and temporaries(run) == []
+    code, _, err = mitoseg("train", "--resume", "--out", run, "--no-progress")
+    assert code == 0, err
+    assert_same_training_state(reference, load(run / "last.pt"))
+
+
+def test_a_folder_output_is_never_missing_while_it_is_replaced(tmp_path):
+    from mitoseg.atomic import remove_stale_temporaries, replace_path
+
+    final, new = tmp_path / "out.zarr", tmp_path / ".out.zarr.tmp-1"
+    (final / "old").mkdir(parents=True)
+    (new / "new").mkdir(parents=True)
+    replace_path(new, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"] and (final / "new").is_dir()
+    # A replacement killed between its two renames (systems without an atomic exchange): the old output is put
+    # back by the next write of the same output, or removed when a new one took its place.
+    pid = dead_pid()
+    final.rename(tmp_path / f".out.zarr.old-{pid}")
+    remove_stale_temporaries(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"] and (final / "new").is_dir()
+    (tmp_path / f".out.zarr.old-{pid}").mkdir()
+    remove_stale_temporaries(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_the_object_table_temporary_belongs_to_its_process(tmp_path, capsys):
+    mask = np.zeros((6, 16, 16), np.uint8)
+    mask[1:4, 2:6, 2:6] = 1
+    tifffile.imwrite(tmp_path / "m.tif", mask)
+    stale = tmp_path / f".t.csv.tmp-{dead_pid()}"
+    stale.write_text("half a table")
+    code, _, err = run_cli(["instances", "--prediction", tmp_path / "m.tif", "--output", tmp_path / "i.tif",
+                            "--table", tmp_path / "t.csv", "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.tif", "m.tif", "t.csv"]
+
+
+def test_an_unreachable_dask_scheduler_is_refused_within_seconds(tmp_path, tiny_volumes, trained):
+    pytest.importorskip("distributed")
+    start = time.monotonic()
+    code, _, err = mitoseg("predict", "--checkpoint", trained / "best.pt", "--input", tiny_volumes["val_image"],
+                           "--output", tmp_path / "p.zarr", "--dask", "tcp://127.0.0.1:1", "--no-progress")
+    one_line(code, err, 2, "tcp://127.0.0.1:1", "cannot reach the scheduler")
+    assert time.monotonic() - start < 25  # torch and the checkpoint take a few seconds; Dask's default waits 30
+    assert not (tmp_path / "p.zarr").exists()

@@ -43,6 +43,7 @@ from mitoseg.atomic import (
     disk_full_error,
     remove_path,
     remove_stale_temporaries,
+    replace_path,
     temporary_path,
 )
 from mitoseg.data.paths import (  # noqa: F401  (READABLE, WRITABLE, split_spec: readers' names for callers)
@@ -760,20 +761,8 @@ def _remove(path: str) -> None:
 
 
 def _move_into_place(tmp: str, final: str) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is deleted only once ``tmp`` is in place."""
-    if os.path.lexists(final) and (os.path.isdir(tmp) or os.path.isdir(final)):
-        # os.replace cannot put a directory over an existing path, so move the old one aside.
-        old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
-        _remove(old)
-    else:
-        os.replace(tmp, final)
+    """Put ``tmp`` at ``final`` (a folder output swapped in one step: :func:`mitoseg.atomic.replace_path`)."""
+    replace_path(tmp, final)
 
 
 class VolumeWriter:

@@ -26,7 +26,7 @@ from mitoseg import distributed
 from mitoseg.atomic import make_folder, remove_stale_temporaries_in, write_text_atomic
 from mitoseg.config import config_to_dict
 from mitoseg.engine.logging import NullLogger, RunLogger
-from mitoseg.errors import TrainingDiverged
+from mitoseg.errors import Terminated, TrainingDiverged
 from mitoseg.metrics import headline_metric
 from mitoseg.runs import BEST, CONFIG, INSPECT, LAST, SUMMARY, json_safe
 
@@ -45,6 +45,7 @@ class Loop:
     timed_out: bool = False  # --max-minutes ended the run
     budget_spent: bool = False  # train.max_minutes ended the run
     saved_on_interrupt: bool = False
+    stop_exception: BaseException = field(default_factory=KeyboardInterrupt)  # Ctrl-C's, or SIGTERM's Terminated
     summary: dict | None = None
 
 
@@ -127,6 +128,7 @@ class Interrupt(Handler):
     def iteration_completed(self, trainer, loop):
         # A log step may set it too (another rank's Ctrl-C): see synced.
         loop.stop = loop.stop or (self.request.requested and not trainer.dist.enabled)
+        loop.stop_exception = self.request.exception()
 
     def sync_values(self, trainer, loop):
         if not trainer.dist.enabled:
@@ -142,9 +144,10 @@ class Interrupt(Handler):
     def failed(self, trainer, loop, exc):
         self.request.__exit__(None, None, None)
         if isinstance(exc, KeyboardInterrupt):
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             where = "last.pt is saved at this iteration" if loop.saved_on_interrupt else \
                 "stopped at once, without saving"
-            tqdm.write(f"interrupted at iteration {trainer.iteration}; {where}: continue with --resume --out "
+            tqdm.write(f"{what} at iteration {trainer.iteration}; {where}: continue with --resume --out "
                        f"{trainer.out_dir}")
 
 
@@ -288,7 +291,7 @@ class Checkpoints(Handler):
             trainer.save(LAST)
         if loop.stop:
             loop.saved_on_interrupt = True
-            raise KeyboardInterrupt
+            raise loop.stop_exception
 
 
 class Summary(Handler):
@@ -333,29 +336,40 @@ def default_handlers(trainer) -> list[Handler]:
 
 
 class InterruptRequest:
-    """Ctrl-C (SIGINT) during training as a request: the loop finishes the iteration it is in, saves last.pt
-    there and stops (exit status 130); a second Ctrl-C stops at once. Only the main thread can install
-    signal handlers: elsewhere (a napari worker, say) Ctrl-C keeps its default meaning."""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) during training as a request: the loop finishes the iteration
+    it is in, saves last.pt there and stops (exit status 130, or 143 for SIGTERM); a second signal stops at once.
+    Only the main thread can install signal handlers: elsewhere (a napari worker, say) the signals keep their
+    meaning."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "InterruptRequest":
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
-                self._previous = previous if previous is not None else signal.default_int_handler
-                signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+                    continue
+                self._previous[signum] = previous if previous is not None else signal.SIG_DFL
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("interrupt: saving last.pt at the end of this iteration (press Ctrl-C again to stop at once)")
+            raise self.exception()
+        self.requested, self.signum = True, signum
+        name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+        tqdm.write(f"{name}: saving last.pt at the end of this iteration (a second one stops at once)")
+
+    def exception(self) -> KeyboardInterrupt:
+        """What stops the loop: :class:`~mitoseg.errors.Terminated` for SIGTERM, else KeyboardInterrupt."""
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
 
     def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mitoseg.atomic import make_folder, remove_path, remove_stale_temporaries, temporary_path
+from mitoseg.atomic import make_folder, remove_path, remove_stale_temporaries, replace_path, temporary_path
 from mitoseg.errors import MitosegError
 from mitoseg.export.source import ExportSource, metadata_json
 from mitoseg.runs import SUMMARY
@@ -596,11 +596,7 @@ def export_bioimageio(source: ExportSource, output: Path, name: str | None = Non
                 built = Path(save_bioimageio_package(descr, output_path=work / "package.zip"))
             else:
                 built = Path(save_bioimageio_package_as_folder(descr, output_path=work / "package"))
-        if output.is_dir() and not output.is_symlink():
-            # A folder cannot be renamed over a folder: the previous package goes into the temporary, which
-            # is deleted below, and the new one takes its place.
-            os.replace(output, work / "previous")
-        os.replace(built, output)
+        replace_path(built, output)  # a previous folder package is swapped out in one step, then deleted
     finally:
         remove_path(work)
     facts.update({"name": name, "authors": authors,

@@ -42,6 +42,10 @@ _RETRIES = 1
 # ---------------------------------------------------------------------------- addresses and blocks
 
 
+# A scheduler that answers does so within a second or two; one that does not is refused after this long (Dask's
+# default would wait 30 s).
+CONNECT_TIMEOUT_S = 5
+
 def parse_address(text: str) -> tuple[str, Any]:
     """``local:N`` -> ("local", N); ``tcp://HOST:PORT`` (or another scheme Dask speaks) -> ("address", text)."""
     text = text.strip()
@@ -195,7 +199,7 @@ def connect(address: str):
             client = stack.enter_context(Client(cluster))
         else:
             try:
-                client = stack.enter_context(Client(value, timeout="30s"))
+                client = stack.enter_context(Client(value, timeout=f"{CONNECT_TIMEOUT_S}s"))
             except (OSError, TimeoutError) as exc:
                 raise MitosegError(f"--dask {value}: cannot reach the scheduler ({exc})") from exc
         yield client

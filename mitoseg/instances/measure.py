@@ -11,6 +11,7 @@ bounding box. Volumes and areas are in um^3 / um^2 when the voxel size is known
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from mitoseg.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from mitoseg.errors import MitosegError
 from mitoseg.instances.components import iter_slabs
 
@@ -126,7 +128,7 @@ def measure_objects(ids, count: int, voxel_size_nm=None,
 
 def write_table(measurements: Measurements, path: str | Path) -> Path:
     """The per-object table as CSV (or Parquet for a ``.parquet`` path, with pyarrow), written to a
-    temporary file and renamed. Column names carry the units (``volume_um3``, ``centroid_z_um``, ...)."""
+    temporary file of this process (``.NAME.tmp-PID``; those of killed runs removed first) and renamed. Column names carry the units (``volume_um3``, ``centroid_z_um``, ...)."""
     path = Path(path)
     unit = {"um^3": "um3", "voxel^3": "voxel3"}[measurements.volume_unit]
     area = {"um^2": "um2", "voxel^2": "voxel2"}[measurements.area_unit]
@@ -137,7 +139,7 @@ def write_table(measurements: Measurements, path: str | Path) -> Path:
     columns = [c for c in COLUMNS if c != "mean_probability" or
                any(row["mean_probability"] is not None for row in measurements.rows)]
     header = [names.get(c, c) for c in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
+    remove_stale_temporaries(path)
     if path.suffix.lower() == ".parquet":
         try:
             import pyarrow as pa
@@ -146,14 +148,14 @@ def write_table(measurements: Measurements, path: str | Path) -> Path:
             raise MitosegError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow); or name a .csv "
                                "file") from exc
         table = pa.table({name: [row[c] for row in measurements.rows] for name, c in zip(header, columns)})
-        pq.write_table(table, tmp)
+        write_atomic(path, lambda handle: pq.write_table(table, handle))
     else:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            for row in measurements.rows:
-                writer.writerow([_cell(row[c]) for c in columns])
-    tmp.replace(path)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(header)
+        for row in measurements.rows:
+            writer.writerow([_cell(row[c]) for c in columns])
+        write_text_atomic(path, text.getvalue())
     return path
 
 

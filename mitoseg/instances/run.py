@@ -29,13 +29,48 @@ def default_table_path(output: str) -> Path:
 
 
 def check_table_target(table: Path, overwrite: bool) -> None:
-    """Refused before any work: an existing table is replaced only with --overwrite."""
+    """Refused before any work: a folder, another format, a Parquet table without pyarrow, a place that cannot be
+    written (:func:`mitoseg.atomic.check_output_path`); an existing table is replaced only with --overwrite."""
+    import importlib.util
+
+    from mitoseg.atomic import check_output_path
+
     if table.is_dir():
         raise MitosegError(f"--table {table} is a folder; name a .csv or .parquet file")
     if table.suffix.lower() not in (".csv", ".parquet"):
         raise MitosegError(f"--table {table}: name a .csv or .parquet file")
+    if table.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise MitosegError(f"--table {table}: writing Parquet needs pyarrow (pip install pyarrow); or name a .csv file")
+    check_output_path(table, "--table")
     if table.exists() and not overwrite:
         raise MitosegError(f"{table} exists; pass --overwrite to replace it")
+
+
+def mask_reader(volume, spec: str, threshold: float | None = None) -> Callable[[int, int], np.ndarray]:
+    """The foreground of a mask volume, slab by slab (``read(start, stop)`` -> bool): the nonzero voxels of an
+    integer or boolean mask (``-1 / 0`` included, as scikit-image's ``label`` reads them); of a floating-point
+    one (probabilities, a resampled mask) the voxels above ``threshold``, which it then needs (one line
+    otherwise: a float mask read as "nonzero" is the whole volume). NaN / inf voxels are refused, naming the
+    slice."""
+    kind = volume.dtype.kind
+    if kind == "f" and threshold is None:
+        raise MitosegError(f"{spec}: a floating-point mask ({volume.dtype}, e.g. probabilities); pass --threshold T "
+                           "to take the values above T as foreground, or give an integer or boolean mask")
+    if kind != "f" and threshold is not None:
+        raise MitosegError(f"--threshold is for floating-point masks; {spec} holds {volume.dtype} labels "
+                           "(their nonzero voxels are the foreground)")
+
+    def read(start: int, stop: int) -> np.ndarray:
+        values = np.asarray(volume.read(start, stop))
+        if kind != "f":
+            return values != 0
+        finite = np.isfinite(values)
+        if not finite.all():
+            z = start + int(np.argwhere(~finite)[0][0])
+            raise MitosegError(f"{spec}: slice {z} holds NaN or inf values; a mask needs a value in every voxel")
+        return values > threshold
+
+    return read
 
 
 def foreground_reader(probabilities) -> Callable[[int, int], np.ndarray]:
@@ -50,7 +85,7 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
                    options: InstanceOptions, voxel_size=None, read_probability=None, table: Path | None = None,
                    overwrite: bool = False, progress: bool = True,
                    ngff_version: str | None = None) -> tuple[Measurements, Path]:
-    """Instances of the foreground (label > 0) of a label volume, written as uint32 to ``output`` with
+    """Instances of the foreground (``read_labels(start, stop)``: bool, or labels whose nonzero voxels it is), written as uint32 to ``output`` with
     their measurements in ``table`` (default ``INST_objects.csv``). Memory is bounded by the slab. An output
     named ``*.ome.zarr`` is an OME-Zarr label image (scale: ``voxel_size``; ``ngff_version`` 0.5 or 0.4)."""
     table = Path(table) if table is not None else default_table_path(output)
@@ -60,7 +95,7 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
     with scratch_volumes(Path(split_spec(output)[0]).parent) as scratch, \
             VolumeWriter(output, shape, np.uint32, overwrite=overwrite, voxel_size=voxel_size, labels=True,
                          ngff_version=ngff_version) as writer:
-        ids, count = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) > 0, shape, options,
+        ids, count = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) != 0, shape, options,
                                        spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability,
                                        scratch=scratch, progress=progress)
         measurements = measure_objects(ids, count, voxel_size, read_probability, slab=options.slab,
@@ -74,7 +109,7 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
 def instances_command(prediction: str, output: str, options: InstanceOptions, probabilities: str | None = None,
                       voxel_size=None, table: str | None = None, overwrite: bool = False,
                       progress: bool = True, metadata_from: str | None = None,
-                      ngff_version: str | None = None) -> None:
+                      ngff_version: str | None = None, threshold: float | None = None) -> None:
     """``mitoseg instances``: the voxel size (nm, z y x) as given, else from the metadata of ``metadata_from``
     (default: the prediction's file)."""
     with contextlib.ExitStack() as stack:
@@ -87,7 +122,8 @@ def instances_command(prediction: str, output: str, options: InstanceOptions, pr
                                    f"prediction {prediction} of shape {labels.shape} (expected (z, C, y, x))")
             read_probability = foreground_reader(probs)
         size, source = resolve_voxel_size(voxel_size, metadata_from or prediction)
-        measurements, table_path = make_instances(labels.read, labels.shape, output, options, size, read_probability,
+        read_mask = mask_reader(labels, prediction, threshold)
+        measurements, table_path = make_instances(read_mask, labels.shape, output, options, size, read_probability,
                                                   Path(table) if table else None, overwrite, progress,
                                                   ngff_version=ngff_version)
     report(measurements, output, table_path, source)
@@ -114,8 +150,15 @@ def report(measurements: Measurements, output: str, table: Path, source: str | N
 
 def read_instances(spec: str, kind: str, slab: int, stack: contextlib.ExitStack, progress: bool):
     """(read, shape) of an instance volume; a semantic one (``kind`` semantic, or auto with values 0 / 1 only)
-    is labelled into 3-D components first (in a scratch file)."""
+    is labelled into 3-D components first (in a scratch file). Object ids are integers: a floating-point
+    volume, or one with NaN or negative values, is refused."""
     volume = stack.enter_context(open_volume(spec))
+    if volume.dtype.kind == "f":
+        raise MitosegError(f"{spec}: a floating-point volume ({volume.dtype}); objects and masks are integer or "
+                           "boolean volumes (mitoseg instances --threshold T makes objects of probabilities)")
+    if volume.dtype.kind == "i" and min(int(volume.read(s, e).min(initial=0))
+                                        for s, e in iter_slabs(len(volume), slab)) < 0:
+        raise MitosegError(f"{spec}: negative values; object ids and mask values are 0 (background) or positive")
     if kind == "auto":
         highest = max(int(volume.read(s, e).max(initial=0)) for s, e in iter_slabs(len(volume), slab))
         kind = "semantic" if highest <= 1 else "instance"
