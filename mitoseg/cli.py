@@ -295,7 +295,14 @@ def cmd_predict(args) -> None:
 
     args.input = resolve_level(args.input, args.level)  # --level N: that level of an OME-Zarr image
     check_dask_options(args)
-    check_input_content(args.input)
+    z, y, x = check_input_content(args.input)[:3]
+    # Room for the uncompressed TIFF outputs (labels uint8, probabilities float16 of at least 2 classes).
+    from mitoseg.atomic import check_output_path
+    from mitoseg.data.paths import TIFF_SUFFIXES, file_suffix
+
+    for spec, per_voxel, flag in ((args.output, 1, "--output"), (args.probabilities, 4, "--probabilities")):
+        if spec and file_suffix(spec) in TIFF_SUFFIXES:
+            check_output_path(spec, flag, size=z * y * x * per_voxel)
     threads_from(args)
     from mitoseg.data.resample import volume_pixel_nm
     from mitoseg.inference.session import Segmenter, input_scale

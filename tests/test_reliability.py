@@ -810,3 +810,15 @@ def test_an_unreachable_dask_scheduler_is_refused_within_seconds(tmp_path, tiny_
     one_line(code, err, 2, "tcp://127.0.0.1:1", "cannot reach the scheduler")
     assert time.monotonic() - start < 25  # torch and the checkpoint take a few seconds; Dask's default waits 30
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_an_output_that_cannot_fit_is_refused_before_work(tmp_path):
+    import shutil as sh
+
+    from mitoseg.atomic import check_output_path
+    from mitoseg.errors import MitosegError
+
+    free = sh.disk_usage(tmp_path).free
+    check_output_path(tmp_path / "fits.tif", "--output", size=1)
+    with pytest.raises(MitosegError, match="GB free in"):
+        check_output_path(tmp_path / "huge.tif", "--output", size=free * 2)
