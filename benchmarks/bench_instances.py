@@ -1,6 +1,16 @@
 """Time and peak memory of `mitoseg instances` against scikit-image's whole-volume `label`.
 
     python benchmarks/bench_instances.py --slices 16 64 256 --size 2048 --out /tmp/bench_instances
+    python benchmarks/bench_instances.py --parts --slices 64 --size 1024 --kind small --repeats 2
+    python benchmarks/bench_instances.py --parts --slices 256 --size 2048 --repeats 2
+
+``--parts``: the time of each part of `mitoseg instances` through its API, in one process per repeat: the 3-D
+components (``segment_instances``: read the mask, label each slab once, join the slabs, map the pieces to
+their ids in the scratch volume) and the measurements (``measure_objects``: counts, centroids, boxes,
+marching-cubes surfaces), against scikit-image's ``label`` of the same Zarr array read whole; min and median
+of the repeats, and the labels compared (equal up to the numbering: mitoseg numbers objects by their first
+voxel, as ``scipy.ndimage.label``). ``--kind small``: about 400 small balls (radius 3-6) instead of the
+mitochondria-like ellipsoids.
 
 A synthetic prediction (uint8, 0 / 1) of SLICES x SIZE x SIZE voxels with mitochondria-like
 ellipsoids (elongated, some touching) is written slab by slab to a Zarr array (the volume is
@@ -36,6 +46,64 @@ labels = label(volume > 0, connectivity=1)
 counts = np.bincount(labels.ravel())[1:]
 print(json.dumps({"objects": int(labels.max()), "voxels": int(counts.sum()), "seconds": time.perf_counter() - start}))
 """
+
+
+PARTS = """
+import sys, time, json, tempfile, numpy as np, zarr
+from mitoseg.data.scratch import scratch_volumes
+from mitoseg.instances.measure import measure_objects
+from mitoseg.instances.segment import InstanceOptions, segment_instances
+volume = zarr.open(sys.argv[1], mode="r")
+start = time.perf_counter()
+with scratch_volumes(tempfile.gettempdir()) as scratch:
+    ids, count = segment_instances(lambda s, e: volume[s:e] != 0, volume.shape, InstanceOptions(), scratch=scratch)
+    segmented = time.perf_counter()
+    measure_objects(ids, count)
+    measured = time.perf_counter()
+    digest = 0
+    if len(sys.argv) > 2:  # compare with skimage's labels: the same partition, numbered by first voxel
+        from skimage.measure import label
+        whole = label(volume[...] != 0, connectivity=1)
+        mine = np.asarray(ids[:])
+        digest = int(np.array_equal(mine, whole.astype(np.uint32)))
+print(json.dumps({"objects": count, "segment_s": segmented - start, "measure_s": measured - segmented,
+                  "equal": digest}))
+"""
+
+SKIMAGE_LABEL = """
+import sys, time, json, numpy as np, zarr
+from skimage.measure import label
+start = time.perf_counter()
+labels = label(zarr.open(sys.argv[1], mode="r")[...] != 0, connectivity=1)
+print(json.dumps({"objects": int(labels.max()), "seconds": time.perf_counter() - start}))
+"""
+
+
+def write_small_objects(path: Path, slices: int, size: int, count: int = 400, seed: int = 0, slab: int = 16) -> int:
+    """About ``count`` balls of radius 3-6 voxels (a mask of many small objects)."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    centres = np.column_stack([rng.uniform(0, slices, count), rng.uniform(0, size, count), rng.uniform(0, size, count)])
+    radii = rng.uniform(3, 6, count)
+    array = zarr.create_array(store=str(path), shape=(slices, size, size), dtype=np.uint8,
+                              chunks=(slab, 256, 256), overwrite=True)
+    total = 0
+    for start in range(0, slices, slab):
+        stop = min(start + slab, slices)
+        block = np.zeros((stop - start, size, size), np.uint8)
+        for (cz, cy, cx), r in zip(centres, radii):
+            z0, z1 = max(start, int(cz - r)), min(stop, int(cz + r) + 1)
+            y0, y1 = max(0, int(cy - r)), min(size, int(cy + r) + 1)
+            x0, x1 = max(0, int(cx - r)), min(size, int(cx + r) + 1)
+            if z0 >= z1 or y0 >= y1 or x0 >= x1:
+                continue
+            zz, yy, xx = np.mgrid[z0:z1, y0:y1, x0:x1]
+            block[z0 - start:z1 - start, y0:y1, x0:x1] |= ((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2
+                                                          <= r * r).astype(np.uint8)
+        array[start:stop] = block
+        total += int(block.sum())
+    return total
 
 
 def write_volume(path: Path, slices: int, size: int, seed: int = 0, slab: int = 16) -> int:
@@ -124,8 +192,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_instances"))
     parser.add_argument("--skip-skimage", action="store_true")
+    parser.add_argument("--parts", action="store_true", help="time the parts through the API (see above)")
+    parser.add_argument("--kind", choices=["ellipsoids", "small"], default="ellipsoids")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compare", action="store_true", help="--parts: check the labels equal skimage's")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.parts:
+        parts(args)
+        return
     rows = []
     for slices in sorted(args.slices):
         volume = args.out / f"pred_{slices}.zarr"
@@ -150,6 +225,35 @@ def main() -> None:
         print(f"| {row['tool']} | {row['slices']} x {args.size} x {args.size} | {row['objects']} | "
               f"{row['seconds']:.0f} | {row['peak_rss_mib']:.0f} | {row['peak_anon_mib']:.0f} | "
               f"{row['peak_file_mib']:.0f} |")
+
+
+def parts(args) -> None:
+    import statistics
+
+    for slices in sorted(args.slices):
+        volume = args.out / f"{args.kind}_{slices}_{args.size}.zarr"
+        if not volume.exists():
+            (write_small_objects if args.kind == "small" else write_volume)(volume, slices, args.size)
+        runs = {"segment_s": [], "measure_s": [], "label_s": []}
+        objects = set()
+        for repeat in range(args.repeats):  # alternated, so both see the same machine
+            extra = ["compare"] if args.compare and repeat == 0 else []
+            _, _, out = child(["-c", PARTS, str(volume), *extra])
+            mine = json.loads(out)
+            if extra:
+                assert mine["equal"] == 1, "the labels differ from skimage's"
+            _, _, out = child(["-c", SKIMAGE_LABEL, str(volume)])
+            theirs = json.loads(out)
+            objects |= {mine["objects"], theirs["objects"]}
+            runs["segment_s"].append(mine["segment_s"])
+            runs["measure_s"].append(mine["measure_s"])
+            runs["label_s"].append(theirs["seconds"])
+        assert len(objects) == 1, f"object counts differ: {objects}"
+        row = {"kind": args.kind, "volume": f"{slices} x {args.size} x {args.size}", "objects": objects.pop(),
+               **{f"{k}_min": min(v) for k, v in runs.items()},
+               **{f"{k}_median": statistics.median(v) for k, v in runs.items()}}
+        row["components_over_label"] = row["segment_s_min"] / row["label_s_min"]
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

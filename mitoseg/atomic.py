@@ -168,6 +168,13 @@ def write_error(path: str | os.PathLike, exc: BaseException, kept: str | None = 
     return MitosegError(message + (f"; {kept}" if kept else ""))
 
 
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def _nearest_existing(path: Path) -> Path | None:
     for candidate in (path, *path.parents):
         if os.path.lexists(candidate):
@@ -198,8 +205,8 @@ def check_output_path(path: str | os.PathLike, what: str, size: int | None = Non
     if size is not None:
         free = shutil.disk_usage(existing).free
         if free < size:
-            raise MitosegError(f"{what} {os.fspath(path)}: {free / 1e9:.2f} GB free in {existing}, the output needs "
-                               f"about {size / 1e9:.2f} GB")
+            raise MitosegError(f"no space left on device for {what} {os.fspath(path)}: {_size(free)} free in "
+                               f"{existing}, the output needs about {_size(size)}")
 
 
 def make_folder(folder: str | os.PathLike, what: str) -> None:

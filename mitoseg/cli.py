@@ -1032,6 +1032,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How to install what a command needs when this Python lacks it (the CPU build of PyTorch avoids GBs of CUDA).
+INSTALL_HINTS = {
+    "torch": "pip install torch --index-url https://download.pytorch.org/whl/cpu (or a CUDA build from "
+             "pytorch.org), then pip install mitoseg",
+    "monai": "pip install mitoseg (it brings MONAI)",
+    "distributed": "pip install 'mitoseg[dask]'",
+    "onnx": "pip install 'mitoseg[export]'", "onnxruntime": "pip install 'mitoseg[export]'",
+    "bioimageio": "pip install 'mitoseg[export]'", "napari": "pip install 'mitoseg[napari]'",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1051,6 +1062,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mitoseg: error: {exc}", file=sys.stderr)
         return exc.exit_code  # 2; 3 when training diverged (TrainingDiverged)
+    except ModuleNotFoundError as exc:
+        # A dependency missing from this Python (torch in a fresh virtual environment): how to install it.
+        package = (exc.name or "").split(".")[0]
+        if args.debug or not package or package == "mitoseg":
+            raise
+        hint = INSTALL_HINTS.get(package, f"pip install {package}")
+        print(f"mitoseg: error: {args.command} needs the Python package '{package}', which this Python "
+              f"({sys.executable}) does not have: {hint}", file=sys.stderr)
+        return 2
     except Exception as exc:
         # A full disk wherever it strikes (a library's own write) is the machine's state, not a bug.
         from mitoseg.atomic import disk_full_cause

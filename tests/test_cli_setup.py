@@ -287,3 +287,17 @@ def test_init_refuses_what_it_cannot_configure(painted, monkeypatch, capsys):
         code, _, err = run_cli(["init", "--image", "stack.tif", "--label", label, "--cpu", "--output",
                                 f"{label}.yaml"], capsys)
         assert_one_line_error(code, err, needle)
+
+
+def test_a_missing_torch_is_one_line_naming_the_install_command(tmp_path, tiny_volumes):
+    code = ("import sys; sys.modules['torch'] = None; from mitoseg.cli import main; "
+            "sys.exit(main(['predict', '--checkpoint', sys.argv[1], '--input', sys.argv[2], '--output', 'p.tif']))")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.pt", "w") as archive:
+        archive.writestr("data.pkl", b"x")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pt"), str(tiny_volumes["val_image"])],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs the Python package 'torch'" in lines[0] and "pip install torch" in lines[0]

@@ -109,7 +109,7 @@ def test_find_objects_of_balls_gives_a_labels_layer_a_sortable_table_and_goes_to
     expected = {i: int(mask.sum()) for i, mask in zip(ids, masks)}
     assert dict(zip(map(int, column(widget, "id")), map(int, column(widget, "voxels")))) == expected
     headers = [widget.table.horizontalHeaderItem(c).text() for c in range(widget.table.columnCount())]
-    assert "volume (voxel^3)" in headers and not any("probability" in h for h in headers)
+    assert "volume (voxels)" in headers and not any("probability" in h for h in headers)
     assert widget.summary.text().startswith("3 objects;") and "in voxels" in widget.summary.text()
     assert widget.histogram.drawn["n"] == 3 and sum(widget.histogram.drawn["counts"]) == 3
     # Hovering an object shows its voxel count.

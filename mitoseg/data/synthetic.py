@@ -481,8 +481,8 @@ def write_sample_data(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
         existing = [str(p) for p in paths.values() if p.exists() or p.is_symlink()]
         if existing:
             verb = "exists" if len(existing) == 1 else "exist"
-            raise MitosegError(f"{', '.join(existing)} already {verb}; pass overwrite=True (--overwrite) "
-                               "to replace the sample data")
+            raise MitosegError(f"{', '.join(existing)} already {verb}; pass --overwrite to replace the sample "
+                               "data")
     train_seed, val_seed = _derived_seeds(seed)
     volumes = {}
     for split, shape, split_seed in (("train", TRAIN_SHAPE, train_seed), ("val", VAL_SHAPE, val_seed)):

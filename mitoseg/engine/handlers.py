@@ -262,10 +262,18 @@ class Validation(Handler):
         name, value = headline_metric(scores)
         loop.logger.log_validation(trainer.iteration, scores)
         best = trainer.best
+        first = best is None
         if best is None or (not math.isnan(value) and value > best["value"]) or math.isnan(best["value"]):
             trainer.best = {"iteration": trainer.iteration, "metric": name, "value": value, "scores": scores}
             trainer.save(BEST)
         loop.postfix[name] = f"{value:.4f}"
+        if trainer.is_main and not trainer.progress:
+            # --no-progress (a log file, a scheduler): a line per validation, so a long run is seen to move.
+            note = ("; the first scores are low while the network starts to learn, and rise with the iterations"
+                    if first and loop.start == 0 else "")
+            print(f"iteration {trainer.iteration}/{trainer.total_iterations}: validation {name} {value:.4f} "
+                  f"({scores.get('weights', trainer.cfg.train.eval_model)} weights; best "
+                  f"{trainer.best['value']:.4f} at iteration {trainer.best['iteration']}){note}", flush=True)
 
     def completed(self, trainer, loop):
         if not trainer.has_validation:

@@ -61,17 +61,26 @@ class SlabComponents:
 
     def objects(self, start: int, mask: np.ndarray) -> np.ndarray:
         """Object index + 1 of every voxel of the slab starting at ``start`` (0 outside the mask), uint32."""
-        labels, count = label_slab(mask)
-        first = self.offsets[start // self.slab]
-        # This slab's pieces' objects, + 1 so that the outside (obj -1) becomes 0: a table as small as the
-        # pieces, indexed by the int32 labels (no int64 volume of global ids).
-        table = (self.obj[first:first + count + 1] + 1).astype(np.uint32)
-        return table[labels]
+        labels, _ = label_slab(mask)
+        return self.slab_table(start)[labels]
+
+    def slab_table(self, start: int, final: np.ndarray | None = None) -> np.ndarray:
+        """uint32 table from the piece labels of the slab starting at ``start`` (as :func:`label_slab` numbers
+        them, 0 outside) to object index + 1, or to ``final[object index + 1]`` (a renumbering, 0: dropped): a
+        table as small as the slab's pieces, indexed by its labels (no int64 volume of global ids)."""
+        index = start // self.slab
+        first = int(self.offsets[index])
+        stop = int(self.offsets[index + 1]) if index + 1 < len(self.offsets) else self.obj.shape[0]
+        objects = self.obj[first:stop] + 1  # the outside (obj -1) becomes 0
+        return (final[objects] if final is not None else objects).astype(np.uint32)
 
 
 def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
-                    progress: Callable[[int], None] | None = None) -> SlabComponents:
-    """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool."""
+                    progress: Callable[[int], None] | None = None,
+                    write_labels: Callable[[int, np.ndarray], None] | None = None) -> SlabComponents:
+    """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool. ``write_labels(start,
+    labels)``: each slab's piece labels (uint32, 0 outside), kept by the caller so that a second pass maps them
+    to objects with :meth:`SlabComponents.slab_table` instead of labelling the slab again."""
     offsets, sizes, border_ids, piece_boxes = [], [], [], []
     edges_a, edges_b = [], []
     total = 0  # global ids used so far, each slab's id 0 included
@@ -79,6 +88,8 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
     for start, stop in iter_slabs(num_slices, slab):
         mask = np.asarray(read_mask(start, stop), dtype=bool)
         labels, count = label_slab(mask)
+        if write_labels is not None:
+            write_labels(start, labels.view(np.uint32))
         offsets.append(total)
         # A plane at a time: bincount widens its input to int64 (twice the int32 slab).
         sizes.append(sum(np.bincount(plane.ravel(), minlength=count + 1) for plane in labels))

@@ -35,7 +35,7 @@ class Measurements:
     """One row per object (``rows``: dicts keyed by :data:`COLUMNS`), the units and the volume's size."""
 
     rows: list[dict]
-    volume_unit: str  # "um^3" or "voxel^3"
+    volume_unit: str  # "um^3", or "voxels" (a count) without a voxel size
     area_unit: str
     length_unit: str  # of the centroids: "um" or "voxel"
     total_voxels: int
@@ -122,7 +122,9 @@ def measure_objects(ids, count: int, voxel_size_nm=None,
             "mean_probability": probability[label] / voxels[label] if probability is not None else None,
         })
     unit = "um" if known else "voxel"
-    return Measurements(rows=rows, volume_unit=f"{unit}^3", area_unit=f"{unit}^2", length_unit=unit,
+    # Without a voxel size a volume is a count of voxels, not a cube of some length.
+    return Measurements(rows=rows, volume_unit="um^3" if known else "voxels", area_unit=f"{unit}^2",
+                        length_unit=unit,
                         total_voxels=int(np.prod(ids.shape)))
 
 
@@ -130,7 +132,7 @@ def write_table(measurements: Measurements, path: str | Path) -> Path:
     """The per-object table as CSV (or Parquet for a ``.parquet`` path, with pyarrow), written to a
     temporary file of this process (``.NAME.tmp-PID``; those of killed runs removed first) and renamed. Column names carry the units (``volume_um3``, ``centroid_z_um``, ...)."""
     path = Path(path)
-    unit = {"um^3": "um3", "voxel^3": "voxel3"}[measurements.volume_unit]
+    unit = {"um^3": "um3", "voxels": "voxels"}[measurements.volume_unit]
     area = {"um^2": "um2", "voxel^2": "voxel2"}[measurements.area_unit]
     length = measurements.length_unit
     names = {"volume": f"volume_{unit}", "surface_area": f"surface_area_{area}",

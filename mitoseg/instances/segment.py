@@ -3,8 +3,9 @@
 1. (``fill_holes``) background enclosed by foreground in 3-D becomes foreground
    (:func:`mitoseg.instances.postprocess.postprocess_labels`), so a hole joins the
    object around it;
-2. face-connected components slab by slab (:mod:`mitoseg.instances.components`),
-   written into a scratch volume of uint32 ids (a file on disk for ``predict`` and
+2. face-connected components slab by slab (:mod:`mitoseg.instances.components`), each slab labelled
+   once and its piece labels mapped to object ids by a table in a second pass (without a split, with
+   step 4 in the same table), written into a scratch volume of uint32 ids (a file on disk for ``predict`` and
    ``instances``, :mod:`mitoseg.data.scratch`, so the volume never has to fit in memory);
 3. (``split``) touching objects are cut apart one object at a time, each within its
    bounding box: a watershed of the negated distance to the background
@@ -83,39 +84,53 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
     num_slices, slab = shape[0], options.slab
     ids = make(shape, np.uint32)
     with tqdm(total=4 * num_slices, desc="instances", unit="slice", disable=not progress, leave=False) as bar:
-        # 1. the mask, with enclosed holes filled (in the scratch volume, as 0 / 1)
-        for start, stop in iter_slabs(num_slices, slab):
-            ids[start:stop] = np.asarray(read_mask(start, stop), dtype=bool)
+        # 1. (fill_holes) the mask with enclosed holes filled, in the scratch volume as 0 / 1
         if options.fill_holes:
+            for start, stop in iter_slabs(num_slices, slab):
+                ids[start:stop] = np.asarray(read_mask(start, stop), dtype=bool)
+
             def put(start: int, values: np.ndarray) -> None:
                 ids[start:start + values.shape[0]] = values
 
             postprocess_labels(lambda s, e: ids[s:e], put, num_slices, fill_holes=True, slab=slab)
+            read_mask = lambda s, e: ids[s:e] > 0  # noqa: E731  (the filled mask from here on)
         bar.update(num_slices)
-        # 2. components, numbered 1..N in order of their first voxel
-        components = find_components(lambda s, e: ids[s:e] > 0, num_slices, slab)
-        for start, stop in iter_slabs(num_slices, slab):
-            ids[start:stop] = components.objects(start, ids[start:stop] > 0)
-        bar.update(num_slices)
+        # 2. components, numbered 1..N in order of their first voxel: each slab labelled once, its piece labels
+        # kept in the scratch volume and mapped to their objects by a table (without a split, straight to the
+        # final ids 1..N with the small objects out: step 4 is then part of this pass)
+        def write_labels(start: int, labels: np.ndarray) -> None:
+            ids[start:start + labels.shape[0]] = labels
+
+        components = find_components(read_mask, num_slices, slab, write_labels=write_labels)
         count = components.count
+        final = None
+        if options.split == "none":
+            keep = components.sizes >= max(1, options.min_voxels)
+            final = np.zeros(count + 1, dtype=np.int64)
+            final[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+        for start, stop in iter_slabs(num_slices, slab):
+            ids[start:stop] = components.slab_table(start, final)[ids[start:stop]]
+        bar.update(num_slices)
+        if options.split == "none":
+            bar.update(2 * num_slices)
+            return ids, int(keep.sum())
         # 3. splitting, object by object inside its bounding box
-        if options.split != "none":
-            next_id = count + 1
-            for index, box in enumerate(components.bboxes):
-                z0, y0, x0, z1, y1, x1 = (int(v) for v in box)
-                crop = np.asarray(ids[z0:z1, y0:y1, x0:x1])
-                mask = crop == index + 1
-                probability = None
-                if options.split == "probability":
-                    probability = np.asarray(read_probability(z0, z1), dtype=np.float32)[:, y0:y1, x0:x1]
-                pieces = split_object(mask, options.min_distance, spacing, probability)
-                k = int(pieces.max())
-                if k > 1:
-                    new_ids = np.concatenate([[0, index + 1], np.arange(next_id, next_id + k - 1)]).astype(np.uint32)
-                    crop[mask] = new_ids[pieces[mask]]
-                    ids[z0:z1, y0:y1, x0:x1] = crop
-                    next_id += k - 1
-            count = next_id - 1
+        next_id = count + 1
+        for index, box in enumerate(components.bboxes):
+            z0, y0, x0, z1, y1, x1 = (int(v) for v in box)
+            crop = np.asarray(ids[z0:z1, y0:y1, x0:x1])
+            mask = crop == index + 1
+            probability = None
+            if options.split == "probability":
+                probability = np.asarray(read_probability(z0, z1), dtype=np.float32)[:, y0:y1, x0:x1]
+            pieces = split_object(mask, options.min_distance, spacing, probability)
+            k = int(pieces.max())
+            if k > 1:
+                new_ids = np.concatenate([[0, index + 1], np.arange(next_id, next_id + k - 1)]).astype(np.uint32)
+                crop[mask] = new_ids[pieces[mask]]
+                ids[z0:z1, y0:y1, x0:x1] = crop
+                next_id += k - 1
+        count = next_id - 1
         bar.update(num_slices)
         # 4. small objects out, ids 1..N
         sizes = np.zeros(count + 1, dtype=np.int64)
