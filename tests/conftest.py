@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny synthetic EM volumes and a matching fast config."""
+"""Shared fixtures: tiny synthetic EM volumes and a matching fast config; the ``slow`` mark."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ from pathlib import Path
 import pytest
 import tifffile
 import yaml
+
+# Whole modules of end-to-end checks (subprocess CLIs, napari windows, torchrun, Dask clusters, exports checked
+# by ONNX Runtime and bioimage.io, a wheel in a venv): `pytest -m "not slow"` leaves them out. Single slow tests
+# elsewhere carry @pytest.mark.slow.
+SLOW_MODULES = {"test_reliability", "test_benchmark_volume", "test_napari_plugin", "test_napari_train",
+                "test_napari_instances", "test_dask_predict", "test_distributed", "test_export", "test_packaging"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

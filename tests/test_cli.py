@@ -30,6 +30,7 @@ def test_every_command_has_help(command, capsys):
     assert "usage: mitoseg " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate(trained_run, tiny_volumes, tmp_path, capsys):
     pred = tmp_path / "pred.tif"
     probs = tmp_path / "probs.tif"

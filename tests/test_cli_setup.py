@@ -51,6 +51,7 @@ def test_config_takes_a_built_in_name_or_a_path_and_a_file_there_wins(tmp_path, 
         load_config("sample_daw", ["data.bogus=1"])
 
 
+@pytest.mark.slow
 def test_built_in_sample_config_writes_the_sample_data_where_it_reads_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["train", "--config", "sample_supervised", "--max-iters", "1", "--no-progress",

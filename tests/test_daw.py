@@ -283,6 +283,7 @@ def _two_rank_batches():
     return labeled, target, unlabeled
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_the_state_of_one_process_that_saw_both_batches(tmp_path):
     # Rank 0 has no wrong pixels and no unlabeled pixel of class 2: averaging per-rank means would
     # halve those statistics; pooling counts and sums gives the single-process numbers.

@@ -337,6 +337,7 @@ def test_init_writes_the_working_pixel_size_of_fine_volumes(tmp_path, monkeypatc
     assert expected[5.0]["patch_size"] == [32, 32]  # sized to the 32 x 32 slices at 10 nm
 
 
+@pytest.mark.slow
 def test_prediction_never_imports_the_training_loop():
     import subprocess
     import sys

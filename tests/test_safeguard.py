@@ -173,6 +173,7 @@ def test_guard_acts_on_a_tiny_volume_whose_pseudo_labels_are_forced_to_foregroun
     assert len(said) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixmatch", "unimatch", "daw", "ddfp", "daw_ddfp"])
 def test_every_method_with_the_safeguards_trains_and_resumes_exactly(method, tmp_path, tiny_volumes):
     cfg = ddfp_config(tiny_volumes, method) if method in ("ddfp", "daw_ddfp") else semi_config(tiny_volumes, method)

@@ -123,6 +123,7 @@ def sample_dir(tmp_path_factory):
     return out, paths
 
 
+@pytest.mark.slow
 def test_write_sample_data_writes_readable_tifs(sample_dir):
     out, paths = sample_dir
     assert sorted(p.name for p in out.iterdir()) == sorted(SAMPLE_FILES.values())  # no temp files left

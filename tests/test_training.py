@@ -122,6 +122,7 @@ def test_time_budget_schedule_decays_with_the_progress_and_ends_at_zero():
     assert budget.spent()
 
 
+@pytest.mark.slow
 def test_max_minutes_ends_the_run_with_the_learning_rate_at_zero(tmp_path, tiny_volumes):
     cfg = config_from_dict(tiny_config_dict(tiny_volumes, iterations=100000, max_minutes=0.1, log_every=2,
                                             val_every=100000, checkpoint_every=100000))
