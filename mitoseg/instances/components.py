@@ -51,13 +51,11 @@ class SlabComponents:
     slab: int
     offsets: np.ndarray
     obj: np.ndarray
-    sizes: np.ndarray
-    touches_border: np.ndarray
-    bboxes: np.ndarray  # (objects, 6): z0, y0, x0, z1, y1, x1 (half-open) of every object
-
-    @property
-    def count(self) -> int:
-        return int(self.sizes.shape[0])
+    count: int  # objects
+    # None when find_components ran with measure=False (the ids alone are wanted)
+    sizes: np.ndarray | None
+    touches_border: np.ndarray | None
+    bboxes: np.ndarray | None  # (objects, 6): z0, y0, x0, z1, y1, x1 (half-open) of every object
 
     def objects(self, start: int, mask: np.ndarray) -> np.ndarray:
         """Object index + 1 of every voxel of the slab starting at ``start`` (0 outside the mask), uint32."""
@@ -77,10 +75,12 @@ class SlabComponents:
 
 def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
                     progress: Callable[[int], None] | None = None,
-                    write_labels: Callable[[int, np.ndarray], None] | None = None) -> SlabComponents:
+                    write_labels: Callable[[int, np.ndarray], None] | None = None,
+                    measure: bool = True) -> SlabComponents:
     """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool. ``write_labels(start,
     labels)``: each slab's piece labels (uint32, 0 outside), kept by the caller so that a second pass maps them
-    to objects with :meth:`SlabComponents.slab_table` instead of labelling the slab again."""
+    to objects with :meth:`SlabComponents.slab_table` instead of labelling the slab again. ``measure=False``: no
+    sizes, boxes or border contact (a third of the pass), when only the objects' ids are wanted."""
     offsets, sizes, border_ids, piece_boxes = [], [], [], []
     edges_a, edges_b = [], []
     total = 0  # global ids used so far, each slab's id 0 included
@@ -91,19 +91,20 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
         if write_labels is not None:
             write_labels(start, labels.view(np.uint32))
         offsets.append(total)
-        # A plane at a time: bincount widens its input to int64 (twice the int32 slab).
-        sizes.append(sum(np.bincount(plane.ravel(), minlength=count + 1) for plane in labels))
-        boxes = np.zeros((count + 1, 6), dtype=np.int64)  # row 0: the outside, left empty
-        for i, box in enumerate(ndimage.find_objects(labels), start=1):
-            boxes[i] = [box[0].start + start, box[1].start, box[2].start, box[0].stop + start, box[1].stop,
-                        box[2].stop]
-        piece_boxes.append(boxes)
-        border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
-        if start == 0:
-            border.append(labels[0])
-        if stop == num_slices:
-            border.append(labels[-1])
-        border_ids.append(np.unique(np.concatenate([b.ravel() for b in border])) + total)
+        if measure:
+            # A plane at a time: bincount widens its input to int64 (twice the int32 slab).
+            sizes.append(sum(np.bincount(plane.ravel(), minlength=count + 1) for plane in labels))
+            boxes = np.zeros((count + 1, 6), dtype=np.int64)  # row 0: the outside, left empty
+            for i, box in enumerate(ndimage.find_objects(labels), start=1):
+                boxes[i] = [box[0].start + start, box[1].start, box[2].start, box[0].stop + start, box[1].stop,
+                            box[2].stop]
+            piece_boxes.append(boxes)
+            border = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+            if start == 0:
+                border.append(labels[0])
+            if stop == num_slices:
+                border.append(labels[-1])
+            border_ids.append(np.unique(np.concatenate([b.ravel() for b in border])) + total)
         if previous_last is not None:
             first = labels[0] + total
             touching = (previous_last > previous_offset) & (first > total)
@@ -121,7 +122,6 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
     graph = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(total, total))
     _, component = connected_components(graph, directed=False)
     # Number the objects 0.. in order of their first piece, leaving out the slabs' id 0 (the outside).
-    piece_sizes = np.concatenate(sizes).astype(np.int64)
     is_piece = np.ones(total, dtype=bool)
     is_piece[offsets] = False
     roots, first_seen = np.unique(component[is_piece], return_index=True)
@@ -130,6 +130,10 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
     renumber[roots[order]] = np.arange(roots.size)
     obj = renumber[component]
     obj[~is_piece] = -1
+    if not measure:
+        return SlabComponents(num_slices=num_slices, slab=slab, offsets=offsets, obj=obj, count=int(roots.size),
+                              sizes=None, touches_border=None, bboxes=None)
+    piece_sizes = np.concatenate(sizes).astype(np.int64)
     object_sizes = np.bincount(obj[is_piece], weights=piece_sizes[is_piece], minlength=roots.size).astype(np.int64)
     touches = np.zeros(roots.size, dtype=bool)
     border_pieces = np.concatenate(border_ids) if border_ids else np.zeros(0, np.int64)
@@ -142,5 +146,45 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
         bboxes[:, :3] = np.iinfo(np.int64).max
         np.minimum.at(bboxes[:, :3], owner, boxes[:, :3])
         np.maximum.at(bboxes[:, 3:], owner, boxes[:, 3:])
-    return SlabComponents(num_slices=num_slices, slab=slab, offsets=offsets, obj=obj, sizes=object_sizes,
-                          touches_border=touches, bboxes=bboxes)
+    return SlabComponents(num_slices=num_slices, slab=slab, offsets=offsets, obj=obj, count=int(roots.size),
+                          sizes=object_sizes, touches_border=touches, bboxes=bboxes)
+
+
+class MappedIds:
+    """Object ids read like a (z, y, x) uint32 array (``ids[z0:z1]``, ``ids[z0:z1, y0:y1, x0:x1]``, ``.shape``)
+    while they are held as each slab's piece labels (``pieces``, e.g. a scratch file written by
+    :func:`find_components`) and a table per slab: mapped as they are read, so no pass writes the ids
+    themselves."""
+
+    dtype = np.dtype(np.uint32)
+
+    def __init__(self, pieces, components: SlabComponents, final: np.ndarray | None = None):
+        self.pieces = pieces
+        self.shape = tuple(int(n) for n in pieces.shape)
+        self.slab = components.slab
+        self.tables = [components.slab_table(start, final) for start, _ in iter_slabs(self.shape[0], self.slab)]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        z, rest = key[0], key[1:]
+        if isinstance(z, (int, np.integer)):
+            index = int(z) % self.shape[0]
+            return self[(slice(index, index + 1), *rest)][0]
+        start, stop, step = z.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("MappedIds reads contiguous z ranges")
+        parts = []
+        for first in range(start - start % self.slab, stop, self.slab):
+            lo, hi = max(start, first), min(stop, first + self.slab)
+            if lo < hi:
+                parts.append(self.tables[first // self.slab][np.asarray(self.pieces[(slice(lo, hi), *rest)])])
+        if not parts:
+            return np.zeros((0, *np.zeros(self.shape[1:])[rest].shape), np.uint32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from mitoseg.instances.components import find_components, iter_slabs
+from mitoseg.instances.components import MappedIds, find_components, iter_slabs
 from mitoseg.instances.postprocess import postprocess_labels
 
 SPLITS = ("none", "distance", "probability")
@@ -77,7 +77,8 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
     of a (z, y, x) volume of ``shape``, in a scratch volume made by ``scratch(shape, dtype)`` (default: an
     array in memory; :class:`mitoseg.data.scratch.ScratchVolume` keeps it on disk).
     ``read_probability(start, stop)``: the foreground probability, for ``split: probability``.
-    Returns (the scratch volume of ids, N)."""
+    Returns (the ids, N): the scratch volume, or (on disk, without a split) a :class:`MappedIds` that reads the
+    ids off the kept piece labels."""
     if options.split not in SPLITS:
         raise ValueError(f"unknown split {options.split!r}; expected one of {SPLITS}")
     make = scratch or _scratch_array
@@ -101,13 +102,19 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
         def write_labels(start: int, labels: np.ndarray) -> None:
             ids[start:start + labels.shape[0]] = labels
 
-        components = find_components(read_mask, num_slices, slab, write_labels=write_labels)
+        # Sizes, boxes and border contact only where a split (boxes) or a minimum size (sizes) needs them.
+        measure = options.split != "none" or options.min_voxels > 1
+        components = find_components(read_mask, num_slices, slab, write_labels=write_labels, measure=measure)
         count = components.count
         final = None
         if options.split == "none":
-            keep = components.sizes >= max(1, options.min_voxels)
+            keep = components.sizes >= options.min_voxels if measure else np.ones(count, dtype=bool)
             final = np.zeros(count + 1, dtype=np.int64)
             final[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+            if scratch is not None:
+                # On disk: the ids are mapped from the piece labels as they are read (no pass rewrites them).
+                bar.update(3 * num_slices)
+                return MappedIds(ids, components, final), int(keep.sum())
         for start, stop in iter_slabs(num_slices, slab):
             ids[start:stop] = components.slab_table(start, final)[ids[start:stop]]
         bar.update(num_slices)
