@@ -11,6 +11,7 @@ from mitoseg.data.natural import IGNORE, NaturalEvalDataset
 from mitoseg.device import autocast
 from mitoseg.inference.predictor import make_inferer
 from mitoseg.metrics import confusion_matrix
+from mitoseg.semi.daw import max_and_argmax
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def evaluate(model: torch.nn.Module, dataset: NaturalEvalDataset, cfg, device: t
                           disable=not progress, dynamic_ncols=True):
             image, label = dataset[index]
             probs = predict_image(model, image[None], mode, cfg.inference, cfg.data.crop_size, device, amp)
-            matrix += confusion_matrix(probs.argmax(1).cpu(), label[None], k, IGNORE)
+            matrix += confusion_matrix(max_and_argmax(probs)[1].cpu(), label[None], k, IGNORE)
     finally:
         model.train(was_training)
     return matrix

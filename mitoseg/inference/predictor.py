@@ -28,6 +28,7 @@ from mitoseg.device import autocast
 from mitoseg.inference.tta import predict_with_tta, tta_transforms
 from mitoseg.instances.components import iter_slabs
 from mitoseg.instances.postprocess import postprocess_labels
+from mitoseg.semi.daw import max_and_argmax
 
 
 def make_inferer(inference_cfg) -> SlidingWindowInferer:
@@ -81,8 +82,9 @@ def transformed_axes(transform, spatial_dims: int = 2) -> tuple[tuple[int, bool]
 
 
 def labels_from_probabilities(probs: torch.Tensor, dtype=np.uint8) -> np.ndarray:
-    """Class ids (n, y, x) of probabilities (n, K, y, x), as a host array."""
-    return probs.argmax(1).cpu().numpy().astype(dtype)
+    """Class ids (n, y, x) of probabilities (n, K, y, x), as a host array (the first class at the max, as
+    ``argmax``; read off the maxima: ``argmax`` over the class axis is 15x slower on the CPU)."""
+    return max_and_argmax(probs)[1].cpu().numpy().astype(dtype)
 
 
 class VolumePredictor:

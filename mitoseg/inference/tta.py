@@ -53,6 +53,11 @@ def predict_with_tta(predict: Callable[[torch.Tensor], torch.Tensor], images: to
     total = None
     transforms = tta_transforms(spatial_dims)
     for transform in transforms:
-        probs = transform.inverse(predict(transform.forward(images)))
-        total = probs if total is None else total + probs
+        # Contiguous: windows cut from a rotated view keep its strides, and the network's convolutions then
+        # reorder every window (a quarter more time per TTA view on the CPU).
+        probs = transform.inverse(predict(transform.forward(images).contiguous()))
+        if total is None:
+            total = probs.contiguous()
+        else:
+            total.add_(probs)
     return total / len(transforms)

@@ -99,6 +99,7 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     """
     from mitoseg.data.resample import in_plane_nm
     from mitoseg.inference.session import Segmenter
+    from mitoseg.semi.daw import max_and_argmax
     from mitoseg.instances import postprocess_labels
 
     segmenter = Segmenter.from_file(checkpoint, weights=weights, device=check_device(device))
@@ -122,7 +123,7 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
         foreground = np.zeros(volume.shape, np.float32)
 
     for start, stop, probs in prepared.slabs():
-        confidence, classes = probs.max(dim=1)
+        confidence, classes = max_and_argmax(probs)
         labels[start:stop] = classes.cpu().numpy()
         if output == OUTPUT_PROBABILITIES:
             image[:, start:stop] = probs.transpose(0, 1).cpu().numpy()

@@ -449,6 +449,7 @@ def predict_slice(volume, z: int, checkpoint: Path, device: str = "auto", normal
     ``{"z", "labels" (y, x), "iteration", "checkpoint"}``. ``normalization``: the volume's, when known;
     ``voxel_size``: the volume's (z, y, x) nm, for a model with a working ``data.pixel_size``."""
     from mitoseg.data.resample import in_plane_nm
+    from mitoseg.inference.predictor import labels_from_probabilities
     from mitoseg.inference.session import Segmenter
 
     loaded = load_session_model(checkpoint, device)
@@ -458,6 +459,6 @@ def predict_slice(volume, z: int, checkpoint: Path, device: str = "auto", normal
     iteration, normalization = loaded.iteration, prepared.normalization
     labels = None
     for _, _, probs in prepared.slabs():
-        labels = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        labels = labels_from_probabilities(probs)[0]
     return {"z": int(z), "labels": labels, "iteration": iteration, "checkpoint": str(checkpoint),
             "normalization": normalization}
