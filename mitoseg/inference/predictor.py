@@ -105,6 +105,17 @@ class VolumePredictor:
         self.spatial_dims = getattr(model, "spatial_dims", 2)
         self.inferer = make_inferer(cfg.inference)
 
+    @torch.no_grad()
+    def warm(self) -> None:
+        """One forward pass of a batch of windows of zeros: a process's one-off setup of the convolutions for
+        these shapes (oneDNN's primitives on the CPU, cuDNN's algorithm choice) happens here instead of in its
+        first slab or block."""
+        from mitoseg.config import input_channels
+
+        shape = (self.inference.sw_batch_size, input_channels(self.cfg), *self.inference.roi_size)
+        with autocast(self.device, self.amp):
+            self.model(torch.zeros(shape, device=self.device))
+
     def _softmax(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp):
             logits = self.inferer(images, self.model)

@@ -136,7 +136,8 @@ class Segmenter:
 
     def prepare(self, volume, what: str, volume_nm: float | None = None, hint: str = "", indices=None,
                 normalization: Normalization | None = None, log: bool = True) -> PreparedVolume:
-        """``volume`` (a reader's volume or an array (z, y, x)) ready to predict: the factor its pixel size
+        """``volume`` (a reader's :class:`~mitoseg.data.readers.Volume`, or anything with its ``read(start, stop)``,
+        ``read_slices`` and ``len``) ready to predict: the factor its pixel size
         ``volume_nm`` (None: unknown) is resampled by (said on stderr with ``log``; ``what`` / ``hint`` name the
         volume and where its pixel size is set in errors), its normalization (computed unless given), the slices
         ``indices`` (None: all) with the run's 2.5-D context."""
