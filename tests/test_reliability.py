@@ -602,6 +602,7 @@ def test_an_output_on_a_read_only_file_system_is_one_line_before_any_work(tmp_pa
         ["init", "--image", image, "--label", label, "--cpu", "--output", ro / "c.yaml"],
         ["export", "--checkpoint", trained / "best.pt", "--format", "torchscript", "--output", ro / "m.pt"],
         ["export", "--checkpoint", trained / "best.pt", "--format", "onnx", "--output", ro / "m.onnx"],
+        ["export", "--checkpoint", trained / "best.pt", "--format", "bioimageio", "--output", ro / "pkg.zip"],
         ["evaluate", "--prediction", label, "--label", label, "--json", ro / "m.json"],
         ["instances", "--prediction", label, "--output", tmp_path / "i.tif", "--table", ro / "t.csv"],
         ["predict", "--checkpoint", trained / "best.pt", "--input", image, "--output", ro / "p.tif"],
