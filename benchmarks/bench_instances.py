@@ -80,42 +80,30 @@ print(json.dumps({"objects": int(labels.max()), "seconds": time.perf_counter() -
 
 
 def write_small_objects(path: Path, slices: int, size: int, count: int = 400, seed: int = 0, slab: int = 16) -> int:
-    """About ``count`` balls of radius 3-6 voxels (a mask of many small objects)."""
-    import zarr
-
+    """About ``count`` balls of radius 3-6 voxels (a mask of many small objects); returns the foreground count."""
     rng = np.random.default_rng(seed)
     centres = np.column_stack([rng.uniform(0, slices, count), rng.uniform(0, size, count), rng.uniform(0, size, count)])
-    radii = rng.uniform(3, 6, count)
-    array = zarr.create_array(store=str(path), shape=(slices, size, size), dtype=np.uint8,
-                              chunks=(slab, 256, 256), overwrite=True)
-    total = 0
-    for start in range(0, slices, slab):
-        stop = min(start + slab, slices)
-        block = np.zeros((stop - start, size, size), np.uint8)
-        for (cz, cy, cx), r in zip(centres, radii):
-            z0, z1 = max(start, int(cz - r)), min(stop, int(cz + r) + 1)
-            y0, y1 = max(0, int(cy - r)), min(size, int(cy + r) + 1)
-            x0, x1 = max(0, int(cx - r)), min(size, int(cx + r) + 1)
-            if z0 >= z1 or y0 >= y1 or x0 >= x1:
-                continue
-            zz, yy, xx = np.mgrid[z0:z1, y0:y1, x0:x1]
-            block[z0 - start:z1 - start, y0:y1, x0:x1] |= ((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2
-                                                          <= r * r).astype(np.uint8)
-        array[start:stop] = block
-        total += int(block.sum())
-    return total
+    radii = np.repeat(rng.uniform(3, 6, count)[:, None], 3, axis=1)
+    return write_ellipsoids(path, slices, size, centres, radii, np.zeros(count), slab)
 
 
 def write_volume(path: Path, slices: int, size: int, seed: int = 0, slab: int = 16) -> int:
     """Ellipsoids (semi-axes 6-20 voxels, random orientation of the long axis in y-x) at about one per
     40^3 voxels; returns the foreground voxel count."""
-    import zarr
-
     rng = np.random.default_rng(seed)
     count = int(slices * size * size / 40 ** 3)
     centres = np.column_stack([rng.uniform(0, slices, count), rng.uniform(0, size, count), rng.uniform(0, size, count)])
     radii = np.column_stack([rng.uniform(6, 12, count), rng.uniform(6, 10, count), rng.uniform(10, 20, count)])
     angles = rng.uniform(0, np.pi, count)
+    return write_ellipsoids(path, slices, size, centres, radii, angles, slab)
+
+
+def write_ellipsoids(path: Path, slices: int, size: int, centres: np.ndarray, radii: np.ndarray, angles: np.ndarray,
+                     slab: int = 16) -> int:
+    """A uint8 Zarr mask of ellipsoids (centres and semi-axes (z, y, x), the long axis turned by ``angles`` in
+    y-x), written slab by slab; returns the foreground voxel count."""
+    import zarr
+
     array = zarr.create_array(store=str(path), shape=(slices, size, size), dtype=np.uint8,
                               chunks=(slab, 256, 256), overwrite=True)
     total = 0

@@ -117,17 +117,20 @@ def remove_stale_temporaries_in(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _chain(exc: BaseException | None):
+    """``exc`` and the exceptions behind it (``__cause__``, else ``__context__``), at most 20."""
+    for _ in range(20):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The "no space left on device" (or quota) error behind ``exc``, following ``__cause__`` and
     ``__context__`` (torch reports a failed write of its file as a RuntimeError raised while handling
     the OSError); None when there is none."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _DISK_FULL), None)
 
 
 def disk_full_error(path: str | os.PathLike, kept: str | None = None) -> MitosegError:
@@ -146,23 +149,17 @@ _OS_CAUSES = {errno.EROFS: "a read-only file system", errno.EACCES: "permission 
 def os_error_cause(exc: BaseException | None) -> OSError | None:
     """The file-system error (read-only, permission, a path under a file, a full disk, ...) behind ``exc``,
     following ``__cause__`` and ``__context__`` (libraries re-raise them as their own kinds); None if none."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno is not None), None)
 
 
 def write_error(path: str | os.PathLike, exc: BaseException, kept: str | None = None) -> MitosegError | None:
     """The one line for a write to ``path`` that failed because of the file system (None: not such a failure):
     a full disk (:func:`disk_full_error`), or any other ``OSError`` with its reason."""
+    if disk_full_cause(exc) is not None:
+        return disk_full_error(path, kept)
     cause = os_error_cause(exc)
     if cause is None:
         return None
-    if cause.errno in _DISK_FULL:
-        return disk_full_error(path, kept)
     reason = _OS_CAUSES.get(cause.errno) or cause.strerror or str(cause)
     message = f"{os.fspath(path)}: cannot write ({reason})"
     return MitosegError(message + (f"; {kept}" if kept else ""))

@@ -176,8 +176,6 @@ def threads_from(args) -> None:
         apply_threads(args.threads_count)
 
 
-
-
 def remove_run_outputs(out_dir: Path) -> list[Path]:
     """Delete the files and folders of a previous run in ``out_dir``; returns what was removed.
 

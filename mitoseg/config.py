@@ -1152,6 +1152,11 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+def unlabeled_batch_size(data_cfg) -> int:
+    """Unlabeled samples per iteration and rank: ``data.unlabeled_batch_size``, by default ``data.batch_size``."""
+    return data_cfg.unlabeled_batch_size or data_cfg.batch_size
+
+
 def loss_ignore_index(train_cfg) -> int | None:
     """The label value the supervised loss skips: ``train.ignore_index`` for the ``ce`` and ``ohem`` losses,
     None for ``dice_ce`` (every label value is a class)."""

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from mitoseg.errors import MitosegError
@@ -34,42 +33,12 @@ RUN_DIRS = (TENSORBOARD, INSPECT)
 RUN_MARKERS = (METRICS, CONFIG, SUMMARY, INSPECT)
 
 
-@dataclass(frozen=True)
 class RunFolder:
-    """The paths of a run folder's files."""
-
-    root: Path
+    """The paths of a run folder's files (``RunFolder(root).metrics``, ...)."""
 
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def last(self) -> Path:
-        return self.root / LAST
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD
-
-    @property
-    def inspect(self) -> Path:
-        return self.root / INSPECT
+        self.root = Path(root)
+        self.last, self.best, self.metrics, self.inspect = (self.root / name for name in (LAST, BEST, METRICS, INSPECT))
 
     def is_run(self) -> bool:
         """Whether the folder holds a run's files."""

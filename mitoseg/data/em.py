@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mitoseg.config import VolumeConfig, loss_ignore_index
+from mitoseg.config import VolumeConfig, loss_ignore_index, unlabeled_batch_size
 from mitoseg.data.datasets import PatchDataset, UnlabeledViewsDataset, VolumeSlices, load_volume_slices
 from mitoseg.data.readers import open_volume, select_slices
 from mitoseg.data.resample import parse_pixel_size, volume_pixel_nm
@@ -125,7 +125,7 @@ def build_em_data(cfg, uses_unlabeled: bool, labeled_length: int, unlabeled_leng
     if uses_unlabeled:
         sources = unlabeled_sources(cfg, train_slices, sizes)
         with_label = all(src.label is not None for src in sources)
-        group = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        group = unlabeled_batch_size(cfg.data)
         unlabeled = UnlabeledViewsDataset(
             sources,
             weak_transform(cfg.data, with_label=with_label, intensity=False),

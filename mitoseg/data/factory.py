@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mitoseg.config import unlabeled_batch_size
 from mitoseg.data.train_data import TrainData
 from mitoseg.errors import MitosegError
 
@@ -17,7 +18,7 @@ def build_train_data(cfg, uses_unlabeled: bool, unlabeled_per_batch: int, iterat
     ``uses_unlabeled`` draws ``unlabeled_per_batch`` unlabeled batches per step (CutMix partners). ``log``: say
     what was resampled (the main process)."""
     batch = cfg.data.batch_size
-    unlabeled_batch = cfg.data.unlabeled_batch_size or batch
+    unlabeled_batch = unlabeled_batch_size(cfg.data)
     labeled_length = iterations * batch * world_size
     unlabeled_length = iterations * unlabeled_per_batch * unlabeled_batch * world_size
     if cfg.data.kind == "em":

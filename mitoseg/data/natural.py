@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import Dataset
 
+from mitoseg.config import unlabeled_batch_size
 from mitoseg.data.datasets import sample_rng
 from mitoseg.data.transforms import CutMixBoxes
 from mitoseg.data.train_data import TrainData
@@ -403,7 +404,7 @@ def iterations_per_epoch(cfg, uses_unlabeled: bool, world_size: int = 1) -> int:
         if lists.unlabeled is None:
             raise MitosegError("semi-supervised training needs an unlabeled list (data.split or data.unlabeled_list)")
         n = len(read_list(lists.unlabeled, root, need_mask=False))
-        batch = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        batch = unlabeled_batch_size(cfg.data)
     else:
         n = len(read_list(lists.labeled, root, need_mask=True))
         batch = cfg.data.batch_size
@@ -424,7 +425,7 @@ def build_natural_data(cfg, uses_unlabeled: bool, length_labeled: int, length_un
                                f"{data.split!r} has no unlabeled.txt and data.unlabeled_list is not set")
         items = read_list(lists.unlabeled, root, need_mask=False)
         boxes = CutMixBoxes(cfg.method.cutmix, data.cutmix_prob, cfg.seed + 1,
-                            group=data.unlabeled_batch_size or data.batch_size)
+                            group=unlabeled_batch_size(data))
         unlabeled = NaturalUnlabeledDataset(items, data, cfg.seed + 1, length_unlabeled, boxes)
         views = NaturalUnlabeledDataset(items, data, cfg.seed + 2, cfg.train.inspect_patches)
         inspection = {"image": torch.stack([views[i]["weak"] for i in range(len(views))])}

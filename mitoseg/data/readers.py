@@ -760,11 +760,6 @@ def _remove(path: str) -> None:
     remove_path(path)
 
 
-def _move_into_place(tmp: str, final: str) -> None:
-    """Put ``tmp`` at ``final`` (a folder output swapped in one step: :func:`mitoseg.atomic.replace_path`)."""
-    replace_path(tmp, final)
-
-
 class VolumeWriter:
     """Writes a (z, ...) volume slab by slab, atomically.
 
@@ -926,7 +921,7 @@ class VolumeWriter:
             self._sink.close()
             if not self._overwrite and os.path.lexists(self._final):  # created while we were writing
                 raise MitosegError(f"{self._final} exists; pass --overwrite to replace it")
-            _move_into_place(self._tmp, self._final)
+            replace_path(self._tmp, self._final)  # a folder output swapped in one step
         except BaseException as exc:
             self.abort()
             self._raise_write_error(exc)

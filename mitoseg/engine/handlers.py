@@ -128,7 +128,8 @@ class Interrupt(Handler):
     def iteration_completed(self, trainer, loop):
         # A log step may set it too (another rank's Ctrl-C): see synced.
         loop.stop = loop.stop or (self.request.requested and not trainer.dist.enabled)
-        loop.stop_exception = self.request.exception()
+        if self.request.requested:
+            loop.stop_exception = self.request.exception()
 
     def sync_values(self, trainer, loop):
         if not trainer.dist.enabled:
@@ -199,7 +200,7 @@ class TimeLimit(Handler):
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.start = time.perf_counter()
+        self.start = 0.0  # set when the loop starts
 
     def started(self, trainer, loop):
         self.start = time.perf_counter()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mitoseg.device import amp_dtype, autocast, fast_memory_format, resolve_device
-from mitoseg.config import Config, config_to_dict, input_channels, loss_ignore_index
+from mitoseg.config import Config, config_to_dict, input_channels, loss_ignore_index, unlabeled_batch_size
 from mitoseg.data.factory import build_train_data
 from mitoseg.engine.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint, weights_are_finite
 from mitoseg import distributed
@@ -195,7 +195,7 @@ class Trainer:
         ignore_index = loss_ignore_index(cfg.train)
         self.ignore_index = ignore_index
         self.method = build_method(cfg, make_supervised_loss(cfg.train)).to(self.device)
-        self.unlabeled_batch_size = cfg.data.unlabeled_batch_size or cfg.data.batch_size
+        self.unlabeled_batch_size = unlabeled_batch_size(cfg.data)
         self.data = build_train_data(cfg, self.method.uses_unlabeled, self.method.unlabeled_per_batch,
                                      self.total_iterations, self.dist.world_size, log=self.is_main)
         self.has_validation = self.data.validation is not None

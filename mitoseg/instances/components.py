@@ -182,7 +182,7 @@ class MappedIds:
             if lo < hi:
                 parts.append(self.tables[first // self.slab][np.asarray(self.pieces[(slice(lo, hi), *rest)])])
         if not parts:
-            return np.zeros((0, *np.zeros(self.shape[1:])[rest].shape), np.uint32)
+            return np.zeros((0, *np.broadcast_to(0, self.shape[1:])[rest].shape), np.uint32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
