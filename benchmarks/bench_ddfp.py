@@ -299,7 +299,15 @@ def profile_step(trainer, batches, rows: int = 25) -> None:
 
 
 def daw_ddfp_passes(trainer, labeled, unlabeled) -> None:
-    """The model's forward and backward passes of one daw_ddfp step, alone, on the same shapes."""
+    """The model's forward and backward passes of one daw_ddfp step, alone, on the same shapes and under the
+    step's autocast (``train.amp``)."""
+    from mitoseg.device import autocast
+
+    with autocast(trainer.device, trainer.amp):
+        _daw_ddfp_passes(trainer, labeled, unlabeled)
+
+
+def _daw_ddfp_passes(trainer, labeled, unlabeled) -> None:
     model, teacher = trainer.model, trainer.ema.module
     x, weak = labeled["image"], unlabeled["weak"]
     n_x, n_u = x.shape[0], weak.shape[0] // 2

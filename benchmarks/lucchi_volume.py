@@ -86,6 +86,11 @@ VARIANTS: dict[str, dict] = {
     "semi30_warmup": {"train.max_minutes": 30, "method.warmup": 0.5},
     "semi30_guard": {"train.max_minutes": 30, "method.guard_tolerance": 1.5},
     "semi30_safe": {"train.max_minutes": 30, "method.warmup": 0.5, "method.guard_tolerance": 1.5},
+    # daw_ddfp's flow made affordable on a CPU (BENCHMARKS.md, "Cost of a daw_ddfp step"): its matrix products
+    # in bfloat16, 8192 sampled pixels for its training step and for the perturbation's direction.
+    "semi30_safe_flow_cpu": {"train.max_minutes": 30, "method.warmup": 0.5, "method.guard_tolerance": 1.5,
+                             "method.ddfp.flow_precision": "bfloat16", "method.ddfp.max_pixels": 8192,
+                             "method.ddfp.perturb_max_pixels": 8192},
     "unet_5nm_p128": UNET_5NM,
     "unet_10nm_p128": {**UNET_5NM, "data.pixel_size": 10},
     "unet_20nm_p128": {**UNET_5NM, "data.pixel_size": 20},

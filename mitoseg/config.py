@@ -500,6 +500,19 @@ class DDFPConfig:
         "iteration, as the paper; larger k lowers a `daw_ddfp` / `ddfp` step's cost (BENCHMARKS.md, Performance)",
         allowed=_AT_LEAST_1,
     )
+    flow_precision: Literal["float32", "bfloat16"] = option(
+        "float32",
+        "the flow's coupling subnetworks (its matrix products) in `float32` (the paper) or `bfloat16` (2x faster "
+        "on a CPU with AMX / AVX512-BF16 or a GPU; log-determinants and prior stay float32), for training and "
+        "perturbation",
+    )
+    perturb_max_pixels: Optional[int] = option(
+        None,
+        "the direction's flow NLL summed over at most this many of the used pixels, drawn at random each step (an "
+        "estimate of the sum over all; every pixel still moves through the head's convolution and BatchNorm); "
+        "`null`: every used pixel (the paper). The perturbation's flow pass costs in proportion",
+        allowed=_AT_LEAST_1,
+    )
     flow_init: Literal["official", "identity"] = option(
         "official",
         "`official`: coupling subnets Linear-ReLU-Linear-ReLU-Linear, every flow parameter drawn from 0.05 N(0, 1) "

@@ -1,6 +1,7 @@
 """DDFP and DAW + DDFP: MixBN, the loss, the flow's training data, short real runs and exact resume."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,32 @@ def test_with_the_main_bn_in_eval_mode_unused_pixels_are_not_perturbed(tiny_volu
     assert norms[0, :1].max() == 0 and norms[0, :, :1].max() == 0
     cfg.method.ddfp.perturb_pixels = "all"
     assert (build_method(cfg, None).perturbation(student, features, used).norm(dim=1) > 1.99).all()
+
+
+def test_perturb_max_pixels_pulls_the_direction_with_a_random_sample_of_the_used_pixels(tiny_volumes):
+    cfg = config_from_dict(ddfp_config(tiny_volumes, "daw_ddfp", perturb_bn="main_eval", perturb_max_pixels=2))
+    method = build_method(cfg, None)
+    student = build_model(cfg.model, 2).train()
+    features = torch.randn(2, cfg.model.feature_channels, 8, 8)
+    used = torch.zeros(2, 8, 8)
+    used[0, 2:6, 2:6] = 1.0
+    moved = method.perturbation(student, features, used).norm(dim=1) > 0
+    # two of the 16 used pixels pull: with the main BN in eval mode only their 3x3 neighbourhoods move
+    assert 9 <= int(moved.sum()) <= 18 and not moved[1].any()
+    assert not moved[0, :1].any() and not moved[0, 7:].any()  # nothing beyond the used block's neighbourhood
+
+
+def test_a_daw_ddfp_run_with_the_cpu_flow_settings_trains_its_flow_in_bfloat16(tmp_path, tiny_volumes):
+    cfg = ddfp_config(tiny_volumes, "daw_ddfp", flow_precision="bfloat16", perturb_max_pixels=64)
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    dtypes = set()
+    linear = trainer.method.flow.model.flow.module_list[0].subnet1[0]
+    linear.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    trainer.fit()
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert dtypes == {torch.bfloat16} and all(math.isfinite(r["flow_nll_bpd"]) for r in train[1:])
+    assert math.isfinite(train[-1]["loss_ddfp"]) and train[-1]["delta_norm"] == pytest.approx(2.0, rel=1e-3)
 
 
 def test_the_main_eval_perturbation_leaves_bn_statistics_alone(tiny_volumes):

@@ -22,6 +22,7 @@ from mitoseg.semi.flow import (
     mixture_log_density,
     prior_log_density,
     sample_pixels,
+    subsample_mask,
 )
 
 
@@ -138,6 +139,57 @@ def test_sample_pixels_caps_the_count_and_skips_excluded_pixels_while_others_rem
     assert len(set(x[:, 0].tolist())) == 40  # without replacement
     x, picked, valid = sample_pixels(features, labels, max_pixels=1000)
     assert x.shape == (80, 3) and valid.sum() == 50 and torch.equal(valid, picked != EXCLUDED)
+
+
+def test_subsample_mask_keeps_at_most_the_count_of_the_masked_pixels_at_random():
+    torch.manual_seed(0)
+    mask = torch.rand(2, 16, 16) < 0.3
+    kept = subsample_mask(mask, 20)
+    assert kept.shape == mask.shape and int(kept.sum()) == 20 and not (kept & ~mask).any()
+    assert not torch.equal(kept, subsample_mask(mask, 20))  # drawn afresh each call
+    assert torch.equal(subsample_mask(mask, 10_000), mask)  # fewer masked pixels than the count: all kept
+    few = torch.zeros(2, 16, 16, dtype=torch.bool)
+    few[0, 3, 4] = few[1, 5, 6] = True
+    assert torch.equal(subsample_mask(few, 20), few)
+
+
+def test_perturbation_direction_from_sampled_pixels_points_toward_lower_density_of_those_pixels():
+    # perturb_max_pixels: the NLL of a random subset of the used pixels pulls the direction; every pixel of the
+    # head's input still moves (3x3 convolution and BatchNorm in train mode tie it to the sampled ones).
+    torch.manual_seed(0)
+    model = random_density(dim=6, classes=2).float()
+    head = SegmentationHead(5, 6, 2).train()
+    features = torch.randn(2, 5, 12, 12)
+    mask = subsample_mask(torch.ones(2, 12, 12, dtype=torch.bool), 40)
+    delta = density_descending_perturbation(features, head.penultimate, model.log_density, eps=0.5, mask=mask)
+    torch.testing.assert_close(delta.norm(dim=1), torch.full((2, 12, 12), 0.5))
+
+    def sampled_log_density(f):
+        return model.log_density(flatten_pixels(head.penultimate(f)))[mask.reshape(-1)].sum()
+
+    with torch.no_grad():
+        assert sampled_log_density(features + 1e-2 * delta) < sampled_log_density(features)
+
+
+def test_a_bfloat16_flow_runs_its_matrix_products_in_bfloat16_and_stays_close_to_float32():
+    torch.manual_seed(0)
+    exact = DensityModel(32, 2, blocks=2, hidden=64, seed=3)
+    fast = DensityModel(32, 2, blocks=2, hidden=64, seed=3, precision="bfloat16")
+    assert fast.state_dict().keys() == exact.state_dict().keys()  # one checkpoint format for both
+    fast.load_state_dict(exact.state_dict())
+    x = torch.randn(512, 32)
+    z_dtypes = []
+    hook = fast.flow.module_list[0].subnet1[0].register_forward_hook(lambda m, a, out: z_dtypes.append(out.dtype))
+    log_p, reference = fast.log_density(x), exact.log_density(x)
+    hook.remove()
+    assert z_dtypes == [torch.bfloat16] and log_p.dtype == torch.float32
+    assert (log_p - reference).abs().max() < 0.02 * reference.abs().max()
+    grad = torch.autograd.grad(fast.log_density(x.requires_grad_(True)).sum(), x)[0]
+    reference_grad = torch.autograd.grad(exact.log_density(x).sum(), x)[0]
+    cosine = torch.nn.functional.cosine_similarity(grad, reference_grad, dim=1)
+    assert grad.dtype == torch.float32 and cosine.min() > 0.95  # the perturbation's direction per pixel
+    with pytest.raises(ValueError, match="precision"):
+        DensityModel(4, 2, precision="float16")
 
 
 def test_labels_are_nearest_downsampled_to_the_feature_grid_and_ignored_pixels_excluded():

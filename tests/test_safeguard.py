@@ -153,6 +153,18 @@ def test_warmup_draws_no_unlabeled_batch_until_it_ends(tmp_path, tiny_volumes):
     assert torch.equal(a["weak"], b["weak"])
 
 
+def test_a_time_budget_that_ends_inside_the_warmup_ends_the_batches_without_an_error(tmp_path, tiny_volumes):
+    # A train.max_minutes budget spent before the warm-up's end sets total_iterations to the last iteration;
+    # the progress is then 1, past the warm-up, and the unlabeled stream must not start (it would be empty).
+    cfg = semi_config(tiny_volumes, "daw", iterations=8)
+    cfg["method"]["warmup"] = 0.5
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run", progress=False)
+    batches = trainer.batches(0)
+    assert [next(batches)[1] is None for _ in range(3)] == [True] * 3
+    trainer.total_iterations = trainer.stop_iteration = 3  # what the TimeBudget handler does when spent
+    assert list(batches) == []
+
+
 def test_guard_acts_on_a_tiny_volume_whose_pseudo_labels_are_forced_to_foreground(tmp_path, tiny_volumes, capsys):
     cfg = semi_config(tiny_volumes, "daw", iterations=8, log_every=1)
     cfg["method"]["guard_tolerance"] = 1.5

@@ -379,6 +379,8 @@ class Trainer:
         iteration that needs it; iteration i reads the same samples whenever the stream started."""
         unlabeled = None
         for iteration, batch in enumerate(labeled, start_iteration):
+            if iteration >= self.total_iterations:
+                return  # a time budget ended the schedule (it may have ended inside the warm-up)
             if unlabeled is None:
                 if self.method.supervised_only(iteration, self.schedule_progress(iteration)):
                     yield batch, None

@@ -82,6 +82,7 @@ from mitoseg.semi.flow import (
     density_descending_perturbation,
     flatten_pixels,
     labels_to_grid,
+    subsample_mask,
 )
 
 DDFP_LOGS = ("loss_ddfp", "flow_nll_bpd", "logp_labeled", "logp_unlabeled", "delta_norm", "flip_ratio")
@@ -108,7 +109,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         self.unlabeled_per_batch = 1 if cfg.method.cutmix == "ddfp" else 2
         self.official = d.schedule == "official"
         density = DensityModel(cfg.model.head_channels, self.num_classes, blocks=d.blocks, hidden=d.hidden,
-                               clamp=d.clamp, seed=cfg.seed, init=d.flow_init)
+                               clamp=d.clamp, seed=cfg.seed, init=d.flow_init, precision=d.flow_precision)
         flow_steps = -(-(cfg.train.iterations - d.start_iter) // d.flow_every)  # its learning rate decays over these
         self.flow = FlowTrainer(density, lr=d.lr, betas=d.betas, grad_clip=d.grad_clip,
                                 final_lr_ratio=d.final_lr_ratio, total_steps=flow_steps,
@@ -186,6 +187,10 @@ class DensityDescendingMethod(PseudoLabelMethod):
         mask = None
         if used is not None and self.ddfp.perturb_pixels == "confident":
             mask = labels_to_grid((used > 0).long(), features.shape[2:]) > 0  # the head keeps the grid
+        if self.ddfp.perturb_max_pixels is not None:
+            if mask is None:
+                mask = torch.ones((features.shape[0], *features.shape[2:]), dtype=torch.bool, device=features.device)
+            mask = subsample_mask(mask, self.ddfp.perturb_max_pixels)
         if self.ddfp.perturb_bn == "aux_train":
             return density_descending_perturbation(
                 features.float(), lambda f: head.penultimate(f, perturbed=True), self.flow.model.log_density,

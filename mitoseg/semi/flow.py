@@ -138,6 +138,20 @@ def sample_pixels(features: torch.Tensor, labels: torch.Tensor, max_pixels: int)
     return features[index], picked, picked != EXCLUDED
 
 
+def subsample_mask(mask: torch.Tensor, max_pixels: int) -> torch.Tensor:
+    """``mask`` (any shape, bool) with at most ``max_pixels`` of its True entries kept, drawn uniformly at
+    random (the global torch RNG); all of them when there are fewer. A fixed-size ``topk``: no host
+    synchronisation."""
+    flat = mask.reshape(-1)
+    count = min(max_pixels, flat.shape[0])
+    if count == flat.shape[0]:
+        return mask
+    score = torch.rand(flat.shape, device=flat.device) + (~flat).to(torch.float32)  # unmasked entries last
+    index = score.topk(count, largest=False, sorted=False).indices
+    kept = torch.zeros_like(flat).index_fill_(0, index, True) & flat
+    return kept.reshape(mask.shape)
+
+
 def masked_flow_gradient(h: torch.Tensor, mask: torch.Tensor, log_density: Callable[[torch.Tensor], torch.Tensor],
                          chunk: int | None = None) -> torch.Tensor:
     """d(-sum of log_density over the pixels of ``mask``) / d h, for (B, C, *grid) features ``h`` and a
@@ -203,6 +217,17 @@ def density_descending_perturbation(features: torch.Tensor, penultimate: Callabl
 
 
 FLOW_INITS = ("official", "identity", "default")
+FLOW_PRECISIONS = ("float32", "bfloat16")
+
+
+class Float32Output(nn.Module):
+    """The last module of a coupling subnetwork: its output back in float32. Under a bfloat16 autocast the
+    subnetwork's matrix products (nearly all of the flow's FLOPs) run in bfloat16, while the coupling's
+    exp, the log-determinant and the prior, which sum many terms, stay in float32. No parameters (the
+    checkpoint keys are those of a float32 flow); a no-op outside autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # a float64 flow stays float64
 
 
 def build_flow(dim: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0, seed: int = 0,
@@ -226,11 +251,11 @@ def build_flow(dim: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0,
     def subnet(c_in: int, c_out: int) -> nn.Module:
         if init == "official":
             return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
-        net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, c_out), Float32Output())
+        net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out), Float32Output())
         if init == "identity":
-            nn.init.zeros_(net[-1].weight)
-            nn.init.zeros_(net[-1].bias)
+            nn.init.zeros_(net[-2].weight)
+            nn.init.zeros_(net[-2].bias)
         return net
 
     flow = Ff.SequenceINN(dim)
@@ -253,12 +278,18 @@ class DensityModel(nn.Module):
     """The flow and its prior: one unit-covariance Gaussian per class, learnable means (K, D).
 
     Initialised from ``seed`` inside a forked RNG, so building it leaves the global RNGs untouched.
+    ``precision``: ``float32``, or ``bfloat16``: the coupling subnetworks' matrix products under a bfloat16
+    autocast (:class:`Float32Output`), whatever autocast the caller runs under; parameters, inputs,
+    log-determinants and the prior stay float32.
     """
 
     def __init__(self, dim: int, num_classes: int, blocks: int = 2, hidden: int = 256, clamp: float = 2.0,
-                 seed: int = 0, init: str = "official"):
+                 seed: int = 0, init: str = "official", precision: str = "float32"):
         super().__init__()
+        if precision not in FLOW_PRECISIONS:
+            raise ValueError(f"unknown flow precision {precision!r}; expected one of {FLOW_PRECISIONS}")
         self.dim = dim
+        self.precision = precision
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.flow = build_flow(dim, blocks, hidden, clamp, seed, init)
@@ -266,7 +297,9 @@ class DensityModel(nn.Module):
 
     def transform(self, x: torch.Tensor):
         """x (N, D) -> (component log-densities of f(x) (N, K), log |det df/dx| (N,))."""
-        z, log_jac = self.flow(x)
+        bf16 = self.precision == "bfloat16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            z, log_jac = self.flow(x)
         return mixture_component_log_density(z, self.means), log_jac
 
     def log_density(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
