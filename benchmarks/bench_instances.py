@@ -56,7 +56,8 @@ from mitoseg.instances.segment import InstanceOptions, segment_instances
 volume = zarr.open(sys.argv[1], mode="r")
 start = time.perf_counter()
 with scratch_volumes(tempfile.gettempdir()) as scratch:
-    ids, count = segment_instances(lambda s, e: volume[s:e] != 0, volume.shape, InstanceOptions(), scratch=scratch)
+    ids, count, *_ = segment_instances(lambda s, e: volume[s:e] != 0, volume.shape, InstanceOptions(min_voxels=0),
+                                       scratch=scratch)
     segmented = time.perf_counter()
     measure_objects(ids, count)
     measured = time.perf_counter()

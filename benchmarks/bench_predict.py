@@ -85,19 +85,21 @@ def bare_seconds(model, cfg, shapes, repeat: int) -> float:
     return fastest(run, repeat)
 
 
-def peak_rss_of_predict(config: str, volume: Path, out: Path, threads: int) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of a `mitoseg predict` process on a checkpoint of the config's network."""
+def peak_rss_of_predict(config: str, volume: Path, out: Path, threads: int) -> tuple[float, float, float]:
+    """(peak RSS in MiB, wall seconds, CPU seconds) of a `mitoseg predict` process (start-up, checkpoint load,
+    TIFF read, prediction, TIFF write) on a checkpoint of the config's network."""
     code = (
         "import resource, sys, time, torch; from mitoseg.cli import main; "
         f"torch.set_num_threads({threads}); start = time.perf_counter(); "
         f"rc = main(['predict', '--checkpoint', r'{out.parent / 'model.pt'}', '--input', r'{volume}', "
         f"'--output', r'{out}', '--no-progress', '--overwrite']); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - start); "
+        "usage = resource.getrusage(resource.RUSAGE_SELF); "
+        "print(usage.ru_maxrss / 1024, time.perf_counter() - start, usage.ru_utime + usage.ru_stime); "
         "sys.exit(rc)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    rss, seconds = result.stdout.strip().splitlines()[-1].split()
-    return float(rss), float(seconds)
+    rss, seconds, cpu = result.stdout.strip().splitlines()[-1].split()
+    return float(rss), float(seconds), float(cpu)
 
 
 def write_checkpoint(config: str, path: Path) -> None:
@@ -155,10 +157,14 @@ def main() -> None:
     print(f"predict with TTA (8 transforms) / plain, alternated: {', '.join(f'{r:.2f}' for r in tta_ratios)}; "
           f"median {tta_ratios[len(tta_ratios) // 2]:.2f}x (target <= 8.2x)")
 
-    print(f"{'slices':>6} {'Mvoxel':>8} {'s':>8} {'ns / voxel':>11}")
+    # Read: the input volume as stored (its dtype); written: the uint8 labels. MB = 10^6 bytes, per second of
+    # the clock above (compute: no disk in these in-memory runs; the processes below add the TIFF files).
+    print(f"{'slices':>6} {'Mvoxel':>8} {'s':>8} {'ns / voxel':>11} {'MB/s read':>10} {'MB/s written':>13}")
     for n in args.slices:
         seconds = predict_seconds(model, cfg, base[:n], args.repeat)
-        print(f"{n:>6} {base[:n].size / 1e6:8.2f} {seconds:8.2f} {seconds / base[:n].size * 1e9:11.1f}")
+        read_mb, written_mb = base[:n].nbytes / 1e6, base[:n].size / 1e6
+        print(f"{n:>6} {base[:n].size / 1e6:8.2f} {seconds:8.2f} {seconds / base[:n].size * 1e9:11.1f} "
+              f"{read_mb / seconds:10.2f} {written_mb / seconds:13.2f}")
 
     if not args.no_memory:
         with tempfile.TemporaryDirectory() as tmp:
@@ -166,10 +172,13 @@ def main() -> None:
             write_checkpoint(args.config, tmp / "model.pt")
             for n in (min(args.slices), max(args.slices)):
                 write_volume(tmp / f"vol{n}.tif", base[:n])
-                rss, seconds = peak_rss_of_predict(args.config, tmp / f"vol{n}.tif", tmp / f"pred{n}.tif",
-                                                   args.threads)
+                rss, seconds, cpu = peak_rss_of_predict(args.config, tmp / f"vol{n}.tif", tmp / f"pred{n}.tif",
+                                                        args.threads)
+                read_mb, written_mb = (tmp / f"vol{n}.tif").stat().st_size / 1e6, (tmp / f"pred{n}.tif").stat().st_size / 1e6
                 print(f"mitoseg predict, {n} slices of {args.size} x {args.size}: peak RSS {rss:.0f} MiB, "
-                      f"{seconds:.1f} s wall (volume {base[:n].nbytes / 2**20:.0f} MiB as uint8)")
+                      f"{seconds:.1f} s wall, {cpu:.1f} s CPU (volume {base[:n].nbytes / 2**20:.0f} MiB as uint8); "
+                      f"files {read_mb:.1f} MB read, {written_mb:.1f} MB written: {read_mb / cpu:.2f} and "
+                      f"{written_mb / cpu:.2f} MB per CPU second")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from mitoseg import __version__
 from mitoseg.config import config_to_dict, input_channels, size_multiple, size_multiple_reason
 from mitoseg.errors import MitosegError
+from mitoseg.instances import AUTO_MIN_FRACTION, SEED_DEPTH
 from mitoseg.runs import LAST, RUN_DIRS, RUN_FILES
 
 EXAMPLES = """\
@@ -409,10 +410,12 @@ def instance_options(args):
     if args.min_voxels is not None and args.min_voxels < 0:
         raise MitosegError(f"--min-voxels must be at least 0, got {args.min_voxels}")
     if args.min_distance is not None and args.min_distance < 1:
-        # 0 would make every foreground voxel its own seed: objects shattered into hundreds of pieces.
         raise MitosegError(f"--min-distance must be at least 1 (voxels between two seeds), got {args.min_distance}")
-    return InstanceOptions(min_voxels=args.min_voxels or 0, fill_holes=bool(getattr(args, "instance_fill_holes", False)),
-                           split=args.split, min_distance=args.min_distance if args.min_distance is not None else 10,
+    if not 0 < args.seed_depth < 1:
+        raise MitosegError(f"--seed-depth must be between 0 and 1 (a fraction of an object's inscribed radius), "
+                           f"got {args.seed_depth}")
+    return InstanceOptions(min_voxels=args.min_voxels, fill_holes=bool(getattr(args, "instance_fill_holes", False)),
+                           split=args.split, min_distance=args.min_distance, seed_depth=args.seed_depth,
                            slab=args.slab or 16)
 
 
@@ -718,9 +721,16 @@ def add_instance_options(p) -> None:
     p.add_argument("--split", choices=["none", "distance", "probability"], default="none",
                    help="cut touching objects apart by a seeded watershed of the distance to the background or "
                         "of the foreground probability (default: none)")
+    p.add_argument("--seed-depth", type=float, metavar="F", default=SEED_DEPTH,
+                   help="a split cuts where the relief (distance to the background, or probability) dips by at "
+                        f"least F of the object's own height: a neck narrower than (1 - F) of its inscribed "
+                        f"radius (default: {SEED_DEPTH}); larger splits less")
     p.add_argument("--min-distance", type=int, metavar="N",
-                   help="voxels between two seeds of a split (default: 10); larger splits less")
-    p.add_argument("--min-voxels", type=int, metavar="N", help="remove objects smaller than N voxels (default: 0)")
+                   help="also merge the seeds of a split closer than N voxels (default: none)")
+    p.add_argument("--min-voxels", type=int, metavar="N",
+                   help=f"remove objects smaller than N voxels (default: {AUTO_MIN_FRACTION:.0%} of the typical "
+                        "object of the volume, the voxel-weighted median size: specks of false foreground go, "
+                        "mitochondria stay; 0 keeps every object)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
                    help="nm per voxel (default: from the file's metadata, else volumes are in voxels); predict: "
                         "also the input's pixel size that a model with data.pixel_size is rescaled against")

@@ -224,6 +224,7 @@ def test_a_daw_ddfp_run_with_the_cpu_flow_settings_trains_its_flow_in_bfloat16(t
     train = [r for r in records if r["split"] == "train"]
     assert dtypes == {torch.bfloat16} and all(math.isfinite(r["flow_nll_bpd"]) for r in train[1:])
     assert math.isfinite(train[-1]["loss_ddfp"]) and train[-1]["delta_norm"] == pytest.approx(2.0, rel=1e-3)
+    assert 0 < train[-1]["label_fg"] < 1  # the guard's notice names it (it said nan for daw_ddfp)
 
 
 def test_the_main_eval_perturbation_leaves_bn_statistics_alone(tiny_volumes):

@@ -26,7 +26,9 @@ def ellipsoid(shape, centre, radii):
 
 
 def segment(mask, **options):
-    return segment_instances(lambda s, e: mask[s:e], mask.shape, InstanceOptions(**options))
+    """(ids, count); every component kept unless ``min_voxels`` is given."""
+    options.setdefault("min_voxels", 0)
+    return segment_instances(lambda s, e: mask[s:e], mask.shape, InstanceOptions(**options))[:2]
 
 
 def test_known_objects_are_counted_and_their_volumes_are_the_analytic_ones():
@@ -71,11 +73,16 @@ def test_touching_balls_are_split_by_the_distance_watershed_and_not_without_it()
     assert sizes.sum() == pair.sum() and abs(int(sizes[0]) - int(sizes[1])) < 0.05 * sizes.sum()
     left, right = ids[20, 30, 14], ids[20, 30, 54]
     assert left != right and {left, right} == {1, 2}
-    # by the foreground probability: a blurred mask
-    probability = ndimage.gaussian_filter(pair.astype(np.float32), 2.0)
-    ids, count = segment_instances(lambda s, e: pair[s:e], shape, InstanceOptions(split="probability", min_distance=6),
-                                   read_probability=lambda s, e: probability[s:e])
+    # by the foreground probability: a blurred mask, less sure where the two meet (a membrane between them)
+    membrane = 1 - 0.6 * np.exp(-((np.arange(shape[2]) - 34) ** 2) / 8.0)
+    probability = ndimage.gaussian_filter(pair.astype(np.float32), 2.0) * membrane.astype(np.float32)
+    ids, count, *_ = segment_instances(lambda s, e: pair[s:e], shape,
+                                       InstanceOptions(split="probability", min_voxels=0),
+                                       read_probability=lambda s, e: probability[s:e])
     assert count == 2
+    flat = ndimage.gaussian_filter(pair.astype(np.float32), 2.0)  # no dip: one object
+    assert segment_instances(lambda s, e: pair[s:e], shape, InstanceOptions(split="probability"),
+                             read_probability=lambda s, e: flat[s:e]).count == 1
 
 
 @pytest.mark.parametrize("slab", [1, 3, 16])
@@ -137,6 +144,49 @@ def test_voxel_sizes_are_read_from_tiff_and_hdf5_metadata(tmp_path):
     assert voxel_size_nm(f"{tmp_path / 'v.h5'}:/raw") == pytest.approx((40.0, 8.0, 8.0))
 
 
+def tube(shape, z, y, x0, x1, radius, wobble=0.0):
+    """A mitochondrion-like rod along x: a capsule of ``radius`` whose radius wobbles by ``wobble`` voxels."""
+    zz, yy, xx = np.mgrid[tuple(slice(0, n) for n in shape)]
+    r = radius + wobble * np.sin(xx / 3.0)
+    along = np.clip(xx, x0, x1)
+    return (zz - z) ** 2 + (yy - y) ** 2 + (xx - along) ** 2 <= r ** 2
+
+
+def test_the_default_split_keeps_elongated_objects_whole_and_cuts_touching_ones_at_their_neck():
+    shape = (24, 40, 120)
+    # one long wobbly rod: its distance ridge has many small maxima, none a seed at the default depth
+    rod = tube(shape, 12, 20, 10, 110, 6, wobble=1.0)
+    assert segment(rod, split="distance")[1] == 1
+    # two balls through a narrow neck: cut there (default seed depth, no seed distance)
+    pair = ellipsoid(shape, (12, 20, 40), (9, 9, 9)) | ellipsoid(shape, (12, 20, 62), (9, 9, 9))
+    pair |= tube(shape, 12, 20, 40, 62, 3)
+    ids, count = segment(pair, split="distance")
+    assert count == 2 and ids[12, 20, 36] != ids[12, 20, 66]
+    # a deeper seed depth asks for a narrower neck: the same pair stays one object
+    assert segment(pair, split="distance", seed_depth=0.9)[1] == 1
+    # the seed distance merges seeds closer than it
+    assert segment(pair, split="distance", min_distance=30)[1] == 1
+
+
+def test_the_default_minimum_size_removes_specks_and_keeps_objects_of_the_volume_s_own_size():
+    from mitoseg.instances.segment import auto_min_voxels, typical_object_voxels
+
+    sizes = np.array([5000, 6000, 7000] + [3] * 40)  # three mitochondria and 40 specks of false foreground
+    assert typical_object_voxels(sizes) == 6000 and auto_min_voxels(sizes) == 300
+    assert typical_object_voxels(np.array([], dtype=np.int64)) == 0 and auto_min_voxels(np.zeros(0)) == 1
+    shape = (20, 64, 64)
+    objects = ellipsoid(shape, (10, 20, 20), (6, 8, 8)) | ellipsoid(shape, (10, 44, 44), (6, 9, 7))
+    specks = np.zeros(shape, bool)
+    specks[2, 2:60:6, 60] = specks[18, 60, 2:60:6] = True
+    result = segment_instances(lambda s, e: (objects | specks)[s:e], shape, InstanceOptions())
+    assert result.count == 2 and result.removed == int(ndimage.label(specks, FACES)[1])
+    assert result.min_voxels == auto_min_voxels(np.bincount(ndimage.label(objects | specks, FACES)[0].ravel())[1:])
+    # small objects are kept when every object is small: the minimum follows the volume
+    small = ellipsoid(shape, (10, 20, 20), (2, 2, 2)) | ellipsoid(shape, (10, 44, 44), (2, 2, 2))
+    assert segment_instances(lambda s, e: small[s:e], shape, InstanceOptions()).count == 2
+    assert segment_instances(lambda s, e: small[s:e], shape, InstanceOptions(split="distance")).count == 2
+
+
 def test_instances_command_writes_ids_and_a_measurement_table(tmp_path, capsys):
     shape = (32, 64, 64)
     pair = ellipsoid(shape, (16, 32, 20), (10, 10, 10)) | ellipsoid(shape, (16, 32, 37), (10, 10, 10))
@@ -144,7 +194,8 @@ def test_instances_command_writes_ids_and_a_measurement_table(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "pred.tif", (pair | speck).astype(np.uint8), imagej=True,
                      resolution=(1 / 0.005, 1 / 0.005), metadata={"spacing": 0.005, "unit": "micron", "axes": "ZYX"})
     code, out, err = run_cli(["instances", "--prediction", tmp_path / "pred.tif", "--output", tmp_path / "inst.tif",
-                              "--split", "distance", "--min-distance", "5", "--min-voxels", "20", "--no-progress"],
+                              "--split", "distance", "--seed-depth", "0.3", "--min-distance", "5", "--min-voxels", "20",
+                              "--no-progress"],
                              capsys)
     assert code == 0, err
     ids = tifffile.imread(tmp_path / "inst.tif")

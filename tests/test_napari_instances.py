@@ -254,6 +254,8 @@ def test_predict_with_objects_adds_the_objects_layer_and_fills_the_dock(make_nap
     assert not widget.object_options.isEnabled()
     widget.objects.setChecked(True)
     assert widget.object_options.isEnabled()
+    assert widget.object_options.options().min_voxels is None  # auto, as mitoseg instances
+    widget.object_options.min_voxels.setValue(0)  # every component, to compare with ndimage.label below
     with qtbot.waitSignal(widget.prediction_done, timeout=WAIT_MS) as done:
         widget.predict_button.click()
     assert done.args == ["done"]

@@ -147,6 +147,44 @@ def test_widgets_open_from_the_plugins_menu_registry(make_napari_viewer):
         assert name in dock.name
 
 
+LAPTOP = (1366, 768)  # the screen every dock layout must fit
+
+
+@pytest.mark.parametrize("docks", [("Predict", "Objects", "Evaluate"),
+                                   ("Train", "Pseudo-label inspector", "Predict", "Objects", "Evaluate")])
+def test_docks_fit_a_laptop_screen_and_scroll_what_does_not(make_napari_viewer, qtbot, docks):
+    # Every dock of the set open at once on a 1366 x 768 window: the window's minimum size fits the screen (the
+    # canvas, dims slider and status bar stay on it), each dock asks for little height because its controls
+    # scroll, and no row of a form is squeezed below its own height.
+    from qtpy.QtWidgets import QFormLayout
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(*LAPTOP)
+    viewer.open_sample("mitoseg", "synthetic_em")
+    widgets = {name: viewer.window.add_plugin_dock_widget("mitoseg", name)[1] for name in docks}
+    qtbot.wait(1000)  # the docks' layouts settle
+    minimum = window.minimumSizeHint()
+    assert minimum.width() <= LAPTOP[0] and minimum.height() <= LAPTOP[1], (minimum.width(), minimum.height())
+    assert window.height() <= LAPTOP[1] and window.width() <= LAPTOP[0]
+    for name, widget in widgets.items():
+        assert widget.minimumSizeHint().height() <= 200, name  # the scroll area, not every control
+        body = widget.scroll_area.widget()  # what scrolls: the controls at their full height
+        for form in body.findChildren(QFormLayout):
+            for row in range(form.rowCount()):
+                item = form.itemAt(row, QFormLayout.FieldRole)
+                field = item.widget() if item is not None else None
+                if field is not None and field.isVisible():
+                    # 2 px: a line edit beside a button is laid out at the edit's height, a pixel under the
+                    # button's; the squeeze this guards against was rows at a quarter of their height
+                    assert field.height() >= field.minimumSizeHint().height() - 2, (name, row)
+    canvas = viewer.window._qt_viewer.canvas.native
+    assert canvas.height() >= 200 and canvas.width() >= 300  # the data stay in view
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = viewer.screenshot(str(ARTIFACTS / f"docks_{len(docks)}_1366x768.png"), canvas_only=False, flash=False)
+    assert shot.shape[0] <= LAPTOP[1] and shot.shape[1] <= LAPTOP[0]
+
+
 # --------------------------------------------------------------------------- reader
 
 

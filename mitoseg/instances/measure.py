@@ -39,6 +39,7 @@ class Measurements:
     area_unit: str
     length_unit: str  # of the centroids: "um" or "voxel"
     total_voxels: int
+    removed_note: str = ""  # what the minimum object size removed (mitoseg.instances.run.removed_note)
 
     def summary(self) -> str:
         """count, median / mean volume, total volume fraction: one line."""

@@ -18,6 +18,7 @@ from mitoseg.errors import MitosegError
 from mitoseg.instances.components import iter_slabs
 from mitoseg.instances.measure import Measurements, measure_objects, write_table
 from mitoseg.instances.metrics import instance_scores
+from mitoseg.instances import AUTO_MIN_FRACTION
 from mitoseg.instances.segment import InstanceOptions, segment_instances
 
 
@@ -95,15 +96,26 @@ def make_instances(read_labels: Callable[[int, int], np.ndarray], shape: tuple[i
     with scratch_volumes(Path(split_spec(output)[0]).parent) as scratch, \
             VolumeWriter(output, shape, np.uint32, overwrite=overwrite, voxel_size=voxel_size, labels=True,
                          ngff_version=ngff_version) as writer:
-        ids, count = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) != 0, shape, options,
-                                       spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability,
-                                       scratch=scratch, progress=progress)
-        measurements = measure_objects(ids, count, voxel_size, read_probability, slab=options.slab,
-                                       progress=progress)
+        segmented = segment_instances(lambda s, e: np.asarray(read_labels(s, e)) != 0, shape, options,
+                                      spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability,
+                                      scratch=scratch, progress=progress)
+        measurements = measure_objects(segmented.ids, segmented.count, voxel_size, read_probability,
+                                       slab=options.slab, progress=progress)
         for start, stop in iter_slabs(shape[0], options.slab):
-            writer.write(start, ids[start:stop])
+            writer.write(start, segmented.ids[start:stop])
     write_table(measurements, table)
+    measurements.removed_note = removed_note(segmented, options)
     return measurements, table
+
+
+def removed_note(segmented, options: InstanceOptions) -> str:
+    """What the minimum object size removed, in one clause ('' when nothing was)."""
+    if not segmented.removed:
+        return ""
+    why = (f"the default: {AUTO_MIN_FRACTION:.0%} of the typical object" if options.min_voxels is None
+           else "--min-voxels")
+    return (f"{segmented.removed} objects smaller than {segmented.min_voxels} voxels removed ({why}; "
+            f"--min-voxels 0 keeps every object)")
 
 
 def instances_command(prediction: str, output: str, options: InstanceOptions, probabilities: str | None = None,
@@ -146,6 +158,8 @@ def report(measurements: Measurements, output: str, table: Path, source: str | N
             "no voxel size in the file and no --voxel-size: volumes in voxels")
     print(f"wrote {output} and {table} ({unit})")
     print(measurements.summary())
+    if measurements.removed_note:
+        print(measurements.removed_note)
 
 
 def read_instances(spec: str, kind: str, slab: int, stack: contextlib.ExitStack, progress: bool):
@@ -165,8 +179,9 @@ def read_instances(spec: str, kind: str, slab: int, stack: contextlib.ExitStack,
     if kind == "instance":
         return volume.read, volume.shape
     scratch = stack.enter_context(scratch_volumes(tempfile.gettempdir()))
-    ids, _ = segment_instances(lambda s, e: volume.read(s, e) > 0, volume.shape, InstanceOptions(slab=slab),
-                               scratch=scratch, progress=progress)
+    # Every component is an object here (a reference or a mask to score): no minimum size.
+    ids = segment_instances(lambda s, e: volume.read(s, e) > 0, volume.shape, InstanceOptions(slab=slab, min_voxels=0),
+                            scratch=scratch, progress=progress).ids
     return (lambda s, e: ids[s:e]), volume.shape
 
 

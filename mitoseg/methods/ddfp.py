@@ -318,7 +318,7 @@ class DensityDescendingMethod(PseudoLabelMethod):
         logs["loss_ddfp"] = loss_p.detach()
 
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
-        logs.update(self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
+        logs.update(self.unsupervised_logs(pl, n_u, valid_all, unlabeled, y, loss_x, losses_s,
                                            loss_fp if pred_fp is not None else None))
         w = self.unsupervised_weight(ctx, pl, n_u, valid_all, y, logs)
         if isinstance(w, float) and w == 1.0:

@@ -287,9 +287,8 @@ class PseudoLabelMethod(Method):
         if pred_fp is not None:
             loss_fp = self.unsupervised_loss(pred_fp, pl.label[:n_u], pl.weight[:n_u], valid_all[:n_u])
         loss_s2 = losses_s[1] if len(losses_s) > 1 else zero
-        logs = self.unsupervised_logs(pl, n_u, valid_all, unlabeled, loss_x, losses_s,
+        logs = self.unsupervised_logs(pl, n_u, valid_all, unlabeled, y, loss_x, losses_s,
                                       loss_fp if pred_fp is not None else None)
-        logs["label_fg"] = foreground_share(y, None, self.ignore_index)
         w = self.unsupervised_weight(ctx, pl, n_u, valid_all, y, logs)
         if isinstance(w, float) and w == 1.0:
             loss = self.combine(loss_x, losses_s[0], loss_s2, loss_fp)
@@ -298,7 +297,7 @@ class PseudoLabelMethod(Method):
         return StepOutput(loss=loss, logs=logs)
 
     def unsupervised_logs(self, pl: PseudoLabels, n_u: int, valid_all: torch.Tensor, unlabeled: dict,
-                          loss_x: torch.Tensor, losses_s: list[torch.Tensor],
+                          label: torch.Tensor, loss_x: torch.Tensor, losses_s: list[torch.Tensor],
                           loss_fp: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The step's logged values (tensors: read back only at log steps): losses, mask ratio, the
         threshold, DAW's Gaussians and, with analysis labels, the used-wrong / discarded-correct trade-off."""
@@ -311,6 +310,7 @@ class PseudoLabelMethod(Method):
             # Share of the pseudo-labels (used or not) that are not background (class 0), against the labeled
             # batch's label_fg: the first sign of pseudo-labels that spread foreground.
             "pseudo_fg": foreground_share(pl.label[:n_u], valid_u),
+            "label_fg": foreground_share(label, None, self.ignore_index),
         }
         if loss_fp is not None:
             logs["loss_fp"] = loss_fp.detach()

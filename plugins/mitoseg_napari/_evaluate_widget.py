@@ -38,7 +38,7 @@ from mitoseg_napari._layers import (
     label_features,
     report_error,
 )
-from mitoseg_napari._qt_utils import LayerCombo
+from mitoseg_napari._qt_utils import LayerCombo, scroll_body
 
 METRICS = ("iou", "dice", "precision", "recall")
 _HEADERS = ("IoU", "Dice", "Precision", "Recall")
@@ -106,7 +106,7 @@ class EvaluateWidget(QWidget):
         form = QFormLayout()
         form.addRow("Prediction", self.prediction_layer)
         form.addRow("Ground truth", self.truth_layer)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(scroll_body(self))
         layout.addLayout(form)
         layout.addWidget(self.evaluate_button)
         layout.addWidget(self.table)

@@ -29,7 +29,7 @@ from mitoseg_napari._inspection import (
 )
 from mitoseg_napari._layers import COLORS, LAYER_KEY, inspection_layer_data, report_error
 from mitoseg_napari._plots import InspectionPlots
-from mitoseg_napari._qt_utils import PathEdit
+from mitoseg_napari._qt_utils import PathEdit, scroll_body
 
 PLOT_DOCK_NAME = "mitoseg: pseudo-label plots"
 
@@ -99,7 +99,7 @@ class InspectorWidget(QWidget):
         slider_row = QHBoxLayout()
         slider_row.addWidget(self.slider, 1)
         slider_row.addWidget(self.slider_label)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(scroll_body(self))
         layout.addWidget(QLabel("Run folder"))
         layout.addWidget(self.path)
         layout.addLayout(top)

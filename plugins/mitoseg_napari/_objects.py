@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox, QFormLayout, QSpinBox, QWidget
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
 
 from mitoseg.errors import MitosegError
+from mitoseg.instances import AUTO_MIN_FRACTION, SEED_DEPTH
 from mitoseg_napari._layers import LAYER_KEY
 
 SPLIT_CHOICES = ("none", "distance")
@@ -76,8 +77,8 @@ def find_objects(labels, options, voxel_size=None, foreground=None):
             return np.asarray(foreground[start:stop], dtype=np.float32)
 
     shape = tuple(int(n) for n in labels.shape)
-    ids, count = segment_instances(lambda s, e: np.asarray(labels[s:e]) > 0, shape, options,
-                                   spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability)
+    ids, count, *_ = segment_instances(lambda s, e: np.asarray(labels[s:e]) > 0, shape, options,
+                                       spacing=voxel_size or (1.0, 1.0, 1.0), read_probability=read_probability)
     measurements = measure_objects(ids, count, voxel_size, read_probability, slab=options.slab)
     return ids, count, measurements
 
@@ -127,7 +128,8 @@ def objects_metadata(measurements, voxel_size, **extra) -> dict:
 
 
 class ObjectOptions(QWidget):
-    """Split (none / distance), minimum distance between split seeds, minimum object size in voxels."""
+    """Split (none / distance), the split's seed depth and seed distance, minimum object size in voxels; the
+    defaults are those of ``mitoseg instances`` (the minimum size from the volume's own objects)."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -135,29 +137,43 @@ class ObjectOptions(QWidget):
         self.split.addItems(list(SPLIT_CHOICES))
         self.split.setToolTip("distance: cut touching objects apart by a seeded watershed of the distance to "
                               "the background")
+        self.seed_depth = QDoubleSpinBox()
+        self.seed_depth.setRange(0.05, 0.95)
+        self.seed_depth.setSingleStep(0.05)
+        self.seed_depth.setValue(SEED_DEPTH)
+        self.seed_depth.setToolTip("a split cuts where the distance to the background dips by at least this "
+                                   "fraction of the object's inscribed radius; larger splits less")
         self.min_distance = QSpinBox()
-        self.min_distance.setRange(1, 10_000)
-        self.min_distance.setValue(10)
+        self.min_distance.setRange(0, 10_000)
+        self.min_distance.setSpecialValueText("none")  # 0: no seed merged for its distance
+        self.min_distance.setValue(0)
         self.min_distance.setSuffix(" voxels")
-        self.min_distance.setToolTip("distance between two seeds of a split; larger splits less")
+        self.min_distance.setToolTip("also merge the seeds of a split closer than this")
         self.min_voxels = QSpinBox()
-        self.min_voxels.setRange(0, 2**31 - 1)
-        self.min_voxels.setValue(0)
+        self.min_voxels.setRange(-1, 2**31 - 1)
+        self.min_voxels.setSpecialValueText("auto")  # -1: from the volume's objects
+        self.min_voxels.setValue(-1)
         self.min_voxels.setSuffix(" voxels")
-        self.min_voxels.setToolTip("objects smaller than this are removed (after splitting)")
+        self.min_voxels.setToolTip(f"objects smaller than this are removed (after splitting); auto: "
+                                   f"{AUTO_MIN_FRACTION:.0%} of the volume's typical object; 0 keeps every object")
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
+        form.setRowWrapPolicy(QFormLayout.DontWrapRows)  # one line per option, never label over field
         form.addRow("Split", self.split)
+        form.addRow("Split seed depth", self.seed_depth)
         form.addRow("Split seed distance", self.min_distance)
         form.addRow("Minimum object size", self.min_voxels)
         self.split.currentTextChanged.connect(self._update)
         self._update()
 
     def _update(self, *_) -> None:
-        self.min_distance.setEnabled(self.split.currentText() == "distance")
+        splitting = self.split.currentText() == "distance"
+        self.min_distance.setEnabled(splitting)
+        self.seed_depth.setEnabled(splitting)
 
     def options(self):
         from mitoseg.instances.segment import InstanceOptions
 
-        return InstanceOptions(min_voxels=self.min_voxels.value(), split=self.split.currentText(),
-                               min_distance=self.min_distance.value())
+        min_voxels = self.min_voxels.value()
+        return InstanceOptions(min_voxels=None if min_voxels < 0 else min_voxels, split=self.split.currentText(),
+                               min_distance=self.min_distance.value() or None, seed_depth=self.seed_depth.value())

@@ -53,7 +53,7 @@ from mitoseg_napari._objects import (
     voxel_size_nm,
 )
 from mitoseg_napari._plots import BACKGROUND, FOREGROUND, InspectionPlots
-from mitoseg_napari._qt_utils import LayerCombo
+from mitoseg_napari._qt_utils import LayerCombo, scroll_body
 
 OBJECTS_COLOR = "#4fb0ff"
 SELECTED_COLOR = "#ffcc33"
@@ -210,7 +210,7 @@ class ObjectsWidget(QWidget):
         find_layout = QVBoxLayout(find_box)
         find_layout.addWidget(self.find_options)
         find_layout.addWidget(self.find_button)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(scroll_body(self))
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(find_box)

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
@@ -38,7 +39,7 @@ from superqt.utils import create_worker
 from mitoseg.errors import MitosegError
 from mitoseg_napari._layers import LAYER_KEY, report_error
 from mitoseg_napari._objects import ObjectOptions, find_objects, objects_features, objects_metadata, voxel_size_nm
-from mitoseg_napari._qt_utils import LayerCombo, PathEdit
+from mitoseg_napari._qt_utils import LayerCombo, PathEdit, scroll_body
 
 OUTPUT_CONFIDENCE = "confidence"
 OUTPUT_PROBABILITIES = "class probabilities"
@@ -213,12 +214,16 @@ class PredictWidget(QWidget):
         form.addRow("Test-time augmentation", self.tta)
         form.addRow("Device", self.device)
         form.addRow("Instances", self.objects)
-        form.addRow(self.object_options)
+        # The object options in a box of their own under the form: as a row of the form they were squeezed
+        # below their height (a form inside a form's row).
+        objects_box = QGroupBox("3-D objects")
+        QVBoxLayout(objects_box).addWidget(self.object_options)
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(scroll_body(self))
         layout.addLayout(form)
+        layout.addWidget(objects_box)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFrame, QHBoxLayout, QLineEdit, QPushButton, QScrollArea,
+                            QVBoxLayout, QWidget)
+
+
+def scroll_body(widget: QWidget) -> QWidget:
+    """A body for ``widget`` inside a scroll area that fills it: the caller lays its controls out on the body.
+    A dock then asks napari for little height (the scroll area's), so several docks and the canvas, dims slider
+    and status bar fit a laptop screen (1366 x 768); a dock shorter than its controls scrolls."""
+    area = QScrollArea(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)  # the dock's width follows its controls
+    body = QWidget()
+    area.setWidget(body)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    widget.scroll_area = area
+    return body
 
 
 class LayerCombo(QComboBox):

@@ -65,7 +65,7 @@ from mitoseg_napari._layers import LAYER_KEY, report_error
 from mitoseg_napari._objects import voxel_size_nm
 from mitoseg_napari._plots import TrainingPlots
 from mitoseg_napari._predict_widget import DEVICES, predict_steps, volume_from_layer
-from mitoseg_napari._qt_utils import LayerCombo, PathEdit
+from mitoseg_napari._qt_utils import LayerCombo, PathEdit, scroll_body
 from mitoseg_napari._training import (
     METHODS,
     RUNNING,
@@ -156,7 +156,7 @@ class TrainWidget(QWidget):
         self.extra = QPlainTextEdit()
         self.extra.setPlaceholderText("extra settings, one KEY=VALUE per line (as mitoseg train --set), "
                                       "e.g. optim.lr=0.001")
-        self.extra.setMaximumHeight(52)
+        self.extra.setMaximumHeight(max(80, self.extra.minimumSizeHint().height()))
         self.train_button = QPushButton("Train")
         self.train_button.setToolTip("a new round from scratch on the labeled slices")
         self.continue_button = QPushButton("Continue")
@@ -204,7 +204,7 @@ class TrainWidget(QWidget):
         correct = QHBoxLayout()
         correct.addWidget(self.predict_button)
         correct.addWidget(self.copy_button)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(scroll_body(self))
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
