@@ -112,6 +112,10 @@ def test_find_objects_of_balls_gives_a_labels_layer_a_sortable_table_and_goes_to
     assert "volume (voxels)" in headers and not any("probability" in h for h in headers)
     assert widget.summary.text().startswith("3 objects;") and "in voxels" in widget.summary.text()
     assert widget.histogram.drawn["n"] == 3 and sum(widget.histogram.drawn["counts"]) == 3
+    histogram = widget.histogram
+    histogram.canvas.draw()
+    label = histogram.ax.xaxis.label.get_window_extent(histogram.canvas.get_renderer())
+    assert label.y0 >= 0 and label.y1 <= histogram.figure.bbox.height  # the x label inside the canvas
     # Hovering an object shows its voxel count.
     features = objects.features.set_index("index")
     assert int(features.loc[ids[1], "voxels"]) == expected[ids[1]]

@@ -466,7 +466,7 @@ def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_pred
     truth = rng.integers(0, 2, (3, 16, 16), dtype=np.uint8)
     pred = truth.copy()
     pred[0, :2] = 1 - pred[0, :2]  # 32 wrong pixels in the first slice
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # shown: the dock's layout is checked
     viewer.add_labels(truth, name="gt")
     viewer.add_labels(pred[:2], name="short prediction")
     evaluate, outcome = run_evaluate_widget(viewer, qtbot, "short prediction", "gt")
@@ -484,6 +484,9 @@ def test_evaluate_failure_is_a_notification_and_the_error_layer_follows_the_pred
     false_positive, false_negative = int(((pred == 1) & (truth == 0)).sum()), int(((pred == 0) & (truth == 1)).sum())
     assert false_positive + false_negative == 32
     assert f"{false_positive:,} false positive and {false_negative:,} false negative" in evaluate.status.text()
+    qtbot.wait(100)
+    assert evaluate.status.geometry().top() >= evaluate.table.geometry().bottom()  # the status under the table
+    assert evaluate.status.height() >= evaluate.status.heightForWidth(evaluate.status.width()) - 2
     # The prediction moves: evaluating again updates the same layer and puts it where the prediction is.
     prediction.scale, prediction.translate = (3.0, 0.5, 0.5), (1.0, 2.0, 4.0)
     errors.opacity = 0.3
@@ -568,6 +571,17 @@ def test_inspector_shows_what_the_run_recorded(make_napari_viewer, qtbot, daw_ru
                                                                        + arrays["hist_negative"].sum())
         assert drawn["curves"]["mask_ratio"] == ([r["iter"] for r in train], [r["mask_ratio"] for r in train])
         assert drawn["curves"]["tau"][1] == pytest.approx([r["tau"] for r in train])
+        # Readable: the thresholds' range (0.93-0.9999) spans most of the histogram's width (a logit axis),
+        # and the legends sit under their axes, not over the data.
+        plots = inspector.plots
+        plots.canvas.draw()
+        ax = plots.ax_hist
+        x_low, x_high = (ax.transData.transform((x, 1.0))[0] for x in (0.93, 0.9999))
+        assert (x_high - x_low) / ax.bbox.width > 0.5
+        renderer = plots.canvas.get_renderer()
+        for axes in (plots.ax_hist, plots.ax_curves):
+            legend = axes.get_legend()
+            assert legend is not None and legend.get_window_extent(renderer).y1 <= axes.bbox.y0 + 1
         layers[iteration] = {layer.name: layer for layer in viewer.layers}
     assert layers[1] == layers[2]  # the same layers, updated in place
     assert len(viewer.layers) == 5  # image, confidence, pseudo-label, weight, outcome
@@ -711,6 +725,12 @@ def test_view_opens_the_inspector_with_the_image_and_a_screenshot_is_not_blank(
     meta, _ = recorded(daw_run, 2)
     assert f"{meta['used_pixels']:,}" in inspector.summary.text()
 
+    # In view as opened, without pressing Home: the camera spans the volume and the patches beside it.
+    qtbot.wait(200)
+    patches = by_role(viewer, "image")
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9: scene
+    half_width = viewer.canvas.size[-1] / camera.zoom / 2
+    assert patches.extent.world[1][-1] <= camera.center[-1] + half_width + 1
     viewer.layers["val_image prediction"].visible = False
     viewer.reset_view()
     qtbot.wait(200)

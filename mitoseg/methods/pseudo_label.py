@@ -35,7 +35,18 @@ from mitoseg.methods.base import Method, StepContext, StepOutput, register_metho
 from mitoseg.semi.daw import DAWState, alignment_scale, correct_and_wrong, softmax_confidence
 from mitoseg.semi.safeguard import ShareGuard, rampup_weight
 
-HISTOGRAM_BINS = 50
+# Bin edges of the inspection's confidence histograms: 10 even bins up to 0.9, then 40 bins even in
+# log(1 - confidence) down to 1 - 1e-4, and the last one to 1: the thresholds that matter (0.9-0.999) get
+# most of the bins (a plot on a logit axis shows them evenly).
+HISTOGRAM_EDGES = np.concatenate([np.linspace(0.0, 0.9, 10, endpoint=False), 1.0 - np.geomspace(0.1, 1e-4, 40),
+                                  [1.0]]).astype(np.float32)
+
+
+def confidence_histogram(confidence: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Counts of ``confidence`` in the bins of ``edges`` (the last bin closed), float32: one bucketize, one
+    bincount."""
+    index = torch.bucketize(confidence.reshape(-1), edges[1:-1], right=True)
+    return torch.bincount(index, minlength=edges.numel() - 1).float()
 
 
 # ------------------------------------------------------------ pure functions
@@ -340,13 +351,14 @@ class PseudoLabelMethod(Method):
             "pseudo_label": pseudo.cpu().numpy().astype(np.uint8),
             "weight": weight.cpu().numpy().astype(np.uint8),
             "tau": np.float32(float(self.threshold())),
-            "histogram_edges": np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1, dtype=np.float32),
+            "histogram_edges": HISTOGRAM_EDGES,
         }
         sets = self.labeled_sets()
         if sets is not None:
             conf, positive, negative = sets
-            out["hist_positive"] = torch.histc(conf[positive], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
-            out["hist_negative"] = torch.histc(conf[negative], HISTOGRAM_BINS, 0.0, 1.0).cpu().numpy()
+            edges = torch.from_numpy(HISTOGRAM_EDGES).to(conf.device)
+            out["hist_positive"] = confidence_histogram(conf[positive].float(), edges).cpu().numpy()
+            out["hist_negative"] = confidence_histogram(conf[negative].float(), edges).cpu().numpy()
         if self.daw is not None:
             sigma = self.daw.var.sqrt()
             out.update({

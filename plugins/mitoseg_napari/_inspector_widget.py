@@ -218,6 +218,7 @@ class InspectorWidget(QWidget):
     # ----------------------------------------------------------------- display
 
     def _show(self, insp: Inspection, index: int) -> None:
+        first = self.inspection is None
         self.inspection = insp
         prefix = f"{self.run_dir.name}: " if self.run_dir is not None else ""
         for data, kwargs, layer_type in inspection_layer_data(insp, prefix=prefix, translate=self._translate):
@@ -236,6 +237,10 @@ class InspectorWidget(QWidget):
             if self.layers[role] in self._viewer.layers:
                 self._viewer.layers.remove(self.layers[role])
             del self.layers[role]
+        if first:
+            # The patches lie beside the volume (translate): the view napari fitted to the first layer
+            # left them off the canvas. Fitted once, at the first inspection; later ones keep the user's view.
+            self._viewer.reset_view()
         self.slider_label.setText(f"iteration {insp.iteration} ({index + 1} of {len(self.files)})")
         self.summary.setWordWrap(False)
         self.summary.setText(self.summary_html(insp))

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from mitoseg_napari._inspection import Inspection
@@ -24,6 +25,7 @@ POSITIVE = COLORS["correct used"][:3]
 NEGATIVE = COLORS["wrong used"][:3]
 THRESHOLD = "#ffffff"
 SAFE_THRESHOLD = "#ffcc33"
+LOGIT_LOW = 1e-4  # the histogram's logit axis ends at this distance from 0 and 1
 
 # metrics.jsonl keys drawn over iterations, with their labels and styles
 CURVES = (
@@ -33,11 +35,6 @@ CURVES = (
     ("wrong_used", "wrong used", {"color": NEGATIVE, "lw": 1.0, "alpha": 0.8}),
     ("correct_discarded", "correct discarded", {"color": COLORS["correct discarded"][:3], "lw": 1.0, "alpha": 0.8}),
 )
-
-
-def _gaussian(x: np.ndarray, mu: float, sigma: float) -> np.ndarray:
-    sigma = max(sigma, 1e-3)
-    return np.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
 
 
 class InspectionPlots(QWidget):
@@ -71,12 +68,11 @@ class InspectionPlots(QWidget):
         ax.title.set_color(FOREGROUND)
 
     @staticmethod
-    def _legend(ax, loc: str = "best") -> None:
+    def _legend(ax) -> None:
+        """Under the axes (the constrained layout makes room): a legend inside covered the histograms."""
         if ax.get_legend_handles_labels()[0]:
-            legend = ax.legend(fontsize=6.5, frameon=True, facecolor=BACKGROUND, edgecolor="#555555",
-                               labelcolor=FOREGROUND, loc=loc, ncol=2, handlelength=1.5, columnspacing=0.8,
-                               borderaxespad=0.3)
-            legend.get_frame().set_alpha(0.8)
+            ax.legend(fontsize=6.5, frameon=False, labelcolor=FOREGROUND, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.22), ncol=2, handlelength=1.5, columnspacing=0.8, borderaxespad=0.0)
 
     def show_inspection(self, insp: Inspection, train_records: list[dict]) -> None:
         """Redraw both plots for ``insp`` and the run's ``"split": "train"`` records."""
@@ -86,46 +82,58 @@ class InspectionPlots(QWidget):
         self.canvas.draw_idle()
 
     def _draw_histograms(self, insp: Inspection) -> None:
+        """The share of the labeled batch's correct / wrong pixels in each confidence bin, DAW's two Gaussians
+        as the share each puts in the same bins, and the thresholds, on a logit axis: 0.9, 0.99 and 0.999 are
+        evenly spaced, so the range the thresholds live in is wide enough to read."""
+        from scipy.special import ndtr
+
         ax = self.ax_hist
         ax.clear()
         self._style(ax)
         a = insp.arrays
         edges = np.asarray(a.get("histogram_edges", np.linspace(0, 1, 51)), dtype=np.float64)
-        width = np.diff(edges)
-        top = 0.0
+        shown = np.clip(edges, LOGIT_LOW, 1.0 - LOGIT_LOW)  # 0 and 1 lie at infinity on the axis
+        top, lowest = 0.0, 1.0
         for key, label, color in (("hist_positive", "correct", POSITIVE), ("hist_negative", "wrong", NEGATIVE)):
             counts = np.asarray(a.get(key, []), dtype=np.float64)
-            if counts.size != width.size or counts.sum() <= 0:
+            if counts.size != edges.size - 1 or counts.sum() <= 0:
                 continue
-            density = counts / (counts.sum() * width)
-            ax.stairs(density, edges, fill=True, alpha=0.35, color=color)
-            ax.stairs(density, edges, color=color, lw=1.2, label=f"{label} (n={int(counts.sum())})")
-            top = max(top, float(density.max()))
+            share = counts / counts.sum()
+            ax.stairs(share, shown, fill=True, alpha=0.35, color=color)
+            ax.stairs(share, shown, color=color, lw=1.2, label=f"{label} (n={int(counts.sum())})")
+            top = max(top, float(share.max()))
+            lowest = min(lowest, float(edges[np.flatnonzero(counts)[0]]))
             self.drawn[key] = int(counts.sum())
-        x = np.linspace(0.0, 1.0, 400)
         for sign, label, color in (("pos", "⁺", POSITIVE), ("neg", "⁻", NEGATIVE)):
             mu, sigma = insp.scalar(f"mu_{sign}"), insp.scalar(f"sigma_{sign}")
-            if mu is None or sigma is None or not (math.isfinite(mu) and math.isfinite(sigma)):
+            if mu is None or sigma is None or not (math.isfinite(mu) and math.isfinite(sigma)) or sigma <= 0:
                 continue
-            y = _gaussian(x, mu, sigma)
-            ax.plot(x, y, color=color, lw=1.6, ls="-.", label=f"N(μ{label}={mu:.2f}, σ{label}={sigma:.2f})")
-            top = max(top, min(float(y.max()), 3 * top if top else float(y.max())))
+            mass = np.diff(ndtr((edges - mu) / sigma))  # the Gaussian's share in each bin
+            ax.stairs(mass, shown, color=color, lw=1.4, ls="-.", label=f"N(μ{label}={mu:.2f}, σ{label}={sigma:.2f})")
+            top = max(top, min(float(mass.max()), 3 * top if top else float(mass.max())))
             self.drawn[f"gaussian_{sign}"] = (mu, sigma)
         tau = insp.scalar("tau")
         if tau is not None:
-            ax.axvline(tau, color=THRESHOLD, lw=1.5, label=f"τ = {tau:.3f}")
+            ax.axvline(min(max(tau, LOGIT_LOW), 1 - LOGIT_LOW), color=THRESHOLD, lw=1.5, label=f"τ = {tau:.3f}")
             self.drawn["tau"] = tau
         safe = insp.scalar("safe_tau")
         if safe is not None:
-            ax.axvline(safe, color=SAFE_THRESHOLD, lw=1.2, ls="--", label=f"safe τ = {safe:.3f}")
+            ax.axvline(min(max(safe, LOGIT_LOW), 1 - LOGIT_LOW), color=SAFE_THRESHOLD, lw=1.2, ls="--",
+                       label=f"safe τ = {safe:.3f}")
             self.drawn["safe_tau"] = safe
-        ax.set_xlim(0.0, 1.0)
+        ax.set_xscale("logit")
+        # From the lowest confidence seen (at most 0.5: the two-class floor) to where the bins end.
+        ax.set_xlim(max(LOGIT_LOW, min(lowest, 0.5)), 1.0 - LOGIT_LOW)
+        ticks = [t for t in (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        self.drawn["xlim"] = ax.get_xlim()
         if top > 0:
             # Log scale: correct pixels pile up near 1 while the wrong ones spread thinly.
             ax.set_yscale("log")
-            ax.set_ylim(max(top * 1e-4, 1e-3), top * 2.0)
-        ax.set_xlabel("confidence (max class probability)", fontsize=8)
-        ax.set_ylabel("density (log)", fontsize=8)
+            ax.set_ylim(max(top * 1e-4, 1e-5), top * 2.0)
+        ax.set_xlabel("confidence (max class probability, logit axis)", fontsize=8)
+        ax.set_ylabel("share of pixels per bin", fontsize=8)
         ax.set_title(f"confidence on the labeled batch, iteration {insp.iteration}", fontsize=9)
         if "hist_positive" not in self.drawn and "hist_negative" not in self.drawn:
             ax.text(0.5, 0.5, "no labeled histogram in this file", ha="center", va="center",
