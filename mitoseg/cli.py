@@ -443,6 +443,59 @@ def cmd_instances(args) -> None:
                       threshold=args.threshold)
 
 
+def cmd_suggest(args) -> None:
+    """``mitoseg suggest``: the slices worth labeling next, with their reasons; every scored slice in a CSV."""
+    check_input_volume(args.image)
+    check_checkpoint_file(args.checkpoint)
+    if args.label:
+        check_input_volume(args.label)
+    if args.n < 1:
+        raise MitosegError(f"-n must be at least 1, got {args.n}")
+    if args.min_gap < 1:
+        raise MitosegError(f"--min-gap must be at least 1 (1: neighbours allowed), got {args.min_gap}")
+    if not 1 <= args.views <= 4:
+        raise MitosegError(f"--views must be 1 to 4 (identity, flips of x, y, both), got {args.views}")
+    csv_path = Path(args.csv)
+    from mitoseg.atomic import check_output_path
+
+    if csv_path.is_dir():
+        raise MitosegError(f"--csv {csv_path} is a directory; name a file")
+    check_output_path(csv_path, "--csv")
+    if csv_path.exists() and not args.overwrite:
+        raise MitosegError(f"{csv_path} exists; pass --overwrite to replace it")
+    check_output_volume(args.map, "--map", args.overwrite)
+    num_slices = check_input_content(args.image)[0]
+    from mitoseg.data.readers import select_slices
+
+    labeled = select_slices(args.labeled, num_slices, "--labeled") if args.labeled else []
+    candidates = select_slices(args.slices, num_slices, "--slices") if args.slices else None
+    threads_from(args)
+    if args.label:
+        from mitoseg.data.readers import open_volume
+        from mitoseg.suggest import labeled_slices
+
+        with open_volume(args.label) as painted:
+            if len(painted) != num_slices:
+                raise MitosegError(f"--label {args.label} has {len(painted)} slices, --image {args.image} has "
+                                   f"{num_slices}; they must match")
+            labeled = sorted(set(labeled) | set(labeled_slices(painted)))
+    from mitoseg.suggest import suggest, write_scores
+
+    result = suggest(args.checkpoint, args.image, args.n, labeled, candidates, args.stride, args.views,
+                     args.min_gap, args.device, args.weights, args.voxel_size, args.map, args.overwrite,
+                     progress=not args.no_progress)
+    write_scores(result, csv_path)
+    print(f"scored {len(result.scored)} of {result.num_slices} slices (every {result.stride}"
+          f"{'st' if result.stride == 1 else 'th'} slice without labels, {result.views} view(s)); "
+          f"labeled: {', '.join(map(str, result.labeled)) or 'none'}; band: {result.band.source}")
+    for s in result.chosen:
+        print(f"{s.rank}. {s.reason}")
+    for note in result.notes:
+        print(note)
+    written = f"wrote {csv_path}" + (f" and {args.map} (per-pixel entropy of the scored slices)" if args.map else "")
+    print(written)
+
+
 def default_metrics_path(prediction: str) -> Path:
     file_part = Path(prediction.split(":/", 1)[0])
     stem = file_part.name.split(".")[0] or "prediction"
@@ -930,6 +983,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_option(p)
     p.set_defaults(func=cmd_instances)
+
+    p = sub.add_parser("suggest", help="which slices to label next, and why",
+                       description="Ranks the slices without labels by what labeling them is expected to teach the "
+                                   "model: DAW's uncertain mass (foreground-candidate pixels between the wrong "
+                                   "pseudo-labels' mean confidence and the step threshold), predictive entropy and "
+                                   "disagreement between test-time views, chosen so that no two suggestions are "
+                                   "neighbours and each is far, in z and in appearance, from the labeled slices. "
+                                   "Prints the top -n with their reasons and writes every scored slice to a CSV.",
+                       epilog="example: mitoseg suggest --checkpoint runs/my/best.pt --image stack.tif "
+                              "--label labels.tif -n 3")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run's best.pt / last.pt or an export")
+    p.add_argument("--image", required=True, metavar="VOLUME", help="the volume to label")
+    p.add_argument("--label", metavar="VOLUME", help="the painted labels: their slices with any label are labeled")
+    p.add_argument("--labeled", metavar="SLICES", help='labeled slices, e.g. "13,75,118" (with or instead of --label)')
+    p.add_argument("--slices", metavar="SLICES", help='the slices to choose from, e.g. "0:40, 90:165" (default: all)')
+    p.add_argument("-n", type=int, default=3, help="how many slices to suggest (default: 3)")
+    p.add_argument("--stride", type=positive_int,
+                   help="score every N-th candidate slice (default: enough to score at most 48)")
+    p.add_argument("--views", type=int, default=4,
+                   help="test-time views whose disagreement counts: 1-4 (identity, flip x, flip y, both; default 4)")
+    p.add_argument("--min-gap", type=int, default=2,
+                   help="suggestions at least this many slices from each other and from labeled ones (default: 2,"
+                        " never neighbours)")
+    p.add_argument("--csv", default="suggestions.csv", metavar="PATH",
+                   help="every scored slice's scores (default: suggestions.csv)")
+    p.add_argument("--map", metavar="VOLUME", help="also write the per-pixel entropy of the scored slices (float32)")
+    p.add_argument("--weights", choices=["ema", "student"], help="a checkpoint's weights (default: those validated)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="nm per voxel of --image (default: its metadata)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
+    p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("evaluate", help="score a predicted volume, or a trained checkpoint",
                        description="Two modes, one per call:\n"
