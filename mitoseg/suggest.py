@@ -23,6 +23,7 @@ thins them). Pure functions (:func:`slab_scores`, :func:`combined_value`, :func:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -210,84 +211,56 @@ def labeled_slices(label_volume, slab: int = 16) -> list[int]:
     return found
 
 
-def suggest(checkpoint: str, image: str, n: int = 3, labeled: list[int] | None = None,
-            candidates: list[int] | None = None, stride: int | None = None, views: int = 4, min_gap: int = 2,
-            device: str = "auto", weights: str | None = None, voxel_size=None, map_path: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> Suggestion:
-    """Rank the slices of ``image`` without labels (``candidates``, default every slice not in ``labeled``)
-    for labeling with the model of ``checkpoint``; with ``map_path``, write the per-pixel entropy of every
-    scored slice (0 on the others) as a float32 volume."""
+def suggest_volume(segmenter, volume, what: str, n: int = 3, labeled: list[int] | None = None,
+                   candidates: list[int] | None = None, stride: int | None = None, views: int = 4,
+                   min_gap: int = 2, volume_nm: float | None = None, band: Band | None = None, on_map=None,
+                   progress: bool = True, hint: str = "") -> Suggestion:
+    """The suggestion for ``volume`` (a reader's volume, or anything with ``read(start, stop)``, ``read_slices``,
+    ``len`` and ``shape``) by ``segmenter`` (a :class:`~mitoseg.inference.session.Segmenter`; its TTA is
+    replaced by this function's ``views``). ``band``: DAW's (default: chance and the method's threshold).
+    ``on_map(index, entropy (y, x))`` is called for every scored slice, in increasing order."""
     from tqdm.auto import tqdm
 
-    from mitoseg.data.readers import VolumeWriter, open_volume
-    from mitoseg.data.resample import volume_pixel_nm
     from mitoseg.inference.session import Segmenter
-    from mitoseg.runs import is_torchscript_file, load_checkpoint
 
     if not 1 <= views <= len(VIEW_FLIPS):
         raise MitosegError(f"--views must be 1 to {len(VIEW_FLIPS)} (identity, flips of x, y, both), got {views}")
-    labeled = sorted(set(labeled or []))
-    segmenter = Segmenter.from_file(checkpoint, weights, device)
-    # The views are this command's own: the run's TTA (a mean over the flips, the same under every flip) off.
+    if getattr(segmenter.loaded.model, "spatial_dims", 2) == 3:
+        raise MitosegError("a 3-D network: mitoseg suggest ranks the slices of 2-D and 2.5-D models")
+    # The views are this function's own: the run's TTA (a mean over the flips, the same under every flip) off.
     cfg = copy.deepcopy(segmenter.cfg)
     cfg.inference.tta = False
     segmenter = Segmenter(segmenter.loaded, cfg)
-    if getattr(segmenter.loaded.model, "spatial_dims", 2) == 3:
-        raise MitosegError(f"{checkpoint}: a 3-D network; mitoseg suggest ranks the slices of 2-D and 2.5-D models")
-    state = {} if is_torchscript_file(checkpoint) else load_checkpoint(checkpoint)
-    band = band_from_state(state, segmenter.cfg)
-    with open_volume(image, finite=True) as volume:
-        num_slices = len(volume)
-        pool = [i for i in (candidates if candidates is not None else range(num_slices)) if i not in set(labeled)]
-        if not pool:
-            raise MitosegError(f"{image}: no slice left to suggest (every candidate slice is labeled)")
-        step = stride or auto_stride(len(pool))
-        scored_indices = strided(pool, step)
-        reference = labeled
-        order = scored_indices + [i for i in reference if i not in scored_indices]
-        prepared = segmenter.prepare(volume, image, volume_nm=volume_pixel_nm(image, voxel_size),
-                                     hint="--voxel-size Z Y X (nm per voxel of --image)", indices=order,
-                                     log=progress)
-        predictor = prepared.predictor
-        flips = VIEW_FLIPS[:views]
-        results: dict[int, dict] = {}
-        writer = None
-        if map_path is not None:
-            writer = VolumeWriter(map_path, (num_slices, *volume.shape[1:]), np.float32, overwrite=overwrite)
-        written = 0
-        slab = max(1, int(segmenter.cfg.inference.slab))
-        try:
-            with torch.inference_mode(), tqdm(total=len(order), desc="suggest", unit="slice",
-                                              disable=not progress, leave=False) as bar:
-                for start in range(0, len(order), slab):
-                    stop = min(len(order), start + slab)
-                    raw = prepared.read(start, stop)
-                    images = torch.from_numpy(prepared.normalization(raw))
-                    if images.dim() == 3:
-                        images = images.unsqueeze(1)
-                    probs = torch.stack([predictor.input_probabilities(images.flip(f).contiguous()).flip(f)
-                                         if f else predictor.input_probabilities(images) for f in flips])
-                    middle = images[:, images.shape[1] // 2]
-                    scores = slab_scores(probs.float().cpu(), middle, band)
-                    for row, index in enumerate(order[start:stop]):
-                        results[index] = {key: value[row] for key, value in scores.items()}
-                    if writer is not None:
-                        for row, index in enumerate(order[start:stop]):
-                            if index in reference and index not in scored_indices:
-                                continue
-                            for gap in range(written, index):  # slices not scored: 0
-                                writer.write(gap, np.zeros((1, *volume.shape[1:]), np.float32))
-                            writer.write(index, scores["map"][row:row + 1].numpy().astype(np.float32))
-                            written = index + 1
-                    bar.update(stop - start)
-            if writer is not None:
-                for gap in range(written, num_slices):
-                    writer.write(gap, np.zeros((1, *volume.shape[1:]), np.float32))
-                writer.close()
-                writer = None
-        finally:
-            if writer is not None:
-                writer.abort()
+    band = band or band_from_state({}, cfg)
+    labeled = sorted(set(labeled or []))
+    num_slices = len(volume)
+    pool = [i for i in (candidates if candidates is not None else range(num_slices)) if i not in set(labeled)]
+    if not pool:
+        raise MitosegError(f"{what}: no slice left to suggest (every candidate slice is labeled)")
+    step = stride or auto_stride(len(pool))
+    scored_indices = strided(pool, step)
+    order = sorted(scored_indices + labeled)  # the labeled slices' profiles feed the novelty term
+    prepared = segmenter.prepare(volume, what, volume_nm=volume_nm, hint=hint, indices=order, log=progress)
+    predictor = prepared.predictor
+    flips = VIEW_FLIPS[:views]
+    scored_set = set(scored_indices)
+    results: dict[int, dict] = {}
+    slab = max(1, int(cfg.inference.slab))
+    with torch.inference_mode(), tqdm(total=len(order), desc="suggest", unit="slice", disable=not progress,
+                                      leave=False) as bar:
+        for start in range(0, len(order), slab):
+            stop = min(len(order), start + slab)
+            images = torch.from_numpy(prepared.normalization(prepared.read(start, stop)))
+            if images.dim() == 3:
+                images = images.unsqueeze(1)
+            probs = torch.stack([predictor.input_probabilities(images.flip(f).contiguous()).flip(f) if f
+                                 else predictor.input_probabilities(images) for f in flips])
+            scores = slab_scores(probs.float().cpu(), images[:, images.shape[1] // 2], band)
+            for row, index in enumerate(order[start:stop]):
+                results[index] = {key: value[row] for key, value in scores.items() if key != "map"}
+                if on_map is not None and index in scored_set:
+                    on_map(index, scores["map"][row].numpy().astype(np.float32))
+            bar.update(stop - start)
     scored = [SliceScores(index=i, uncertain_pixels=int(results[i]["uncertain"]),
                           candidate_pixels=int(results[i]["candidate"]), entropy=float(results[i]["entropy"]),
                           disagreement=float(results[i]["disagreement"]),
@@ -312,6 +285,44 @@ def suggest(checkpoint: str, image: str, n: int = 3, labeled: list[int] | None =
         notes.append(f"only {len(chosen)} slices could be suggested: the others are within {min_gap - 1} "
                      f"slice(s) of a labeled or suggested one (--min-gap)")
     return Suggestion(chosen, scored, band, labeled, step, num_slices, views, notes)
+
+
+def suggest(checkpoint: str, image: str, n: int = 3, labeled: list[int] | None = None,
+            candidates: list[int] | None = None, stride: int | None = None, views: int = 4, min_gap: int = 2,
+            device: str = "auto", weights: str | None = None, voxel_size=None, map_path: str | None = None,
+            overwrite: bool = False, progress: bool = True) -> Suggestion:
+    """``mitoseg suggest``: :func:`suggest_volume` of the file ``image`` with the model of ``checkpoint`` (DAW's
+    band from its state); with ``map_path``, the per-pixel entropy of every scored slice (0 on the others) is
+    written as a float32 volume, slice by slice."""
+    from mitoseg.data.readers import VolumeWriter, open_volume
+    from mitoseg.data.resample import volume_pixel_nm
+    from mitoseg.inference.session import Segmenter
+    from mitoseg.runs import is_torchscript_file, load_checkpoint
+
+    segmenter = Segmenter.from_file(checkpoint, weights, device)
+    state = {} if is_torchscript_file(checkpoint) else load_checkpoint(checkpoint)
+    band = band_from_state(state, segmenter.cfg)
+    with open_volume(image, finite=True) as volume, contextlib.ExitStack() as stack:
+        on_map = None
+        if map_path is not None:
+            plane = volume.shape[1:]
+            writer = stack.enter_context(VolumeWriter(map_path, (len(volume), *plane), np.float32,
+                                                      overwrite=overwrite))
+            written = [0]
+
+            def on_map(index: int, entropy: np.ndarray) -> None:
+                for gap in range(written[0], index):  # the slices not scored: 0
+                    writer.write(gap, np.zeros((1, *plane), np.float32))
+                writer.write(index, entropy[None])
+                written[0] = index + 1
+
+        result = suggest_volume(segmenter, volume, image, n, labeled, candidates, stride, views, min_gap,
+                                volume_pixel_nm(image, voxel_size), band, on_map, progress,
+                                hint="--voxel-size Z Y X (nm per voxel of --image)")
+        if map_path is not None:
+            for gap in range(written[0], len(volume)):
+                writer.write(gap, np.zeros((1, *plane), np.float32))
+    return result
 
 
 def write_scores(suggestion: Suggestion, path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from qtpy.QtCore import Qt
 
 from mitoseg.config import config_from_dict
 from mitoseg.runs import load_checkpoint
@@ -137,6 +138,16 @@ def test_label_train_watch_correct_and_continue(painted_viewer, qtbot, tmp_path)
     from mitoseg.cli import main
 
     assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    # What to label next: the suggestions list (never a painted slice, never two neighbours), the uncertainty map.
+    suggested = [widget.suggestions.item(i).data(Qt.UserRole) for i in range(widget.suggestions.count())]
+    assert len(suggested) == 3 and not set(suggested) & set(PAINTED), suggested
+    assert all(abs(a - b) >= 2 for i, a in enumerate(suggested) for b in suggested[i + 1:])
+    assert widget.suggestions.item(0).text().startswith(f"1. slice {suggested[0]}:")
+    uncertainty = viewer.layers["synthetic EM uncertainty"]
+    assert uncertainty.data.shape == (16, 256, 256) and uncertainty.data[suggested[0]].max() > 0
+    assert not uncertainty.data[list(PAINTED)].any()  # painted slices are not scored
+    widget.suggestions.itemClicked.emit(widget.suggestions.item(1))  # a click goes to the slice
+    assert widget.current_slice() == suggested[1]
     screenshot(viewer, qtbot, "train_2_watch.png")
 
     # Correct: the prediction of the unlabeled slice with the most predicted mitochondria goes to the labels.

@@ -219,7 +219,7 @@ class TrainingPlots(QWidget):
         if not records:
             self.ax_loss.text(0.5, 0.5, "no training records yet", ha="center", va="center", color=FOREGROUND,
                               transform=self.ax_loss.transAxes, fontsize=8)
-        InspectionPlots._legend(self.ax_scores, loc="lower right")
+        InspectionPlots._legend(self.ax_scores)
         self.canvas.draw_idle()
 
 

@@ -150,6 +150,27 @@ def predict_steps(volume, checkpoint: str, weights: str = "ema", device: str = "
     return result
 
 
+def suggest_slices(volume, checkpoint: str, labeled, device: str = "auto", voxel_size=None, n: int = 3) -> dict:
+    """``mitoseg suggest`` on an image layer's ``volume``: ``{"suggestion": Suggestion, "map": float32 (z, y, x)
+    per-pixel entropy of the scored slices (0 elsewhere), "checkpoint": path}``."""
+    from mitoseg.data.resample import in_plane_nm
+    from mitoseg.inference.session import Segmenter
+    from mitoseg.runs import is_torchscript_file, load_checkpoint
+    from mitoseg.suggest import band_from_state, suggest_volume
+
+    segmenter = Segmenter.from_file(checkpoint, device=check_device(device))
+    band = band_from_state({} if is_torchscript_file(checkpoint) else load_checkpoint(checkpoint), segmenter.cfg)
+    entropy = np.zeros(volume.shape, np.float32)
+
+    def on_map(index: int, values: np.ndarray) -> None:
+        entropy[index] = values
+
+    suggestion = suggest_volume(segmenter, volume, "image layer", n, list(labeled), volume_nm=in_plane_nm(voxel_size),
+                                band=band, on_map=on_map, progress=False,
+                                hint="the layer's scale in nm per pixel (its units nm or um)")
+    return {"suggestion": suggestion, "map": entropy, "checkpoint": str(checkpoint)}
+
+
 class _ForegroundOfProbabilities:
     """1 - P(background) of a (K, z, y, x) probability array, slab by slab (no copy of the volume)."""
 

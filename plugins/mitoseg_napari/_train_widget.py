@@ -64,7 +64,7 @@ from mitoseg.runs import INSPECT, LAST, METRICS, RunFolder
 from mitoseg_napari._layers import LAYER_KEY, report_error
 from mitoseg_napari._objects import voxel_size_nm
 from mitoseg_napari._plots import TrainingPlots
-from mitoseg_napari._predict_widget import DEVICES, predict_steps, volume_from_layer
+from mitoseg_napari._predict_widget import DEVICES, predict_steps, suggest_slices, volume_from_layer
 from mitoseg_napari._qt_utils import LayerCombo, PathEdit, scroll_body
 from mitoseg_napari._training import (
     METHODS,
@@ -186,6 +186,13 @@ class TrainWidget(QWidget):
         header.setSectionResizeMode(HISTORY_COLUMNS.index("labeled"), QHeaderView.Stretch)
         self.history.setMinimumHeight(90)
         self.history.setMaximumHeight(130)
+        self.suggestions = QListWidget()
+        self.suggestions.setMinimumHeight(60)
+        self.suggestions.setMaximumHeight(110)
+        self.suggestions.setWordWrap(True)
+        self.suggestions.setToolTip("after each round, the slices worth labeling next (mitoseg suggest); click one "
+                                    "to go to it; '<image> uncertainty' shows where the model is unsure")
+        self.suggestion: object | None = None  # the last round's mitoseg.suggest.Suggestion
 
         form = QFormLayout()
         form.addRow("Image layer", self.image_layer)
@@ -211,6 +218,8 @@ class TrainWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.plots, 1)
         layout.addLayout(correct)
+        layout.addWidget(QLabel("Label next"))
+        layout.addWidget(self.suggestions)
         layout.addWidget(QLabel("Rounds"))
         layout.addWidget(self.history)
 
@@ -229,6 +238,7 @@ class TrainWidget(QWidget):
         self.copy_button.clicked.connect(self.copy_prediction_to_labels)
         self.labels_layer.currentIndexChanged.connect(self._watch_labels)
         self.slices.itemChanged.connect(self._on_slice_checked)
+        self.suggestions.itemClicked.connect(self._go_to_suggestion)
         self.output.edit.editingFinished.connect(self.refresh_history)
         app = QApplication.instance()
         if app is not None:
@@ -585,6 +595,11 @@ class TrainWidget(QWidget):
             worker = create_worker(predict_slice, self._volume, z, checkpoint, self.device.currentText(),
                                    self._normalization, self._voxel_size, _start_thread=False, _ignore_errors=True)
             worker.returned.connect(self._on_slice_predicted)
+        elif job[0] == "suggest":
+            worker = create_worker(suggest_slices, self._volume, str(job[1]), self.labeled(),
+                                   self.device.currentText(), self._voxel_size, _start_thread=False,
+                                   _ignore_errors=True)
+            worker.returned.connect(self._on_suggested)
         else:
             worker = create_worker(predict_steps, self._volume, str(job[1]), None, self.device.currentText(),
                                    voxel_size=self._voxel_size, _start_thread=False, _ignore_errors=True)
@@ -639,10 +654,43 @@ class TrainWidget(QWidget):
     def _on_prediction_failed(self, exc: Exception) -> None:
         report_error(exc, "Train: prediction")
 
+    def _on_suggested(self, result: dict) -> None:
+        """The suggestions as a list (click: go to the slice) and the uncertainty map as a layer."""
+        suggestion = result["suggestion"]
+        self.suggestion = suggestion
+        self.suggestions.clear()
+        for s in suggestion.chosen:
+            item = QListWidgetItem(f"{s.rank}. {s.reason}")
+            item.setData(Qt.UserRole, s.index)
+            self.suggestions.addItem(item)
+        if not suggestion.chosen:
+            self.suggestions.addItem("no slice to suggest: every candidate is labeled or next to a labeled one")
+        name = f"{self._image_name} uncertainty"
+        meta = {LAYER_KEY: {"role": "uncertainty", "source": self._image_name, "checkpoint": result["checkpoint"]}}
+        if name in self._viewer.layers and tuple(self._viewer.layers[name].data.shape) == result["map"].shape:
+            layer = self._viewer.layers[name]
+            layer.data, layer.metadata = result["map"], meta
+        else:
+            if name in self._viewer.layers:
+                self._viewer.layers.remove(name)
+            self._viewer.add_image(result["map"], name=name, colormap="magma", blending="additive", opacity=0.6,
+                                   contrast_limits=(0.0, 1.0), visible=False, metadata=meta, **self._layer_place)
+
+    def _go_to_suggestion(self, item: QListWidgetItem) -> None:
+        z = item.data(Qt.UserRole)
+        if z is None:
+            return
+        layer = self.image_layer.layer() or self.labels_layer.layer()
+        world = layer.data_to_world((int(z), 0, 0))[0] if layer is not None and layer.ndim == 3 else float(z)
+        self._viewer.dims.set_point(0, world)
+
     def _on_prediction_finished(self) -> None:
         self.predict_worker = None
         job, self._job = self._job, None
-        if job is not None and job[0] == "volume" and self._finish_status is not None:
+        if job is not None and job[0] == "volume" and self._finish_status == "done":
+            self._run_prediction(("suggest", job[1]))  # what to label next, before the round is declared over
+            return
+        if job is not None and job[0] in ("volume", "suggest") and self._finish_status is not None:
             self._finish(self._finish_status)
         if self._pending is not None:
             pending, self._pending = self._pending, None
