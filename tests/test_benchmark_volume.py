@@ -44,3 +44,33 @@ def test_volume_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     report = subprocess.run([*command[:-4], "unimatch", "--seeds", "0", "--report"], capture_output=True, text=True,
                             timeout=600)
     assert report.returncode == 0 and "training " not in report.stdout and "unimatch" not in report.stdout
+
+
+ROUNDS = Path(__file__).resolve().parents[1] / "benchmarks" / "suggest_rounds.py"
+
+
+def test_suggest_rounds_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
+    # Two rounds of each strategy on a synthetic volume of the Lucchi layout: the slices come from the pool,
+    # never twice, suggest's never neighbours; the table and curves are written, and --report trains nothing.
+    image, label = make_em_volume((165, 64, 64), seed=3)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    tifffile.imwrite(volume / "train_image.tif", image)
+    tifffile.imwrite(volume / "train_mito_27.tif", label)
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROUNDS), "--volume", str(volume), "--out", str(out), "--tiny", "--rounds", "2",
+               "--seeds", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())
+    pool = {0, 1, 2, 3, 17, 24, 28, 42, 61, 62, 63, 105, 135}
+    for strategy in ("suggest", "random", "even"):
+        mine = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["round"])
+        assert [r["labeled"] for r in mine] == [3, 5, 7]
+        added = [s for r in mine[1:] for s in r["chosen"]]
+        assert len(set(added)) == 4 and set(added) <= pool and all(0 <= r["fg_iou"] <= 1 for r in mine)
+    suggested = [r["chosen"] for r in rows if r["strategy"] == "suggest" and r["round"] > 0]
+    assert all(abs(a - b) >= 2 for pair in suggested for a, b in [pair])
+    assert (out / "curves.png").stat().st_size > 1000 and "labeled slices" in (out / "table.md").read_text()
+    report = subprocess.run([*command, "--report"], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0 and "| 7 |" in report.stdout
