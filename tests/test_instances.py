@@ -245,3 +245,39 @@ def test_predict_instances_and_evaluate_instances_through_the_cli(tmp_path, tiny
     assert report["objects_predicted"] == count and report["objects_truth"] == truth.max()
     assert report["ap_score"] == "mean foreground probability"
     assert 0.0 <= report["ap50"] <= 1.0 and 0.0 <= report["f1_iou50"] <= 1.0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(min_voxels=0), dict(min_voxels=3, slab=2),
+                                     dict(split="distance", min_voxels=0, slab=3), dict(fill_holes=True, slab=4)])
+def test_ids_kept_on_disk_equal_the_ids_in_memory(tmp_path, options):
+    # On disk without a split the piece labels wait in a uint16 scratch file (MappedIds maps them as they are
+    # read); the ids must be those of the in-memory path to the last voxel.
+    from mitoseg.data.scratch import scratch_volumes
+
+    rng = np.random.default_rng(7)
+    mask = ndimage.binary_opening(rng.random((11, 48, 40)) < 0.45)
+    expected = segment_instances(lambda s, e: mask[s:e], mask.shape, InstanceOptions(**options))
+    with scratch_volumes(tmp_path) as scratch:
+        kept = segment_instances(lambda s, e: mask[s:e], mask.shape, InstanceOptions(**options), scratch=scratch)
+        assert kept.count == expected.count and kept.min_voxels == expected.min_voxels
+        np.testing.assert_array_equal(np.asarray(kept.ids[:]), np.asarray(expected.ids[:]))
+
+
+def test_a_slab_of_more_than_65535_pieces_moves_the_scratch_labels_to_uint32(tmp_path):
+    from mitoseg.data.scratch import scratch_volumes
+    from mitoseg.instances.segment import PieceLabels
+
+    mask = np.zeros((4, 400, 400), bool)
+    mask[0] = (np.indices((400, 400)).sum(0) % 2) == 0  # a checkerboard: 80 000 one-voxel pieces in slab 0
+    mask[2:, 100:200, 100:200] = True
+    with scratch_volumes(tmp_path) as scratch:
+        made = []
+        result = segment_instances(lambda s, e: mask[s:e], mask.shape, InstanceOptions(min_voxels=0, slab=2),
+                                   scratch=lambda shape, dtype: made.append(np.dtype(dtype)) or scratch(shape, dtype))
+        assert made == [np.uint16, np.uint32] and result.count == 80_001
+        ids = np.asarray(result.ids[:])
+        assert ids[0][mask[0]].min() == 1 and len(np.unique(ids[0][mask[0]])) == 80_000
+        assert len(np.unique(ids[2:][mask[2:]])) == 1
+    pieces = PieceLabels(lambda shape, dtype: np.zeros(shape, dtype), (2, 2, 2))
+    pieces.write(0, np.array([[[1, 2], [3, 0]]], np.int32), 3)
+    assert pieces.array.dtype == np.uint16 and pieces[0:1].tolist() == [[[1, 2], [3, 0]]]

@@ -75,10 +75,10 @@ class SlabComponents:
 
 def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int, slab: int,
                     progress: Callable[[int], None] | None = None,
-                    write_labels: Callable[[int, np.ndarray], None] | None = None,
+                    write_labels: Callable[[int, np.ndarray, int], None] | None = None,
                     measure: bool = True) -> SlabComponents:
     """First pass over a binary volume given by ``read_mask(start, stop)`` -> (n, y, x) bool. ``write_labels(start,
-    labels)``: each slab's piece labels (uint32, 0 outside), kept by the caller so that a second pass maps them
+    labels, count)``: each slab's piece labels (int32, 0 outside, 1..count), kept by the caller so that a second pass maps them
     to objects with :meth:`SlabComponents.slab_table` instead of labelling the slab again. ``measure=False``: no
     sizes, boxes or border contact (a third of the pass), when only the objects' ids are wanted."""
     offsets, sizes, border_ids, piece_boxes = [], [], [], []
@@ -89,7 +89,7 @@ def find_components(read_mask: Callable[[int, int], np.ndarray], num_slices: int
         mask = np.asarray(read_mask(start, stop), dtype=bool)
         labels, count = label_slab(mask)
         if write_labels is not None:
-            write_labels(start, labels.view(np.uint32))
+            write_labels(start, labels, count)
         offsets.append(total)
         if measure:
             # A plane at a time: bincount widens its input to int64 (twice the int32 slab).

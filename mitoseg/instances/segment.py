@@ -51,6 +51,30 @@ class InstanceOptions:
     slab: int = 16
 
 
+class PieceLabels:
+    """Each slab's piece labels (0 outside, 1..count) in a scratch volume made by ``make(shape, dtype)``: uint16
+    while every slab written has at most 65535 pieces, then (the first slab with more) copied to a uint32 one.
+    Read like an array (``pieces[z0:z1, ...]``, ``.shape``)."""
+
+    def __init__(self, make: Callable[[tuple, np.dtype], np.ndarray], shape: tuple):
+        self.make = make
+        self.shape = tuple(shape)
+        self.array = make(self.shape, np.uint16)
+        self.written = 0  # slices written so far, in order
+
+    def write(self, start: int, labels: np.ndarray, count: int) -> None:
+        if self.array.dtype == np.uint16 and count > np.iinfo(np.uint16).max:
+            wider = self.make(self.shape, np.uint32)
+            for z in range(0, self.written, 16):
+                wider[z:min(self.written, z + 16)] = self.array[z:min(self.written, z + 16)]
+            self.array = wider
+        self.array[start:start + labels.shape[0]] = labels.astype(self.array.dtype, copy=False)
+        self.written = max(self.written, start + labels.shape[0])
+
+    def __getitem__(self, key):
+        return self.array[key]
+
+
 class Segmented(NamedTuple):
     """What :func:`segment_instances` returns."""
 
@@ -145,7 +169,10 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
         raise ValueError(f"unknown split {options.split!r}; expected one of {SPLITS}")
     make = scratch or _scratch_array
     num_slices, slab = shape[0], options.slab
-    ids = make(shape, np.uint32)
+    # On disk without a split or a filled mask the scratch volume only keeps the piece labels until MappedIds
+    # reads them: in uint16 while every slab has fewer than 65536 pieces (half the bytes written).
+    compact = scratch is not None and options.split == "none" and not options.fill_holes
+    ids = PieceLabels(make, shape) if compact else make(shape, np.uint32)
     with tqdm(total=4 * num_slices, desc="instances", unit="slice", disable=not progress, leave=False) as bar:
         # 1. (fill_holes) the mask with enclosed holes filled, in the scratch volume as 0 / 1
         if options.fill_holes:
@@ -161,8 +188,11 @@ def segment_instances(read_mask: Callable[[int, int], np.ndarray], shape: tuple[
         # 2. components, numbered 1..N in order of their first voxel: each slab labelled once, its piece labels
         # kept in the scratch volume and mapped to their objects by a table (without a split, straight to the
         # final ids 1..N with the small objects out: step 4 is then part of this pass)
-        def write_labels(start: int, labels: np.ndarray) -> None:
-            ids[start:start + labels.shape[0]] = labels
+        def write_labels(start: int, labels: np.ndarray, count: int) -> None:
+            if compact:
+                ids.write(start, labels, count)
+            else:
+                ids[start:start + labels.shape[0]] = labels.view(np.uint32)
 
         # Sizes, boxes and border contact only where a split (boxes) or a minimum size (sizes) needs them.
         measure = options.split != "none" or options.min_voxels is None or options.min_voxels > 1
