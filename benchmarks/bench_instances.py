@@ -29,6 +29,7 @@ scikit-image's grows with it (the volume and its int64 labels).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import subprocess
 import sys
@@ -49,15 +50,16 @@ print(json.dumps({"objects": int(labels.max()), "voxels": int(counts.sum()), "se
 
 
 PARTS = """
-import sys, time, json, tempfile, numpy as np, zarr
+import os, sys, time, json, tempfile, numpy as np, zarr
 from mitoseg.data.scratch import scratch_volumes
 from mitoseg.instances.measure import measure_objects
 from mitoseg.instances.segment import InstanceOptions, segment_instances
 volume = zarr.open(sys.argv[1], mode="r")
 start = time.perf_counter()
 with scratch_volumes(tempfile.gettempdir()) as scratch:
-    ids, count, *_ = segment_instances(lambda s, e: volume[s:e] != 0, volume.shape, InstanceOptions(min_voxels=0),
-                                       scratch=scratch)
+    # BENCH_OPTIONS=default: the command's defaults (the minimum size from the data: sizes counted as well)
+    options = InstanceOptions() if os.environ.get("BENCH_OPTIONS") == "default" else InstanceOptions(min_voxels=0)
+    ids, count, *_ = segment_instances(lambda s, e: volume[s:e] != 0, volume.shape, options, scratch=scratch)
     segmented = time.perf_counter()
     measure_objects(ids, count)
     measured = time.perf_counter()
@@ -185,6 +187,9 @@ def main() -> None:
     parser.add_argument("--kind", choices=["ellipsoids", "small"], default="ellipsoids")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compare", action="store_true", help="--parts: check the labels equal skimage's")
+    parser.add_argument("--options", choices=["all", "default"], default="all",
+                        help="--parts: every component kept (min_voxels 0, as label), or the command's defaults "
+                             "(the minimum size from the data)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.parts:
@@ -227,6 +232,9 @@ def parts(args) -> None:
         objects = set()
         for repeat in range(args.repeats):  # alternated, so both see the same machine
             extra = ["compare"] if args.compare and repeat == 0 else []
+            if args.options == "default":
+                os.environ["BENCH_OPTIONS"] = "default"
+                extra = []
             _, _, out = child(["-c", PARTS, str(volume), *extra])
             mine = json.loads(out)
             if extra:
@@ -237,8 +245,10 @@ def parts(args) -> None:
             runs["segment_s"].append(mine["segment_s"])
             runs["measure_s"].append(mine["measure_s"])
             runs["label_s"].append(theirs["seconds"])
+        if args.options == "default":  # the default minimum size may remove objects: the counts differ
+            objects = {max(objects)}
         assert len(objects) == 1, f"object counts differ: {objects}"
-        row = {"kind": args.kind, "volume": f"{slices} x {args.size} x {args.size}", "objects": objects.pop(),
+        row = {"kind": args.kind, "options": args.options, "volume": f"{slices} x {args.size} x {args.size}", "objects": objects.pop(),
                **{f"{k}_min": min(v) for k, v in runs.items()},
                **{f"{k}_median": statistics.median(v) for k, v in runs.items()}}
         row["components_over_label"] = row["segment_s_min"] / row["label_s_min"]
