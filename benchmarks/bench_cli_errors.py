@@ -35,6 +35,7 @@ CASES = [
     ("evaluate: existing JSON", ["evaluate", "--prediction", "vol.tif", "--label", "vol.tif", "--json", "e.json"]),
     ("instances: existing output", ["instances", "--prediction", "vol.tif", "--output", "vol.tif"]),
     ("init: missing label", ["init", "--image", "vol.tif", "--label", "nowhere.tif"]),
+    ("suggest: existing CSV", ["suggest", "--checkpoint", "fake.pt", "--image", "vol.tif", "--csv", "e.json"]),
     ("bad MITOSEG_THREADS", ["train", "--config", "sample_daw", "--out", "new"], {"MITOSEG_THREADS": "many"}),
 ]
 

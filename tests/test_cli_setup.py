@@ -127,6 +127,10 @@ def test_input_errors_are_found_before_torch_and_monai_are_imported(tmp_path, ti
         (["evaluate", "--checkpoint", "fake.pt", "--image", image, "--label", str(tiny_volumes["val_label"])], {}),
         (["instances", "--prediction", label, "--output", "i.tif", "--min-distance", "0"], {}),
         (["instances", "--prediction", label, "--output", "i.tif", "--table", "exists.tif/t.csv"], {}),
+        (["suggest", "--checkpoint", "fake.pt", "--image", "nowhere.tif"], {}),
+        (["suggest", "--checkpoint", "fake.pt", "--image", image, "--csv", "exists.json"], {}),
+        (["suggest", "--checkpoint", "fake.pt", "--image", image, "--labeled", "99", "--csv", "new.csv"], {}),
+        (["instances", "--prediction", label, "--output", "i.tif", "--seed-depth", "1.5"], {}),
     ]
     result = subprocess.run([sys.executable, "-c", EARLY_ERRORS, str(tmp_path), json.dumps(cases)],
                             capture_output=True, text=True, timeout=120)
@@ -141,6 +145,8 @@ def test_input_errors_are_found_before_torch_and_monai_are_imported(tmp_path, ti
     assert "image.pt: not a mitoseg checkpoint" in errors[19] and "ONNX Runtime" in errors[20]
     assert "label shape" in errors[21] and "--min-distance must be at least 1" in errors[22]
     assert "exists.tif is a file, not a directory" in errors[23]
+    assert "nowhere.tif" in errors[24] and "exists.json exists" in errors[25] and "99" in errors[26]
+    assert "--seed-depth must be between 0 and 1" in errors[27]
 
 
 # ------------------------------------------------------------------ threads
