@@ -781,7 +781,7 @@ def add_instance_options(p) -> None:
     p.add_argument("--min-distance", type=int, metavar="N",
                    help="also merge the seeds of a split closer than N voxels (default: none)")
     p.add_argument("--min-voxels", type=int, metavar="N",
-                   help=f"remove objects smaller than N voxels (default: {AUTO_MIN_FRACTION:.0%} of the typical "
+                   help=f"remove objects smaller than N voxels (default: {100 * AUTO_MIN_FRACTION:g} %% of the typical "
                         "object of the volume, the voxel-weighted median size: specks of false foreground go, "
                         "mitochondria stay; 0 keeps every object)")
     p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
