@@ -456,13 +456,7 @@ def cmd_suggest(args) -> None:
     if not 1 <= args.views <= 4:
         raise MitosegError(f"--views must be 1 to 4 (identity, flips of x, y, both), got {args.views}")
     csv_path = Path(args.csv)
-    from mitoseg.atomic import check_output_path
-
-    if csv_path.is_dir():
-        raise MitosegError(f"--csv {csv_path} is a directory; name a file")
-    check_output_path(csv_path, "--csv")
-    if csv_path.exists() and not args.overwrite:
-        raise MitosegError(f"{csv_path} exists; pass --overwrite to replace it")
+    check_file_target(csv_path, args.overwrite, "--csv")
     check_output_volume(args.map, "--map", args.overwrite)
     num_slices = check_input_content(args.image)[0]
     from mitoseg.data.readers import select_slices
@@ -502,15 +496,20 @@ def default_metrics_path(prediction: str) -> Path:
     return file_part.with_name(f"{stem}_metrics.json")
 
 
-def check_json_target(json_path: Path, overwrite: bool) -> None:
-    """Refuse before any work is done, so a refused run costs nothing and leaves nothing behind."""
+def check_file_target(path: Path, overwrite: bool, flag: str) -> None:
+    """An output file named by ``flag``, refused before any work is done, so a refused run costs nothing and
+    leaves nothing behind."""
     from mitoseg.atomic import check_output_path
 
-    if json_path.is_dir():
-        raise MitosegError(f"--json {json_path} is a directory; name a file")
-    check_output_path(json_path, "--json")
-    if json_path.exists() and not overwrite:
-        raise MitosegError(f"{json_path} exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise MitosegError(f"{flag} {path} is a directory; name a file")
+    check_output_path(path, flag)
+    if path.exists() and not overwrite:
+        raise MitosegError(f"{path} exists; pass --overwrite to replace it")
+
+
+def check_json_target(json_path: Path, overwrite: bool) -> None:
+    check_file_target(json_path, overwrite, "--json")
 
 
 def write_json(json_path: Path, report: dict) -> None:

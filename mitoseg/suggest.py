@@ -188,6 +188,13 @@ def band_from_state(state: dict, cfg) -> Band:
     return Band(1.0 / k, float(cfg.method.threshold), f"no DAW state: chance (1/{k}) and method.threshold")
 
 
+def checkpoint_band(path, cfg) -> Band:
+    """:func:`band_from_state` of a model file (a TorchScript export keeps no DAW state)."""
+    from mitoseg.runs import is_torchscript_file, load_checkpoint
+
+    return band_from_state({} if is_torchscript_file(path) else load_checkpoint(path), cfg)
+
+
 def reason(s: SliceScores, band: Band) -> str:
     where = ("; no labeled slice yet" if s.nearest_labeled is None else
              f"; {abs(s.index - s.nearest_labeled)} slices from the nearest labeled one ({s.nearest_labeled})")
@@ -297,11 +304,9 @@ def suggest(checkpoint: str, image: str, n: int = 3, labeled: list[int] | None =
     from mitoseg.data.readers import VolumeWriter, open_volume
     from mitoseg.data.resample import volume_pixel_nm
     from mitoseg.inference.session import Segmenter
-    from mitoseg.runs import is_torchscript_file, load_checkpoint
 
     segmenter = Segmenter.from_file(checkpoint, weights, device)
-    state = {} if is_torchscript_file(checkpoint) else load_checkpoint(checkpoint)
-    band = band_from_state(state, segmenter.cfg)
+    band = checkpoint_band(checkpoint, segmenter.cfg)
     with open_volume(image, finite=True) as volume, contextlib.ExitStack() as stack:
         on_map = None
         if map_path is not None:

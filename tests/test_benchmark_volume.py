@@ -15,12 +15,18 @@ from mitoseg.data.synthetic import make_em_volume
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lucchi_volume.py"
 
 
-def test_volume_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
+def lucchi_layout_volume(tmp_path: Path) -> Path:
+    """A synthetic volume of 165 slices of 64 x 64 pixels, stored as the Lucchi volume's two files."""
     image, label = make_em_volume((165, 64, 64), seed=3)
     volume = tmp_path / "volume"
     volume.mkdir()
     tifffile.imwrite(volume / "train_image.tif", image)
     tifffile.imwrite(volume / "train_mito_27.tif", label)
+    return volume
+
+
+def test_volume_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
+    volume = lucchi_layout_volume(tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, str(SCRIPT), "--volume", str(volume), "--out", str(out), "--tiny", "--labels", "3",
                "--variants", "semi30_safe", "--methods", "supervised", "daw", "--seeds", "0", "--threads", "1"]
@@ -52,11 +58,7 @@ ROUNDS = Path(__file__).resolve().parents[1] / "benchmarks" / "suggest_rounds.py
 def test_suggest_rounds_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     # Two rounds of each strategy on a synthetic volume of the Lucchi layout: the slices come from the pool,
     # never twice, suggest's never neighbours; the table and curves are written, and --report trains nothing.
-    image, label = make_em_volume((165, 64, 64), seed=3)
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    tifffile.imwrite(volume / "train_image.tif", image)
-    tifffile.imwrite(volume / "train_mito_27.tif", label)
+    volume = lucchi_layout_volume(tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, str(ROUNDS), "--volume", str(volume), "--out", str(out), "--tiny", "--rounds", "2",
                "--seeds", "0"]

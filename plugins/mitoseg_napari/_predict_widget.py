@@ -155,11 +155,10 @@ def suggest_slices(volume, checkpoint: str, labeled, device: str = "auto", voxel
     per-pixel entropy of the scored slices (0 elsewhere), "checkpoint": path}``."""
     from mitoseg.data.resample import in_plane_nm
     from mitoseg.inference.session import Segmenter
-    from mitoseg.runs import is_torchscript_file, load_checkpoint
-    from mitoseg.suggest import band_from_state, suggest_volume
+    from mitoseg.suggest import checkpoint_band, suggest_volume
 
     segmenter = Segmenter.from_file(checkpoint, device=check_device(device))
-    band = band_from_state({} if is_torchscript_file(checkpoint) else load_checkpoint(checkpoint), segmenter.cfg)
+    band = checkpoint_band(checkpoint, segmenter.cfg)
     entropy = np.zeros(volume.shape, np.float32)
 
     def on_map(index: int, values: np.ndarray) -> None:
